@@ -1,0 +1,140 @@
+"""Checkpoints: our own format and mmdetection's, both read with torch.load(weights_only=True).
+
+Ours: {"format": "ldcache.detector", "format_version": 1, "model_config": {...}, "state_dict": {...},
+plus optional "optimizer", "epoch", "iter", "meta"}. mmdetection's: {"state_dict": {...}, "meta":
+{...}} with identical parameter names. A bare state dict is accepted as well. Loading is strict: a
+checkpoint that does not fit the model raises UserError naming the missing and unexpected keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from detector.config import ModelConfig
+from detector.errors import UserError
+
+FORMAT = "ldcache.detector"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path, model: nn.Module, config: ModelConfig, **extra) -> None:
+    """Write model weights + architecture (+ any extra entries such as optimizer, epoch) atomically:
+    a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_config": config.to_dict(),
+               "state_dict": model.state_dict(), **extra}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint file safely -> dict with at least "state_dict"."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt/.pth file")
+    try:
+        raw = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"checkpoint {path} holds objects that cannot be loaded safely ({first}); "
+            "re-save just its state_dict with torch.save({'state_dict': ckpt['state_dict']}, path)"
+        ) from None
+    except Exception as err:  # truncated or not a torch file at all
+        raise UserError(f"checkpoint {path} is not a readable torch checkpoint ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); check the file") from None
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        return raw
+    if isinstance(raw, dict) and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        return {"state_dict": raw}
+    raise UserError(f"checkpoint {path} has no state_dict; expected an ldcache or mmdetection checkpoint")
+
+
+def stored_model_config(ckpt: dict) -> ModelConfig | None:
+    """The architecture recorded in one of our checkpoints (None for mmdet / bare checkpoints)."""
+    if ckpt.get("format") == FORMAT and "model_config" in ckpt:
+        return ModelConfig.from_dict(ckpt["model_config"])
+    return None
+
+
+def infer_model_config(state_dict: dict, **overrides) -> ModelConfig:
+    """Read the architecture off a GFL state dict (depth, widths, tower depth, reg_max, classes).
+    GroupNorm groups cannot be seen in the weights; they default to 32 unless overridden."""
+    sd = state_dict
+    try:
+        layer3_blocks = {k.split(".")[2] for k in sd if k.startswith("backbone.layer3.")}
+        bottleneck = "backbone.layer1.0.conv3.weight" in sd
+        depth = {(6, False): 34, (2, False): 18, (6, True): 50, (23, True): 101}[(len(layer3_blocks), bottleneck)]
+        stacked = len({k.split(".")[2] for k in sd if k.startswith("bbox_head.cls_convs.")})
+        config = dict(
+            depth=depth,
+            num_classes=sd["bbox_head.gfl_cls.weight"].shape[0],
+            base_width=sd["backbone.conv1.weight"].shape[0],
+            fpn_channels=sd["neck.lateral_convs.0.conv.weight"].shape[0],
+            head_channels=sd["bbox_head.cls_convs.0.conv.weight"].shape[0] if stacked else sd["neck.lateral_convs.0.conv.weight"].shape[0],
+            stacked_convs=stacked,
+            reg_max=sd["bbox_head.gfl_reg.weight"].shape[0] // 4 - 1,
+        )
+    except (KeyError, IndexError) as err:
+        raise UserError(f"the checkpoint is not a GFL detector (missing or unexpected {err}); "
+                        "pass a GFL checkpoint from ldcache or mmdetection") from None
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig(**config)
+
+
+def resolve_model_config(ckpt: dict, **flags) -> ModelConfig:
+    """Architecture for a checkpoint: our stored config, or the one inferred from the weights;
+    flags given explicitly must agree with a stored config (a conflict is a UserError)."""
+    flags = {k: v for k, v in flags.items() if v is not None}
+    stored = stored_model_config(ckpt)
+    if stored is None:
+        return infer_model_config(ckpt["state_dict"], **flags)
+    conflicts = [f"{k}={getattr(stored, k)} (given {v})" for k, v in flags.items() if getattr(stored, k) != v]
+    if conflicts:
+        raise UserError(f"the checkpoint was trained with {', '.join(conflicts)}; drop those flags or pass "
+                        "the checkpoint of that architecture")
+    return stored
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
+    """Strict load with a one-line error listing missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mis_shaped = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if missing or unexpected or mis_shaped:
+        parts = []
+        for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mis_shaped)):
+            if keys:
+                more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+                parts.append(f"{name} {keys[:3]}{more}")
+        cfg = getattr(model, "config", None)
+        arch = f" (depth={cfg.depth}, num_classes={cfg.num_classes}, base_width={cfg.base_width})" if cfg else ""
+        raise UserError(f"{source} does not fit the model{arch}: {'; '.join(parts)}; "
+                        "pass the architecture flags it was trained with")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_checkpoint(model: nn.Module, path, map_location="cpu") -> dict:
+    """Load our or an mmdet checkpoint into `model`, strictly; returns the checkpoint dict."""
+    ckpt = read_checkpoint(path, map_location)
+    load_state_dict_strict(getattr(model, "module", model), ckpt["state_dict"], source=f"checkpoint {path}")
+    return ckpt
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,92 @@
+"""Head outputs -> detections in original image pixels (mmdetection's GFL test recipe):
+per level, the top 1000 (location, class) pairs scoring above 0.05; decode; class-aware NMS at
+IoU 0.6; keep the best 100 per image. Pure torch (no compiled NMS)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from detector.box_ops import box_area, distance_to_box
+from detector.gfl_head import Integral
+from detector.priors import level_priors, anchor_centres
+from detector.views import ViewRecord, boxes_to_original
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    score_thr: float = 0.05
+    nms_pre: int = 1000  # per level
+    iou_thr: float = 0.6
+    max_per_img: int = 100
+
+
+@dataclass
+class Detections:
+    boxes: torch.Tensor  # [K, 4] xyxy, original image pixels
+    scores: torch.Tensor  # [K]
+    labels: torch.Tensor  # [K] long, 0-based class index
+
+
+@torch.no_grad()
+def postprocess(cls_logits_per_level: list[torch.Tensor], box_logits_per_level: list[torch.Tensor],
+                records: list[ViewRecord], strides: tuple[int, ...], reg_max: int,
+                cfg: PostprocessConfig = PostprocessConfig()) -> list[Detections]:
+    integral = Integral(reg_max).to(box_logits_per_level[0].device)
+    results = []
+    for i, record in enumerate(records):
+        boxes_all, scores_all, labels_all = [], [], []
+        for cls_map, box_map, stride, (h, w) in zip(cls_logits_per_level, box_logits_per_level, strides, record.level_hw):
+            scores = cls_map[i, :, :h, :w].permute(1, 2, 0).reshape(h * w, -1).float().sigmoid()  # [HW, C]
+            box_logits = box_map[i, :, :h, :w].permute(1, 2, 0).reshape(h * w, -1).float()
+            keep = scores > cfg.score_thr
+            flat_scores = scores[keep]
+            loc_idx, cls_idx = keep.nonzero(as_tuple=True)
+            if flat_scores.numel() > cfg.nms_pre:
+                flat_scores, order = flat_scores.topk(cfg.nms_pre)
+                loc_idx, cls_idx = loc_idx[order], cls_idx[order]
+            centres = anchor_centres(level_priors((h, w), stride, scores.device)[loc_idx])
+            dist = integral(box_logits[loc_idx]) * stride
+            boxes_all.append(distance_to_box(centres, dist, max_hw=record.resized_hw))
+            scores_all.append(flat_scores)
+            labels_all.append(cls_idx)
+        boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
+        boxes = boxes_to_original(boxes, record)
+        valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # mmdet's min_bbox_size = 0
+        boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
+        keep = batched_nms(boxes, scores, labels, cfg.iou_thr)[: cfg.max_per_img]
+        results.append(Detections(boxes[keep], scores[keep], labels[keep]))
+    return results
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_thr: float) -> torch.Tensor:
+    """Class-aware greedy NMS; returns kept indices in decreasing score order. Boxes of different
+    classes are moved apart so they never overlap, then one NMS runs over all of them."""
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    offsets = labels.to(boxes.dtype) * (boxes.max() + 1)
+    return nms(boxes + offsets[:, None], scores, iou_thr)
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_thr: float, block: int = 1024) -> torch.Tensor:
+    """Greedy NMS: a box is dropped when its IoU with a kept, higher-scoring box exceeds iou_thr."""
+    order = scores.argsort(descending=True, stable=True)
+    b = boxes[order].float()
+    n = b.shape[0]
+    areas = box_area(b)
+    overlaps = np.zeros((n, n), dtype=bool)
+    for start in range(0, n, block):  # the boolean matrix is built in blocks to bound memory
+        rows = b[start:start + block]
+        lt = torch.max(rows[:, None, :2], b[None, :, :2])
+        rb = torch.min(rows[:, None, 2:], b[None, :, 2:])
+        wh = (rb - lt).clamp(min=0)
+        inter = wh[..., 0] * wh[..., 1]
+        iou = inter / (areas[start:start + block, None] + areas[None, :] - inter)
+        overlaps[start:start + block] = (iou > iou_thr).cpu().numpy()
+    alive = np.ones(n, dtype=bool)
+    for i in range(n):
+        if alive[i]:
+            alive[i + 1:] &= ~overlaps[i, i + 1:]
+    return order[torch.from_numpy(np.flatnonzero(alive)).to(order.device)]
