@@ -43,15 +43,16 @@ def read_checkpoint(path, map_location="cpu") -> dict:
         raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt/.pth file")
     try:
         raw = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"checkpoint {path} holds objects that cannot be loaded safely ({first}); "
-            "re-save just its state_dict with torch.save({'state_dict': ckpt['state_dict']}, path)"
-        ) from None
-    except Exception as err:  # truncated or not a torch file at all
-        raise UserError(f"checkpoint {path} is not a readable torch checkpoint ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); check the file") from None
+    except Exception as err:
+        text = str(err)
+        if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in text:
+            culprit = text.split("Unsupported global:", 1)[1].split(" was not", 1)[0].strip()
+            raise UserError(
+                f"checkpoint {path} holds a Python object that weights_only loading refuses ({culprit}); re-save just "
+                "its weights where you trust it: torch.save({'state_dict': ckpt['state_dict']}, path)"
+            ) from None
+        detail = next((line for line in text.splitlines() if line.strip()), type(err).__name__)[:200]
+        raise UserError(f"checkpoint {path} is not a readable torch checkpoint ({detail}); check the file") from None
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         return raw
     if isinstance(raw, dict) and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):

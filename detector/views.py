@@ -123,7 +123,8 @@ def build_view_input(image_rgb: torch.Tensor, record: ViewRecord) -> torch.Tenso
     """uint8 image [3, H, W] (RGB, original size) -> normalised, padded float input [3, Hp, Wp].
 
     Resizing is bilinear without antialiasing (half-pixel centres), which is what OpenCV's
-    INTER_LINEAR, and hence mmdetection, does; the result depends only on the pixels and the record.
+    INTER_LINEAR, and hence mmdetection, does; the result depends only on the pixels and the record,
+    not on the device or the number of threads.
     """
     if image_rgb.dim() != 3 or image_rgb.shape[0] != 3:
         raise ValueError(f"expected an RGB image [3, H, W], got shape {tuple(image_rgb.shape)}")
@@ -134,7 +135,7 @@ def build_view_input(image_rgb: torch.Tensor, record: ViewRecord) -> torch.Tenso
         )
     x = image_rgb.to(torch.float32)[None]  # [1, 3, H, W]
     if record.resized_hw != record.orig_hw:
-        x = F.interpolate(x, size=record.resized_hw, mode="bilinear", align_corners=False, antialias=False)
+        x = bilinear_resize(x, record.resized_hw)
         x = x.round_().clamp_(0, 255)  # back on the uint8 grid, like an image library would store it
     if record.flip:
         x = x.flip(-1)
@@ -145,6 +146,30 @@ def build_view_input(image_rgb: torch.Tensor, record: ViewRecord) -> torch.Tenso
     pad_w = record.padded_hw[1] - record.resized_hw[1]
     x = F.pad(x, (0, pad_w, 0, pad_h), value=0.0)
     return x[0].contiguous()  # [3, Hp, Wp]
+
+
+def _taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source index pairs and weights of half-pixel-centred linear interpolation along one axis."""
+    scale = in_size / out_size
+    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
+    lo = src.floor().long().clamp(max=in_size - 1)
+    hi = (lo + 1).clamp(max=in_size - 1)
+    return lo, hi, (src - lo).to(torch.float32)
+
+
+def bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, C, H, W] float -> [B, C, h, w], bilinear with half-pixel centres, no antialiasing
+    (OpenCV's INTER_LINEAR geometry).
+
+    Written as gathers and elementwise arithmetic in a fixed order instead of F.interpolate, whose
+    CPU kernel rounds differently with different thread counts: a loader worker (one thread) and a
+    multi-threaded dump must build bit-identical inputs."""
+    y0, y1, wy = _taps(x.shape[-2], size[0])
+    x0, x1, wx = _taps(x.shape[-1], size[1])
+    top, bottom = x[..., y0, :], x[..., y1, :]
+    rows = top + (bottom - top) * wy[:, None]  # [B, C, h, W]
+    left, right = rows[..., x0], rows[..., x1]
+    return left + (right - left) * wx  # [B, C, h, w]
 
 
 def transform_boxes(boxes_xyxy: torch.Tensor, record: ViewRecord) -> torch.Tensor:

@@ -17,3 +17,24 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def mmdet_fixture():
     """Golden values written by tools/make_mmdet_fixtures.py with mmdetection 3.3.0."""
     return torch.load(FIXTURES / "mmdet_gfl.pt", weights_only=True)
+
+
+TINY_MODEL = dict(depth=18, base_width=8, fpn_channels=16, head_channels=16, stacked_convs=1, gn_groups=4)
+TINY_MODEL_FLAGS = ["--depth", "18", "--base-width", "8", "--fpn-channels", "16", "--head-channels", "16",
+                    "--stacked-convs", "1", "--gn-groups", "4"]
+
+
+@pytest.fixture(scope="session")
+def tiny_coco(tmp_path_factory):
+    """A tiny synthetic COCO dataset (5 classes, like the r18_small mmdet fixture, 10 train / 4 val images of <= 96 px)."""
+    from detector.synthetic import make_synthetic
+
+    root = make_synthetic(tmp_path_factory.mktemp("data") / "tiny", num_train=10, num_val=4, image_size=96,
+                          num_classes=5, seed=7)
+    return {
+        "root": root,
+        "images": root / "train",
+        "ann": root / "annotations" / "instances_train.json",
+        "val_images": root / "val",
+        "val_ann": root / "annotations" / "instances_val.json",
+    }

@@ -1,0 +1,241 @@
+"""ldcache command line: the only module that parses arguments and prints for humans.
+
+Every command runs on the embedded synthetic dataset when no data is given. Options resolve as
+dataclass defaults < an optional --config TOML file < flags actually typed; the resolved
+configuration is saved beside every output. Bad input ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from detector.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Localization Distillation with the teacher run once: dump its logits, train students from them.")
+
+SYNTHETIC_IMG_SCALE = (256, 256)  # the synthetic images' own size: no pointless upscaling to 1333x800
+
+# ---- option types shared by commands (kebab-case forms of the config field names) ---------------
+Depth = Annotated[Optional[int], typer.Option(help="ResNet depth: 18, 34, 50 or 101 [default: 50, or the checkpoint's]")]
+BaseWidth = Annotated[Optional[int], typer.Option(help="ResNet stem channels (64 = standard) [default: 64]")]
+FpnChannels = Annotated[Optional[int], typer.Option(help="FPN output channels [default: 256]")]
+HeadChannels = Annotated[Optional[int], typer.Option(help="GFL head tower channels [default: 256]")]
+StackedConvs = Annotated[Optional[int], typer.Option(help="convs per head tower [default: 4]")]
+GnGroups = Annotated[Optional[int], typer.Option(help="GroupNorm groups in the head [default: 32]")]
+RegMax = Annotated[Optional[int], typer.Option(help="box distribution bins - 1 [default: 16]")]
+NumClasses = Annotated[Optional[int], typer.Option(help="classes [default: the dataset's, or the checkpoint's]")]
+Images = Annotated[Optional[Path], typer.Option(help="image folder [default: the synthetic dataset's]")]
+Ann = Annotated[Optional[Path], typer.Option(help="COCO annotation json [default: the synthetic dataset's]")]
+ImgScale = Annotated[Optional[str], typer.Option(help="keep-ratio resize target LONG,SHORT [default: 1333,800; 256,256 on the synthetic data]")]
+Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N [default: auto]")]
+Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes [default: 2]")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML file with [model], [data], [train] and [loss] tables; typed flags win")]
+
+
+def _given(**kwargs) -> dict:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _parse_pair(text: str, name: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{name} must be two integers LONG,SHORT such as 1333,800, got {text!r}") from None
+    return a, b
+
+
+def _load_toml(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        table = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist; pass an existing TOML file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"config file {path} is not valid TOML ({err}); fix it") from None
+    unknown = sorted(set(table) - {"model", "data", "train", "loss"})
+    if unknown:
+        raise UserError(f"config file {path} has unknown tables {unknown}; use [model], [data], [train], [loss]")
+    return table
+
+
+def _synthetic_split(split: str) -> tuple[Path, Path]:
+    from detector.synthetic import ensure_synthetic_default
+
+    root = ensure_synthetic_default()
+    return root / split, root / "annotations" / f"instances_{split}.json"
+
+
+def _resolve_data(images, ann, val_images, val_ann, img_scale, views, toml: dict):
+    """DataConfig from flags > TOML > defaults; no data at all means the synthetic default."""
+    from distill.config import DataConfig
+    from detector.views import DEFAULT_IMG_SCALE
+
+    fields = {**toml, **_given(images=images, ann=ann, val_images=val_images, val_ann=val_ann, views=views)}
+    if img_scale is not None:
+        fields["img_scale"] = _parse_pair(img_scale, "--img-scale")
+    if ("images" in fields) != ("ann" in fields):
+        raise UserError("give both --images and --ann (or neither, for the synthetic dataset)")
+    if "images" not in fields:
+        fields["images"], fields["ann"] = _synthetic_split("train")
+        if "val_ann" not in fields:
+            fields["val_images"], fields["val_ann"] = _synthetic_split("val")
+        fields.setdefault("img_scale", SYNTHETIC_IMG_SCALE)
+    fields.setdefault("img_scale", DEFAULT_IMG_SCALE)
+    fields = {k: str(v) if isinstance(v, Path) else v for k, v in fields.items()}
+    return DataConfig(**fields)
+
+
+@app.command("make-synthetic")
+def make_synthetic_cmd(
+    out: Annotated[Path, typer.Argument(help="folder to create (train/, val/, annotations/)")],
+    num_train: Annotated[int, typer.Option(help="training images")] = 1000,
+    num_val: Annotated[int, typer.Option(help="validation images")] = 200,
+    image_size: Annotated[int, typer.Option(help="upper bound of an image's long side, px")] = 256,
+    num_classes: Annotated[int, typer.Option(help="object classes")] = 6,
+    seed: Annotated[int, typer.Option(help="random seed; same seed, same dataset")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty OUT")] = False,
+):
+    """Write a seeded synthetic COCO-format detection dataset (no download needed)."""
+    from detector.synthetic import make_synthetic
+
+    path = make_synthetic(out, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
+                          num_classes=num_classes, overwrite=overwrite, workers=2)
+    typer.echo(f"wrote {num_train} train and {num_val} val images with annotations to {path}")
+
+
+@app.command("train-detector")
+def train_detector_cmd(
+    out: Annotated[Path, typer.Option(help="run folder: config.json, metrics.jsonl, checkpoints/, eval.json")] = Path("runs/detector"),
+    images: Images = None, ann: Ann = None,
+    val_images: Annotated[Optional[Path], typer.Option(help="validation images [default: synthetic val]")] = None,
+    val_ann: Annotated[Optional[Path], typer.Option(help="validation annotations, evaluated after training")] = None,
+    img_scale: ImgScale = None,
+    views: Annotated[Optional[str], typer.Option(help="views drawn per image each epoch [default: orig,hflip]")] = None,
+    depth: Depth = None, base_width: BaseWidth = None, fpn_channels: FpnChannels = None,
+    head_channels: HeadChannels = None, stacked_convs: StackedConvs = None, gn_groups: GnGroups = None,
+    reg_max: RegMax = None, num_classes: NumClasses = None,
+    epochs: Annotated[Optional[int], typer.Option(help="epochs [default: 12]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="images per step [default: 16]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="learning rate [default: 0.01 x batch / 16]")] = None,
+    warmup_iters: Annotated[Optional[int], typer.Option(help="linear warm-up steps [default: 500]")] = None,
+    lr_steps: Annotated[Optional[str], typer.Option(help="epochs after which lr x0.1, e.g. 8,11 [default: 8/12 and 11/12 of --epochs]")] = None,
+    max_iters: Annotated[Optional[int], typer.Option(help="stop after this many steps")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed of the model init and the batches [default: 0]")] = None,
+    device: Device = None, workers: Workers = None,
+    amp: Annotated[Optional[str], typer.Option(help="auto (bf16 on CUDA), off, bf16, fp16 [default: auto]")] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="steps per metrics.jsonl record [default: 10]")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="also checkpoint every N steps [default: each epoch only]")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
+    config: ConfigFile = None,
+):
+    """Train a GFL detector without distillation (teachers and baselines)."""
+    from detector.config import GFL_STRIDES, ModelConfig
+    from distill.config import LossConfig, TrainConfig
+    from distill.engine import build_train_dataset, run_train
+
+    toml = _load_toml(config)
+    data = _resolve_data(images, ann, val_images, val_ann, img_scale, views, toml.get("data", {}))
+    train_fields = {**toml.get("train", {}), **_given(
+        epochs=epochs, batch_size=batch_size, lr=lr, warmup_iters=warmup_iters, max_iters=max_iters, seed=seed,
+        device=device, workers=workers, amp=amp, log_every=log_every, checkpoint_every=checkpoint_every)}
+    if lr_steps is not None:
+        train_fields["lr_steps"] = tuple(int(s) for s in lr_steps.split(",") if s.strip())
+    model_fields = {**toml.get("model", {}), **_given(
+        depth=depth, base_width=base_width, fpn_channels=fpn_channels, head_channels=head_channels,
+        stacked_convs=stacked_convs, gn_groups=gn_groups, reg_max=reg_max, num_classes=num_classes)}
+    dataset = build_train_dataset(data, GFL_STRIDES)
+    model_fields.setdefault("num_classes", dataset.num_classes)
+    try:
+        train_cfg = TrainConfig(**train_fields)
+        model_cfg = ModelConfig(**model_fields)
+        loss_cfg = LossConfig(**toml.get("loss", {}))
+    except TypeError as err:
+        raise UserError(f"unknown option in the configuration ({err}); check the --config file") from None
+    typer.echo(f"training GFL R-{model_cfg.depth} ({model_cfg.num_classes} classes) on {data.ann} -> {out}")
+    try:
+        result = run_train(data, model_cfg, train_cfg, loss_cfg, out, resume=resume, dataset=dataset)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: progress saved in {out}/checkpoints/last.pt; continue with --resume", err=True)
+        raise typer.Exit(130)
+    typer.echo(f"done: {result['iter']} steps in {result['train_seconds']:.0f} s; checkpoint {out}/checkpoints/last.pt")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="our checkpoint or an mmdetection GFL checkpoint")],
+    out: Annotated[Path, typer.Option(help="COCO results json to write; metrics go to OUT with .metrics.json")] = Path("results.json"),
+    images: Images = None, ann: Ann = None, img_scale: ImgScale = None,
+    depth: Depth = None, base_width: BaseWidth = None, fpn_channels: FpnChannels = None,
+    head_channels: HeadChannels = None, stacked_convs: StackedConvs = None, gn_groups: GnGroups = None,
+    reg_max: RegMax = None, num_classes: NumClasses = None,
+    batch_size: Annotated[int, typer.Option(help="images per forward (equal canvases only, so results do not change)")] = 1,
+    device: Device = None, workers: Workers = None,
+    amp: Annotated[str, typer.Option(help="auto (bf16 on CUDA), off, bf16, fp16")] = "auto",
+):
+    """COCO AP of a checkpoint on a dataset, printed as a table and saved as JSON."""
+    from detector.checkpoint import load_state_dict_strict, read_checkpoint, resolve_model_config
+    from detector.coco import CocoDetection
+    from detector.evaluation import format_metrics_table, save_results
+    from detector.inference import evaluate_model
+    from detector.model import build_detector
+    from detector.views import DEFAULT_IMG_SCALE, ViewSpec
+    from distill.engine import resolve_device
+
+    ckpt = read_checkpoint(checkpoint)
+    model_cfg = resolve_model_config(ckpt, depth=depth, base_width=base_width, fpn_channels=fpn_channels,
+                                     head_channels=head_channels, stacked_convs=stacked_convs, gn_groups=gn_groups,
+                                     reg_max=reg_max, num_classes=num_classes)
+    if (images is None) != (ann is None):
+        raise UserError("give both --images and --ann (or neither, for the synthetic validation set)")
+    trained_scale = ckpt.get("run_config", {}).get("data", {}).get("img_scale")
+    if images is None:
+        images, ann = _synthetic_split("val")
+        scale = trained_scale or SYNTHETIC_IMG_SCALE
+    else:
+        scale = trained_scale or DEFAULT_IMG_SCALE
+    if img_scale is not None:
+        scale = _parse_pair(img_scale, "--img-scale")
+    dataset = CocoDetection(images, ann, views=[ViewSpec(False, tuple(scale))], strides=model_cfg.strides, train=False)
+    if dataset.num_classes != model_cfg.num_classes:
+        raise UserError(f"the checkpoint predicts {model_cfg.num_classes} classes but {ann} has {dataset.num_classes}; "
+                        "evaluate on the dataset it was trained for")
+    dev = resolve_device(device or "auto")
+    model = build_detector(model_cfg)
+    load_state_dict_strict(model, ckpt["state_dict"], source=f"checkpoint {checkpoint}")
+    model.to(dev)
+    metrics, results = evaluate_model(model, dataset, dev, batch_size, workers if workers is not None else 2, amp)
+    save_results(out, results)
+    metrics_path = out.with_suffix(".metrics.json")
+    metrics_path.write_text(json.dumps({"metrics": metrics, "checkpoint": str(checkpoint), "ann": str(ann),
+                                        "img_scale": list(scale), "model": model_cfg.to_dict()}, indent=2) + "\n")
+    typer.echo(format_metrics_table(metrics))
+    typer.echo(f"{len(results)} detections on {len(dataset)} images -> {out}; metrics -> {metrics_path}")
+
+
+def _one_line(err: UserError) -> str:
+    """A UserError raised in a DataLoader worker comes back with the worker's traceback folded into
+    its message; the user needs only the original message, which is its last line."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(f"{UserError.__name__}: ", 1)[-1]
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as err:
+        typer.echo(f"error: {_one_line(err)}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

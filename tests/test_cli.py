@@ -1,0 +1,113 @@
+"""The command line as a user meets it: real subprocesses, exit codes, one-line errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY_MODEL_FLAGS
+
+
+def run_cli(*args, env_home=None, timeout=300):
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    if env_home:
+        env["LDCACHE_HOME"] = str(env_home)
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def assert_user_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    # One error line, last on stderr (a progress bar may precede it), and no traceback.
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture
+def data_copy(tiny_coco, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_coco["root"], root)
+    return root
+
+
+def _train_args(root, out, *extra):
+    return ["train-detector", "--images", root / "train", "--ann", root / "annotations" / "instances_train.json",
+            "--img-scale", "96,96", "--out", out, "--workers", "0", *TINY_MODEL_FLAGS, *extra]
+
+
+def test_train_then_evaluate_from_the_command_line(data_copy, tmp_path):
+    proc = run_cli(*_train_args(data_copy, tmp_path / "run", "--max-iters", "2", "--batch-size", "4",
+                                "--val-images", data_copy / "val", "--val-ann",
+                                data_copy / "annotations" / "instances_val.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert "AP50" in proc.stdout  # the evaluation table is printed at the end
+    proc = run_cli("evaluate", "--checkpoint", tmp_path / "run" / "checkpoints" / "last.pt", "--images",
+                   data_copy / "val", "--ann", data_copy / "annotations" / "instances_val.json",
+                   "--out", tmp_path / "res.json", "--workers", "0")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "res.metrics.json").read_text())
+    assert metrics["img_scale"] == [96, 96]  # the scale the checkpoint was trained at, from its run config
+    assert set(metrics["metrics"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+
+
+def test_evaluate_an_mmdet_checkpoint(data_copy, tmp_path, mmdet_fixture):
+    path = tmp_path / "mmdet_gfl.pth"
+    torch.save({"meta": {"mmdet_version": "3.3.0"}, "state_dict": mmdet_fixture["cases"]["r18_small"]["state_dict"]},
+               path)
+    args = ["evaluate", "--checkpoint", path, "--images", data_copy / "val", "--ann",
+            data_copy / "annotations" / "instances_val.json", "--out", tmp_path / "res.json", "--workers", "0",
+            "--img-scale", "96,96"]
+    proc = run_cli(*args, "--gn-groups", "8")  # architecture read off the weights; GN groups given
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "res.metrics.json").read_text())["model"]["depth"] == 18
+    assert_user_error(run_cli(*args, "--depth", "50"), "does not fit the model", "missing keys")
+
+
+def test_missing_image_file(data_copy, tmp_path):
+    next((data_copy / "train").glob("*.png")).unlink()
+    assert_user_error(run_cli(*_train_args(data_copy, tmp_path / "run")), "not found", "check the images directory")
+
+
+def test_corrupt_image_file_inside_a_loader_worker(data_copy, tmp_path):
+    for png in (data_copy / "train").glob("*.png"):
+        png.write_bytes(b"not a png")
+    proc = run_cli(*_train_args(data_copy, tmp_path / "run", "--workers", "1", "--max-iters", "1"))
+    assert_user_error(proc, "cannot be read")
+
+
+def test_malformed_annotation_file(data_copy, tmp_path):
+    (data_copy / "annotations" / "instances_train.json").write_text('{"images": [')
+    assert_user_error(run_cli(*_train_args(data_copy, tmp_path / "run")), "instances_train.json")
+
+
+def test_unknown_category(data_copy, tmp_path):
+    path = data_copy / "annotations" / "instances_train.json"
+    coco = json.loads(path.read_text())
+    coco["annotations"][0]["category_id"] = 99
+    path.write_text(json.dumps(coco))
+    assert_user_error(run_cli(*_train_args(data_copy, tmp_path / "run")), "category_id 99")
+
+
+def test_checkpoint_of_another_architecture(data_copy, tmp_path):
+    assert run_cli(*_train_args(data_copy, tmp_path / "run", "--max-iters", "1")).returncode == 0
+    proc = run_cli("evaluate", "--checkpoint", tmp_path / "run" / "checkpoints" / "last.pt", "--depth", "50",
+                   "--images", data_copy / "val", "--ann", data_copy / "annotations" / "instances_val.json",
+                   "--out", tmp_path / "res.json")
+    assert_user_error(proc, "depth=18 (given 50)")
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
+    proc = run_cli("evaluate", "--checkpoint", tmp_path / "junk.pt", "--images", data_copy / "val", "--ann",
+                   data_copy / "annotations" / "instances_val.json")
+    assert_user_error(proc, "not a readable torch checkpoint")
+
+
+def test_bad_option_values(data_copy, tmp_path):
+    assert_user_error(run_cli(*_train_args(data_copy, tmp_path / "run", "--img-scale", "96")), "--img-scale")
+    assert_user_error(run_cli(*_train_args(data_copy, tmp_path / "run", "--depth", "19")), "depth must be one of")
+    assert_user_error(run_cli(*_train_args(data_copy, tmp_path / "run", "--batch-size", "0")), "batch_size")
