@@ -31,6 +31,8 @@ StackedConvs = Annotated[Optional[int], typer.Option(help="convs per head tower 
 GnGroups = Annotated[Optional[int], typer.Option(help="GroupNorm groups in the head [default: 32]")]
 RegMax = Annotated[Optional[int], typer.Option(help="box distribution bins - 1 [default: 16]")]
 NumClasses = Annotated[Optional[int], typer.Option(help="classes [default: the dataset's, or the checkpoint's]")]
+FrozenStages = Annotated[Optional[int], typer.Option(help="ResNet stages without gradient (0 when training from scratch) [default: 1]")]
+NormEval = Annotated[Optional[bool], typer.Option("--norm-eval/--no-norm-eval", help="keep backbone BatchNorm statistics frozen (pretrained backbones) [default: on]")]
 Images = Annotated[Optional[Path], typer.Option(help="image folder [default: the synthetic dataset's]")]
 Ann = Annotated[Optional[Path], typer.Option(help="COCO annotation json [default: the synthetic dataset's]")]
 ImgScale = Annotated[Optional[str], typer.Option(help="keep-ratio resize target LONG,SHORT [default: 1333,800; 256,256 on the synthetic data]")]
@@ -121,10 +123,13 @@ def train_detector_cmd(
     views: Annotated[Optional[str], typer.Option(help="views drawn per image each epoch [default: orig,hflip]")] = None,
     depth: Depth = None, base_width: BaseWidth = None, fpn_channels: FpnChannels = None,
     head_channels: HeadChannels = None, stacked_convs: StackedConvs = None, gn_groups: GnGroups = None,
-    reg_max: RegMax = None, num_classes: NumClasses = None,
+    reg_max: RegMax = None, num_classes: NumClasses = None, frozen_stages: FrozenStages = None,
+    norm_eval: NormEval = None,
     epochs: Annotated[Optional[int], typer.Option(help="epochs [default: 12]")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="images per step [default: 16]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="learning rate [default: 0.01 x batch / 16]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="learning rate [default: 0.01 x batch / 16 for sgd, 1e-4 x batch / 16 for adamw]")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="sgd (the paper's recipe) or adamw [default: sgd]")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="weight decay [default: 1e-4]")] = None,
     warmup_iters: Annotated[Optional[int], typer.Option(help="linear warm-up steps [default: 500]")] = None,
     lr_steps: Annotated[Optional[str], typer.Option(help="epochs after which lr x0.1, e.g. 8,11 [default: 8/12 and 11/12 of --epochs]")] = None,
     max_iters: Annotated[Optional[int], typer.Option(help="stop after this many steps")] = None,
@@ -144,13 +149,14 @@ def train_detector_cmd(
     toml = _load_toml(config)
     data = _resolve_data(images, ann, val_images, val_ann, img_scale, views, toml.get("data", {}))
     train_fields = {**toml.get("train", {}), **_given(
-        epochs=epochs, batch_size=batch_size, lr=lr, warmup_iters=warmup_iters, max_iters=max_iters, seed=seed,
+        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay, warmup_iters=warmup_iters, max_iters=max_iters, seed=seed,
         device=device, workers=workers, amp=amp, log_every=log_every, checkpoint_every=checkpoint_every)}
     if lr_steps is not None:
         train_fields["lr_steps"] = tuple(int(s) for s in lr_steps.split(",") if s.strip())
     model_fields = {**toml.get("model", {}), **_given(
         depth=depth, base_width=base_width, fpn_channels=fpn_channels, head_channels=head_channels,
-        stacked_convs=stacked_convs, gn_groups=gn_groups, reg_max=reg_max, num_classes=num_classes)}
+        stacked_convs=stacked_convs, gn_groups=gn_groups, reg_max=reg_max, num_classes=num_classes,
+        frozen_stages=frozen_stages, norm_eval=norm_eval)}
     dataset = build_train_dataset(data, GFL_STRIDES)
     model_fields.setdefault("num_classes", dataset.num_classes)
     try:

@@ -77,6 +77,11 @@ def coco_evaluate(
         coco_gt = ann_file_or_coco
     else:
         coco_gt = load_coco(ann_file_or_coco)
+    for ann in coco_gt.anns.values():
+        # COCOeval reads both; converters often omit them (the dataset defaults them the same way).
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann:
+            ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
     gt_ids = set(coco_gt.getImgIds())
     eval_ids = sorted(gt_ids) if image_ids is None else sorted({int(i) for i in image_ids})
     stray = ({int(r["image_id"]) for r in results} | set(eval_ids)) - gt_ids

@@ -38,7 +38,8 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 12
     batch_size: int = 16  # images per step (per process under torchrun)
-    lr: float | None = None  # None: 0.01 x total batch / 16, the 1x recipe scaled linearly
+    lr: float | None = None  # None: 0.01 x total batch / 16 (SGD), the 1x recipe scaled linearly
+    optimizer: str = "sgd"  # sgd (the paper's recipe) or adamw (faster from scratch on small data)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 500  # linear warm-up from warmup_ratio x lr
@@ -68,6 +69,8 @@ class TrainConfig:
             problems.append(f"max_iters must be >= 1, got {self.max_iters}")
         if self.workers < 0:
             problems.append(f"workers must be >= 0, got {self.workers}")
+        if self.optimizer not in ("sgd", "adamw"):
+            problems.append(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             problems.append(f"amp must be auto, off, bf16 or fp16, got {self.amp!r}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
@@ -75,7 +78,11 @@ class TrainConfig:
         _check(problems, "training configuration")
 
     def base_lr(self, world_size: int = 1) -> float:
-        return self.lr if self.lr is not None else 0.01 * self.batch_size * world_size / 16
+        if self.lr is not None:
+            return self.lr
+        if self.optimizer == "adamw":
+            return 1e-4 * self.batch_size * world_size / 16
+        return 0.01 * self.batch_size * world_size / 16
 
     def resolved_lr_steps(self) -> tuple[int, ...]:
         if self.lr_steps is not None:

@@ -77,6 +77,12 @@ def lr_at(cfg: TrainConfig, base_lr: float, iteration: int, epoch: int) -> float
     return base_lr * warm * decay
 
 
+def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.base_lr(), weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.base_lr(), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def build_train_dataset(data: DataConfig, strides) -> CocoDetection:
     return CocoDetection(data.images, data.ann, views=parse_views(data.views, data.img_scale), strides=strides, train=True)
 
@@ -155,7 +161,7 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
     torch.manual_seed(train.seed)
     model = build_detector(model_cfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=train.base_lr(), momentum=train.momentum, weight_decay=train.weight_decay)
+    optimizer = build_optimizer(train, params)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and train.amp == "fp16")
 
     sampler = ViewBatchSampler([w >= h for h, w in (dataset.orig_hw(i) for i in range(len(dataset)))],

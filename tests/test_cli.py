@@ -111,3 +111,16 @@ def test_bad_option_values(data_copy, tmp_path):
     assert_user_error(run_cli(*_train_args(data_copy, tmp_path / "run", "--img-scale", "96")), "--img-scale")
     assert_user_error(run_cli(*_train_args(data_copy, tmp_path / "run", "--depth", "19")), "depth must be one of")
     assert_user_error(run_cli(*_train_args(data_copy, tmp_path / "run", "--batch-size", "0")), "batch_size")
+
+
+def test_toml_config_with_typed_flags_winning(data_copy, tmp_path):
+    config = tmp_path / "recipe.toml"
+    config.write_text('[train]\nbatch_size = 5\nlr = 0.003\nmax_iters = 1\n[model]\nstacked_convs = 2\n')
+    proc = run_cli(*_train_args(data_copy, tmp_path / "run", "--config", config, "--lr", "0.004"))
+    assert proc.returncode == 0, proc.stderr
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert resolved["train"]["batch_size"] == 5  # from the file
+    assert resolved["train"]["lr"] == 0.004  # the typed flag wins over the file
+    assert resolved["model"]["stacked_convs"] == 1  # TINY_MODEL_FLAGS types --stacked-convs 1
+    config.write_text("[train]\nbogus = 1\n")
+    assert_user_error(run_cli(*_train_args(data_copy, tmp_path / "run2", "--config", config)), "bogus")

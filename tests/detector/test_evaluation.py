@@ -120,3 +120,18 @@ def test_save_results_is_atomic_and_round_trips(tmp_path):
     save_results(path, _results())  # replaces the previous file
     assert json.loads(path.read_text()) == _results()
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temporary file left
+
+
+def test_ground_truth_without_area_or_iscrowd_evaluates(tmp_path):
+    import json
+
+    from detector.evaluation import coco_evaluate
+
+    gt = {"images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 80}],
+          "categories": [{"id": 3, "name": "thing"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 40, 30]}]}
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    results = [{"image_id": 1, "category_id": 3, "bbox": [10, 10, 40, 30], "score": 0.9}]
+    # Converters often omit area and iscrowd; a perfect detection must still score AP 1.
+    assert coco_evaluate(path, results)["AP"] == pytest.approx(1.0)
