@@ -226,6 +226,105 @@ def evaluate_cmd(
     typer.echo(f"{len(results)} detections on {len(dataset)} images -> {out}; metrics -> {metrics_path}")
 
 
+BOX_DTYPES = {"fp16": "float16", "uint8": "uint8", "fp32": "float32"}
+
+
+def _parse_scales(text: str | None) -> tuple[tuple[int, int], ...]:
+    if not text:
+        return ()
+    return tuple(_parse_pair(part, "--extra-scales") for part in text.split(";") if part.strip())
+
+
+@app.command("dump-teacher")
+def dump_teacher_cmd(
+    teacher: Annotated[Path, typer.Option(help="teacher checkpoint (ours, or mmdetection GFL with architecture flags)")],
+    out: Annotated[str, typer.Option(help="Zarr v3 store to write: a folder or an fsspec URL")] = "runs/teacher-cache.zarr",
+    images: Images = None, ann: Ann = None, img_scale: ImgScale = None,
+    views: Annotated[str, typer.Option(help="views to cache per image: orig, hflip or both")] = "orig,hflip",
+    extra_scales: Annotated[Optional[str], typer.Option(help="more scales, each with the same views: 'L1,S1;L2,S2'")] = None,
+    batch_size: Annotated[int, typer.Option(help="views per teacher forward (equal canvases only)")] = 8,
+    box_dtype: Annotated[str, typer.Option(help="fp16 (reference), uint8 (per row-edge affine) or fp32")] = "fp16",
+    no_cls: Annotated[bool, typer.Option("--no-cls", help="do not store class logits (no Main KD from this cache)")] = False,
+    compressor: Annotated[str, typer.Option(help="none, zstd or lz4 (fp16 logits compress weakly; none reads fastest)")] = "none",
+    shard_mb: Annotated[float, typer.Option(help="target shard size in MiB (the unit of writing and of resume)")] = 64.0,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing store of another identity")] = False,
+    device: Device = None, workers: Workers = None,
+    amp: Annotated[str, typer.Option(help="auto (bf16 on CUDA), off, bf16, fp16")] = "auto",
+    depth: Depth = None, base_width: BaseWidth = None, fpn_channels: FpnChannels = None,
+    head_channels: HeadChannels = None, stacked_convs: StackedConvs = None, gn_groups: GnGroups = None,
+    reg_max: RegMax = None, num_classes: NumClasses = None,
+):
+    """Run the teacher once over every view of the dataset and write its logits to a Zarr v3 cache."""
+    from cache_teacher.dump import DumpConfig, run_dump
+    from detector.checkpoint import read_checkpoint
+    from detector.views import DEFAULT_IMG_SCALE
+
+    if box_dtype not in BOX_DTYPES:
+        raise UserError(f"--box-dtype must be one of {sorted(BOX_DTYPES)}, got {box_dtype!r}")
+    if (images is None) != (ann is None):
+        raise UserError("give both --images and --ann (or neither, for the synthetic dataset)")
+    scale = _parse_pair(img_scale, "--img-scale") if img_scale else None
+    if images is None:
+        images, ann = _synthetic_split("train")
+        scale = scale or SYNTHETIC_IMG_SCALE
+    if scale is None:  # our checkpoints know the scale their teacher was trained at
+        trained = read_checkpoint(teacher).get("run_config", {}).get("data", {}).get("img_scale")
+        scale = tuple(trained) if trained else DEFAULT_IMG_SCALE
+    cfg = DumpConfig(
+        teacher=str(teacher), images=str(images), ann=str(ann), out=str(out), views=views, img_scale=tuple(scale),
+        extra_scales=_parse_scales(extra_scales), batch_size=batch_size, device=device or "auto",
+        workers=workers if workers is not None else 2, amp=amp, box_dtype=BOX_DTYPES[box_dtype],
+        cls_dtype=None if no_cls else "float16", compressor=compressor, shard_mb=shard_mb, overwrite=overwrite,
+        arch=_given(depth=depth, base_width=base_width, fpn_channels=fpn_channels, head_channels=head_channels,
+                    stacked_convs=stacked_convs, gn_groups=gn_groups, reg_max=reg_max, num_classes=num_classes),
+    )
+    result = run_dump(cfg)
+    if result["already_complete"]:
+        typer.echo(f"{out} is already complete; nothing to do")
+    else:
+        typer.echo(f"wrote {result['views']:,} views ({result['bytes_written'] / 2**20:,.1f} MiB) in "
+                   f"{result['seconds']:.1f} s ({result['views'] / max(result['seconds'], 1e-9):.1f} views/s); "
+                   f"{'complete' if result['complete'] else 'incomplete'}: {out}")
+
+
+@app.command("inspect-cache")
+def inspect_cache_cmd(
+    store: Annotated[str, typer.Argument(help="cache folder or fsspec URL")],
+    json_out: Annotated[bool, typer.Option("--json", help="print the summary (and verification) as JSON")] = False,
+    verify: Annotated[bool, typer.Option(help="check completeness, finite values, identity (and fidelity with --teacher)")] = False,
+    teacher: Annotated[Optional[Path], typer.Option(help="with --verify: the teacher to re-run on --num-views random views")] = None,
+    num_views: Annotated[int, typer.Option(help="views re-run by --verify --teacher")] = 8,
+    png: Annotated[Optional[Path], typer.Option(help="write a picture of --view: GT, decoded detections, edge distributions")] = None,
+    view: Annotated[int, typer.Option(help="view index for --png")] = 0,
+    images: Annotated[Optional[Path], typer.Option(help="image folder [default: where the dump found it]")] = None,
+    ann: Annotated[Optional[Path], typer.Option(help="annotation file [default: where the dump found it]")] = None,
+    device: Device = None,
+):
+    """What a cache holds, whether it is whole and faithful (--verify), and a picture (--png)."""
+    from cache_teacher.inspect import format_summary, format_verify, render_png, summarize
+    from cache_teacher.inspect import verify as run_verify
+    from cache_teacher.reader import TeacherCache
+    from distill.engine import resolve_device
+
+    cache = TeacherCache(store)
+    report = {"summary": summarize(cache)}
+    if verify:
+        report["verify"] = run_verify(cache, str(teacher) if teacher else None, images, ann, num_views,
+                                      device=str(resolve_device(device or "auto")))
+    if png is not None:
+        report["png"] = str(render_png(cache, view, png, images, ann))
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        typer.echo(format_summary(report["summary"]))
+        if verify:
+            typer.echo(format_verify(report["verify"]))
+        if png is not None:
+            typer.echo(f"picture of view {view} -> {report['png']}")
+    if verify and not report["verify"]["ok"]:
+        raise typer.Exit(1)
+
+
 def _one_line(err: UserError) -> str:
     """A UserError raised in a DataLoader worker comes back with the worker's traceback folded into
     its message; the user needs only the original message, which is its last line."""

@@ -38,3 +38,16 @@ def tiny_coco(tmp_path_factory):
         "val_images": root / "val",
         "val_ann": root / "annotations" / "instances_val.json",
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A randomly initialised small GFL (5 classes) saved as one of our checkpoints."""
+    from detector import ModelConfig, build_detector, save_checkpoint
+
+    torch.manual_seed(1)
+    config = ModelConfig(num_classes=5, **TINY_MODEL)
+    model = build_detector(config).eval()
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    save_checkpoint(path, model, config)
+    return {"path": path, "model": model, "config": config}

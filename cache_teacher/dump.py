@@ -1,0 +1,289 @@
+"""dump-teacher: run a GFL teacher once over every view of a dataset and store its logits.
+
+Pipeline: DataLoader workers build view inputs (the shared transform) in layout order -> teacher
+forward (eval, no grad, autocast on CUDA) on batches of equal canvas -> rows encoded on the device
+-> copied to host -> a writer thread fills whole shards and stores them, so writing overlaps the
+next forwards. Re-running the same command resumes: shards already stored are skipped, the others
+are recomputed and written whole, giving the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cache_teacher import schema
+from cache_teacher.codec import all_finite, encode_rows
+from cache_teacher.reader import TeacherCache, is_url, open_group
+from cache_teacher.writer import COMPRESSORS, CacheWriter
+from detector.checkpoint import file_sha256, load_state_dict_strict, read_checkpoint, resolve_model_config
+from detector.coco import CocoDetection, collate
+from detector.errors import UserError
+from detector.inference import autocast_for
+from detector.model import build_detector
+from detector.views import parse_views
+
+
+@dataclass(frozen=True)
+class DumpConfig:
+    teacher: str  # checkpoint (ours or mmdetection's)
+    images: str
+    ann: str
+    out: str  # local path or fsspec URL of the Zarr store
+    views: str = "orig,hflip"
+    img_scale: tuple[int, int] = (1333, 800)
+    extra_scales: tuple[tuple[int, int], ...] = ()
+    batch_size: int = 8
+    device: str = "auto"
+    workers: int = 2
+    amp: str = "auto"
+    box_dtype: str = "float16"  # float16 | uint8 | float32
+    cls_dtype: str | None = "float16"  # None: --no-cls
+    compressor: str = "none"
+    shard_mb: float = 64.0  # target size of one shard of rows
+    overwrite: bool = False
+    arch: dict = field(default_factory=dict)  # architecture flags for checkpoints without a config
+    storage_options: dict | None = None
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self):
+        problems = []
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.box_dtype not in schema.BOX_DTYPES:
+            problems.append(f"box dtype must be one of {schema.BOX_DTYPES}, got {self.box_dtype!r}")
+        if self.compressor not in COMPRESSORS:
+            problems.append(f"compressor must be one of {COMPRESSORS}, got {self.compressor!r}")
+        if self.shard_mb <= 0:
+            problems.append("shard_mb must be > 0")
+        if problems:
+            raise UserError("invalid dump configuration: " + "; ".join(problems))
+
+
+def package_version() -> str:
+    try:
+        return importlib_metadata.version("ldcache")
+    except importlib_metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _identity(meta: dict) -> dict:
+    """What makes two dumps the same cache (not when or by which version they were made)."""
+    return {k: v for k, v in meta.items() if k not in ("created", "complete", "package_version", "source")}
+
+
+def _open_store(cfg: DumpConfig, meta: dict, layout, dataset, num_specs: int) -> CacheWriter:
+    """Resume a store of the same identity; create a new one; refuse to replace anything else."""
+    existing = None
+    try:
+        group = open_group(cfg.out, "r", cfg.storage_options)
+        existing = dict(group.attrs.get(schema.ATTRS_KEY, {}))
+    except UserError:
+        group = None  # nothing there yet
+    if group is not None:
+        same = existing.get("format") == schema.FORMAT_NAME and _identity(existing) == _identity(meta)
+        if same:
+            writer = CacheWriter.resume(cfg.out, cfg.storage_options)
+            if writer is not None:
+                return writer
+            group = None  # killed while being created: nothing was written, create it again
+        elif not cfg.overwrite:
+            if existing.get("format") == schema.FORMAT_NAME:
+                diffs = [k for k in _identity(meta) if _identity(existing).get(k) != _identity(meta).get(k)]
+                raise UserError(f"{cfg.out} holds a cache of another identity (differs in {', '.join(diffs)}); "
+                                "pass --overwrite to replace it or choose another --out")
+            raise UserError(f"{cfg.out} exists and is not an ldcache cache; choose another --out or pass --overwrite")
+    elif not is_url(cfg.out):
+        _check_writable(cfg.out)
+    try:
+        return CacheWriter.create(cfg.out, meta, layout, dataset.image_ids, num_specs, cfg.storage_options)
+    except OSError as err:  # not permitted, a file in the way, disk full...
+        raise UserError(f"cannot write {cfg.out} ({err.strerror or err}); choose a writable --out") from None
+
+
+def _check_writable(path: str) -> None:
+    """Fail before the teacher is loaded onto the device, not after."""
+    parent = Path(path).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {path}: {parent} is not a writable folder; choose a writable --out")
+
+
+def _batches_of_shard(layout: schema.Layout, shard: int, batch_size: int) -> list[list[int]]:
+    """Consecutive views of a shard in runs of equal canvas, cut into batches (fixed for a shard,
+    so a resumed shard is computed with exactly the batches of an uninterrupted run)."""
+    batches, current = [], []
+    for v in layout.views_of_shard(shard):
+        if current and (len(current) == batch_size or layout.records[v].padded_hw != layout.records[current[0]].padded_hw):
+            batches.append(current)
+            current = []
+        current.append(v)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class ShardAssembler:
+    """Runs in the writer thread: copies encoded view rows into whole-shard buffers and stores a
+    shard as soon as all its views arrived."""
+
+    def __init__(self, writer: CacheWriter, layout: schema.Layout, names: dict[str, str]):
+        self.writer, self.layout, self.names = writer, layout, names  # names: encoded key -> array name
+        self.buffers: dict[int, dict[str, np.ndarray]] = {}
+        self.missing: dict[int, int] = {}
+        self.bytes_written = 0
+
+    def add(self, views: list[int], encoded: dict[str, np.ndarray]) -> None:
+        rows = self.layout.num_rows[views[0]]
+        for i, v in enumerate(views):
+            shard = int(self.layout.shard_of_view[v])
+            if shard not in self.buffers:
+                self.buffers[shard] = {self.names[k]: np.zeros((self.layout.rows_per_shard, a.shape[-1]), a.dtype)
+                                       for k, a in encoded.items()}
+                self.missing[shard] = len(self.layout.views_of_shard(shard))
+            local = int(self.layout.row_offset[v]) - shard * self.layout.rows_per_shard
+            for key, array in encoded.items():
+                self.buffers[shard][self.names[key]][local:local + rows] = array[i * rows:(i + 1) * rows]
+            self.missing[shard] -= 1
+            if self.missing[shard] == 0:
+                buffers = self.buffers.pop(shard)
+                self.writer.write_shard(shard, buffers)
+                self.bytes_written += sum(b.nbytes for b in buffers.values())
+
+
+def _writer_loop(work: queue.Queue, assembler: ShardAssembler, layout: schema.Layout, errors: list) -> None:
+    while True:
+        item = work.get()
+        if item is None:
+            return
+        if errors:
+            continue  # drain after a failure so the producer never blocks
+        views, encoded, event = item
+        try:
+            if event is not None:
+                event.synchronize()  # the device-to-host copy of this batch has landed
+            encoded = {k: t.numpy() for k, t in encoded.items()}
+            finite = all_finite(encoded).reshape(len(views), -1).all(axis=1)
+            if not finite.all():
+                rec = layout.records[views[int(np.argmin(finite))]]
+                raise UserError(f"the teacher produced NaN or inf logits on image {rec.image_id} "
+                                f"({'hflip' if rec.flip else 'orig'} view at {rec.img_scale}); check the checkpoint "
+                                "(nothing was written for this shard)")
+            assembler.add(views, encoded)
+        except BaseException as err:  # handed to the main thread
+            errors.append(err)
+
+
+def load_teacher(path: str, arch: dict, device: torch.device):
+    ckpt = read_checkpoint(path)
+    config = resolve_model_config(ckpt, **arch)
+    model = build_detector(config)
+    load_state_dict_strict(model, ckpt["state_dict"], source=f"teacher checkpoint {path}")
+    return model.to(device).eval(), config
+
+
+def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
+    from distill.engine import resolve_device  # one device rule for every command
+
+    device = resolve_device(cfg.device)
+    teacher, teacher_cfg = load_teacher(cfg.teacher, cfg.arch, device)
+    specs = parse_views(cfg.views, cfg.img_scale, cfg.extra_scales)
+    dataset = CocoDetection(cfg.images, cfg.ann, views=specs, strides=teacher_cfg.strides, train=True)
+    if dataset.num_classes != teacher_cfg.num_classes:
+        raise UserError(f"the teacher predicts {teacher_cfg.num_classes} classes but {cfg.ann} has "
+                        f"{dataset.num_classes}; dump with the teacher trained for this dataset")
+    dataset.check_files()
+    box_width = 4 * (teacher_cfg.reg_max + 1)
+    row_bytes = box_width * np.dtype(cfg.box_dtype).itemsize + (
+        teacher_cfg.num_classes * np.dtype(cfg.cls_dtype).itemsize if cfg.cls_dtype else 0)
+    layout = schema.plan_layout([[dataset.view_record(i, s) for s in range(len(specs))] for i in range(len(dataset))],
+                                row_bytes=row_bytes, shard_mb=cfg.shard_mb)
+    meta = schema.build_metadata(
+        teacher_config=teacher_cfg.to_dict(), teacher_sha256=file_sha256(cfg.teacher), ann_sha256=dataset.ann_sha256,
+        image_ids=dataset.image_ids, num_images=len(dataset), specs=specs, strides=teacher_cfg.strides,
+        reg_max=teacher_cfg.reg_max, num_classes=teacher_cfg.num_classes, box_dtype=cfg.box_dtype,
+        cls_dtype=cfg.cls_dtype, layout=layout, compressor=cfg.compressor, package_version=package_version(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        source={"teacher": cfg.teacher, "images": cfg.images, "ann": cfg.ann},
+    )
+    writer = _open_store(cfg, meta, layout, dataset, len(specs))
+    done = writer.shards_done()
+    todo = [s for s in range(layout.num_shards) if not done[s] and s % cfg.world_size == cfg.rank]
+    batches = [b for s in todo for b in _batches_of_shard(layout, s, cfg.batch_size)]
+    num_views = sum(len(b) for b in batches)
+
+    names = {"box.data": schema.BOX, "box.lo": schema.BOX_LO, "box.scale": schema.BOX_SCALE, "cls.data": schema.CLS}
+    assembler = ShardAssembler(writer, layout, names)
+    work: queue.Queue = queue.Queue(maxsize=4)
+    errors: list = []
+    thread = threading.Thread(target=_writer_loop, args=(work, assembler, layout, errors), daemon=True)
+    thread.start()
+    keys = [[(int(layout.image_index[v]), int(layout.spec_index[v])) for v in b] for b in batches]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys, num_workers=cfg.workers, collate_fn=collate,
+                                         pin_memory=device.type == "cuda")
+    cuda = device.type == "cuda"
+    if cuda:  # the same bytes on every run (resume) need deterministic kernels
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    start = time.perf_counter()
+    bar = tqdm(total=num_views, desc="dump-teacher", unit="view", disable=not progress, dynamic_ncols=True)
+    try:
+        with torch.no_grad():
+            for views, batch in zip(batches, loader):
+                if errors:
+                    break
+                with autocast_for(device, cfg.amp):
+                    cls_maps, box_maps = teacher(batch.images.to(device, non_blocking=True))
+                encoded = {f"box.{k}": t for k, t in encode_rows(_rows(box_maps), cfg.box_dtype, teacher_cfg.reg_max).items()}
+                if cfg.cls_dtype is not None:
+                    encoded["cls.data"] = encode_rows(_rows(cls_maps), cfg.cls_dtype)["data"]
+                event = None
+                if cuda:
+                    encoded = {k: _to_pinned(t) for k, t in encoded.items()}
+                    event = torch.cuda.Event()
+                    event.record()
+                work.put((views, encoded, event))
+                bar.update(len(views))
+                seconds = time.perf_counter() - start
+                bar.set_postfix(MBps=f"{assembler.bytes_written / 2**20 / max(seconds, 1e-9):.1f}", refresh=False)
+    finally:
+        work.put(None)
+        thread.join()
+        bar.close()
+    if errors:
+        raise errors[0]
+    seconds = time.perf_counter() - start
+    if writer.shards_done().all() and cfg.rank == 0:
+        writer.finalize()
+    return {"views": num_views, "seconds": seconds, "shards_written": len(todo), "num_shards": layout.num_shards,
+            "complete": bool(writer.meta.get("complete")), "bytes_written": assembler.bytes_written,
+            "already_complete": not todo and bool(writer.meta.get("complete"))}
+
+
+def _rows(maps_per_level: list[torch.Tensor]) -> torch.Tensor:
+    """Per-level maps [B, K, H, W] of equal-canvas views -> rows [B * n, K] (view-major, then
+    level, y, x): every location of the canvas is the view's own."""
+    b, k = maps_per_level[0].shape[:2]
+    return torch.cat([m.permute(0, 2, 3, 1).reshape(b, -1, k) for m in maps_per_level], dim=1).reshape(-1, k)
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+def open_cache(location: str, storage_options: dict | None = None) -> TeacherCache:
+    return TeacherCache(location, storage_options)

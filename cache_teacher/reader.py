@@ -1,0 +1,152 @@
+"""Reading a teacher cache. With writer.py, the only code that imports zarr.
+
+TeacherCache reads the metadata and the small view table when constructed, and opens the row
+arrays lazily, once per process: a DataLoader worker forked from the main process opens its own
+handle on first use. A view's rows come from ONE contiguous slice per array (zarr's fancy indexing
+is an order of magnitude slower)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from cache_teacher import schema
+from cache_teacher.codec import decode_rows
+from detector.errors import UserError
+from detector.views import ViewRecord, ViewSpec
+
+
+def is_url(location: str) -> bool:
+    return "://" in str(location)
+
+
+def open_group(location, mode: str = "r", storage_options: dict | None = None):
+    """A Zarr v3 group at a local path or an fsspec URL (s3://, gs://, file://, ...)."""
+    location = str(location)
+    read_only = mode == "r"
+    try:
+        if is_url(location):
+            store = zarr.storage.FsspecStore.from_url(location, storage_options=storage_options or {},
+                                                      read_only=read_only)
+        else:
+            if read_only and not Path(location).exists():
+                raise FileNotFoundError(location)
+            store = zarr.storage.LocalStore(location, read_only=read_only)
+        return zarr.open_group(store=store, mode=mode, zarr_format=3)
+    except FileNotFoundError:
+        raise UserError(f"no cache at {location}; pass the --out of a dump-teacher run") from None
+    except (ValueError, KeyError, OSError) as err:
+        if isinstance(err, PermissionError):
+            raise UserError(f"cannot open {location} ({err.strerror}); check the permissions") from None
+        raise UserError(f"{location} is not a readable Zarr v3 cache ({type(err).__name__}: {err}); "
+                        "pass the --out of a dump-teacher run") from None
+
+
+@dataclass
+class CachedView:
+    record: ViewRecord
+    box: torch.Tensor  # [n, 4(reg_max+1)] float32 logits
+    cls: torch.Tensor | None  # [n, C] float32 logits (None for --no-cls caches)
+
+    def per_level(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Rows [n, K] -> per-level maps [K, H_l, W_l] (P3 first)."""
+        maps, start = [], 0
+        for h, w in self.record.level_hw:
+            maps.append(rows[start:start + h * w].reshape(h, w, -1).permute(2, 0, 1))
+            start += h * w
+        return maps
+
+
+class TeacherCache:
+    def __init__(self, location, storage_options: dict | None = None):
+        self.location = str(location)
+        self.storage_options = storage_options
+        group = open_group(self.location, "r", storage_options)
+        meta = dict(group.attrs.get(schema.ATTRS_KEY, {}))
+        schema.check_format(meta, self.location)
+        self.meta = meta
+        self.specs: list[ViewSpec] = schema.specs_from_json(meta["views"]["specs"])
+        table = {name: group["views"][name][:] for name in schema.VIEW_FIELDS}
+        self.view_table = table
+        self.records: list[ViewRecord] = schema.records_from_table(table)
+        self.row_offset = table["row_offset"].astype(np.int64)
+        self.num_rows = table["num_rows"].astype(np.int64)
+        self.lookup = group["dataset"]["lookup"][:]
+        self.image_ids = group["dataset"]["image_ids"][:]
+        self._group, self._pid = None, None
+
+    # -- lazily opened per process --------------------------------------------------------------
+    def __getstate__(self):  # picklable for spawned workers: handles are reopened there
+        state = dict(self.__dict__)
+        state["_group"], state["_pid"] = None, None
+        return state
+
+    def _arrays(self):
+        if self._group is None or self._pid != os.getpid():
+            self._group = open_group(self.location, "r", self.storage_options)
+            self._pid = os.getpid()
+        return self._group
+
+    # -- what the cache holds -------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete"))
+
+    @property
+    def has_cls(self) -> bool:
+        return self.meta["cls"] is not None
+
+    def shards_done(self) -> np.ndarray:
+        return self._arrays()[schema.PROGRESS][:].astype(bool)
+
+    def view_index(self, image_index: int, spec_index: int) -> int:
+        v = int(self.lookup[image_index, spec_index])
+        if v < 0:
+            raise KeyError(f"view {spec_index} of image index {image_index} is not cached")
+        return v
+
+    def require_complete(self) -> None:
+        if not self.complete:
+            done = self.shards_done()
+            raise UserError(f"cache {self.location} is incomplete ({int(done.sum())}/{len(done)} shards written); "
+                            "re-run the same dump-teacher command to finish it")
+
+    def validate(self, **expected) -> None:
+        """Refuse a cache that does not fit the run; the error names every mismatch."""
+        problems = schema.identity_mismatches(self.meta, expected)
+        if problems:
+            raise UserError(f"cache {self.location} does not match this run: " + "; ".join(problems))
+
+    # -- rows -----------------------------------------------------------------------------------
+    def read_rows(self, v: int, kinds=("box", "cls")) -> dict[str, np.ndarray]:
+        """The stored (encoded) rows of view v, one contiguous slice per array."""
+        group = self._arrays()
+        start, stop = int(self.row_offset[v]), int(self.row_offset[v] + self.num_rows[v])
+        names = []
+        if "box" in kinds:
+            names.append(schema.BOX)
+            if self.meta["box"]["dtype"] == "uint8":
+                names += [schema.BOX_LO, schema.BOX_SCALE]
+        if "cls" in kinds and self.has_cls:
+            names.append(schema.CLS)
+        return {name: group[name][start:stop] for name in names}
+
+    def read_view(self, v: int, kinds=("box", "cls")) -> CachedView:
+        raw = self.read_rows(v, kinds)
+        box = decode_rows(raw[schema.BOX], raw.get(schema.BOX_LO), raw.get(schema.BOX_SCALE)) if schema.BOX in raw else None
+        cls = decode_rows(raw[schema.CLS]) if schema.CLS in raw else None
+        return CachedView(self.records[v], box, cls)
+
+    def bytes_on_disk(self) -> dict[str, int]:
+        """Stored bytes per array (local stores and fsspec stores that can list sizes)."""
+        group = self._arrays()
+        out = {}
+        for name in (schema.BOX, schema.BOX_LO, schema.BOX_SCALE, schema.CLS):
+            if name in group:
+                out[name] = int(group[name].nbytes_stored())
+        return out

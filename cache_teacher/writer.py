@@ -1,0 +1,107 @@
+"""Creating, resuming and filling a teacher cache. With reader.py, the only code that imports zarr.
+
+The unit of writing is the shard: a writer fills one in memory and stores it with a single
+assignment (zarr rewrites a whole shard on any partial write, and two writers touching one shard
+lose data). progress[s] becomes 1 only after shard s was stored, so a killed dump leaves at worst a
+torn shard whose flag is still 0, and resuming rewrites it whole.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from cache_teacher import schema
+from cache_teacher.reader import open_group
+from detector.errors import UserError
+
+COMPRESSORS = ("none", "zstd", "lz4")
+
+
+def _compressors(name: str):
+    if name == "none":
+        return None
+    if name == "zstd":
+        return zarr.codecs.ZstdCodec(level=1)
+    if name == "lz4":
+        return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=2)
+    raise UserError(f"unknown compressor {name!r}; use one of {COMPRESSORS}")
+
+
+class CacheWriter:
+    def __init__(self, group, meta: dict):
+        self.group = group
+        self.meta = meta
+        layout = meta["layout"]
+        self.rows_per_shard = layout["rows_per_shard"]
+        self.num_shards = layout["num_shards"]
+        self._progress = group[schema.PROGRESS]
+        self._arrays = {name: group[name] for name in (schema.BOX, schema.CLS, schema.BOX_LO, schema.BOX_SCALE)
+                        if name in group}
+
+    @classmethod
+    def create(cls, url: str, meta: dict, layout: schema.Layout, image_ids, num_specs: int,
+               storage_options: dict | None = None) -> "CacheWriter":
+        """A new, empty cache (the caller decides whether an existing store may be replaced)."""
+        group = open_group(url, mode="w", storage_options=storage_options)
+        # Identity first: a dump killed while creating the arrays leaves a store that a re-run
+        # recognises as its own and creates again.
+        group.attrs[schema.ATTRS_KEY] = meta
+        total, chunk, shard = layout.total_rows, layout.chunk_rows, layout.rows_per_shard
+        compressors = _compressors(meta["layout"]["compressor"])
+        box = meta["box"]
+        group.create_array(schema.BOX, shape=(total, box["row_width"]), chunks=(chunk, box["row_width"]),
+                           shards=(shard, box["row_width"]), dtype=box["dtype"], fill_value=0, compressors=compressors)
+        if box["dtype"] == "uint8":
+            for name in (schema.BOX_LO, schema.BOX_SCALE):
+                group.create_array(name, shape=(total, 4), chunks=(chunk, 4), shards=(shard, 4), dtype="float16",
+                                   fill_value=0, compressors=None)
+        if meta["cls"] is not None:
+            width = meta["cls"]["row_width"]
+            group.create_array(schema.CLS, shape=(total, width), chunks=(chunk, width), shards=(shard, width),
+                               dtype=meta["cls"]["dtype"], fill_value=0, compressors=compressors)
+        # One chunk per flag: ranks of a distributed dump never write the same object.
+        group.create_array(schema.PROGRESS, shape=(layout.num_shards,), chunks=(1,), dtype="uint8", fill_value=0)
+        views = group.create_group("views")
+        for name, values in schema.view_table(layout).items():
+            views.create_array(name, data=np.ascontiguousarray(values))
+        dataset = group.create_group("dataset")
+        dataset.create_array("image_ids", data=np.asarray(image_ids, dtype=np.int64))
+        dataset.create_array("lookup", data=layout.lookup(len(image_ids), num_specs))
+        return cls(group, meta)
+
+    @classmethod
+    def resume(cls, url: str, storage_options: dict | None = None) -> "CacheWriter | None":
+        """The writer of an existing cache, or None if its creation never finished."""
+        group = open_group(url, mode="r+", storage_options=storage_options)
+        meta = dict(group.attrs.get(schema.ATTRS_KEY, {}))
+        schema.check_format(meta, url)
+        try:
+            writer = cls(group, meta)
+            writer.shards_done()
+        except (KeyError, FileNotFoundError):
+            return None
+        return writer
+
+    def shards_done(self) -> np.ndarray:
+        return self._progress[:].astype(bool)
+
+    def write_shard(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
+        """arrays: name -> [rows_per_shard, width] buffer holding the whole shard (unused rows = 0)."""
+        start = shard * self.rows_per_shard
+        for name, array in self._arrays.items():
+            data = arrays[name]
+            if data.shape[0] != self.rows_per_shard:
+                raise ValueError(f"shard buffer {name} has {data.shape[0]} rows, expected {self.rows_per_shard}")
+            array[start:start + self.rows_per_shard] = data
+        self._progress[shard] = 1  # only now is the shard done
+
+    def finalize(self) -> None:
+        if not self.shards_done().all():
+            missing = int((~self.shards_done()).sum())
+            raise RuntimeError(f"cannot finalize: {missing} shards are not written")
+        self.meta = {**self.meta, "complete": True}
+        self.group.attrs[schema.ATTRS_KEY] = self.meta
+
+    def array_names(self) -> list[str]:
+        return list(self._arrays)

@@ -1,0 +1,198 @@
+"""The cache contracts of cache-spec: round trip, identity refusal, resume byte-identity (with a
+real SIGKILL), determinism, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from cache_teacher.dump import DumpConfig, run_dump
+from cache_teacher.reader import TeacherCache
+from cache_teacher.writer import CacheWriter
+from detector import ModelConfig, build_detector, save_checkpoint
+from detector.coco import CocoDetection
+from detector.errors import UserError
+from tests.conftest import ROOT, TINY_MODEL
+
+
+def _cfg(tiny, teacher, out, **kw):
+    base = dict(teacher=str(teacher), images=str(tiny["images"]), ann=str(tiny["ann"]), out=str(out),
+                img_scale=(96, 96), workers=0, batch_size=3, shard_mb=0.05)
+    base.update(kw)
+    return DumpConfig(**base)
+
+
+def _teacher_rows(model, image):
+    with torch.no_grad():
+        cls_maps, box_maps = model(image[None])
+    flat = lambda maps: torch.cat([m[0].permute(1, 2, 0).reshape(-1, m.shape[1]) for m in maps])  # noqa: E731
+    return flat(box_maps), flat(cls_maps)
+
+
+def _array_files(store: Path) -> dict[str, bytes]:
+    """Every stored object except the root metadata (whose attrs carry the creation time)."""
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*"))
+            if p.is_file() and p.relative_to(store) != Path("zarr.json")}
+
+
+@pytest.mark.parametrize("box_dtype", ["float16", "uint8"])
+def test_cached_rows_equal_the_teacher_forward(tiny_coco, tiny_teacher, tmp_path, box_dtype):
+    result = run_dump(_cfg(tiny_coco, tiny_teacher["path"], tmp_path / "c", box_dtype=box_dtype), progress=False)
+    assert result["complete"] and result["views"] == 20  # 10 images x (orig, hflip)
+    cache = TeacherCache(tmp_path / "c")
+    dataset = CocoDetection(tiny_coco["images"], tiny_coco["ann"], views=cache.specs, train=True)
+    worst_box, worst_cls = 0.0, 0.0
+    for i in range(len(dataset)):
+        for s in range(2):
+            cached = cache.read_view(cache.view_index(i, s))
+            sample = dataset[(i, s)]
+            assert cached.record == sample.record  # the view table reproduces the student's geometry
+            box, cls = _teacher_rows(tiny_teacher["model"], sample.image)
+            worst_box = max(worst_box, float(((cached.box - box).abs() / (box.abs() + 1)).max()))
+            worst_cls = max(worst_cls, float(((cached.cls - cls).abs() / (cls.abs() + 1)).max()))
+    # fp16 rounding is 2^-11 relative; the uint8 step is span / 255 (spans of these logits are < 1).
+    assert worst_box < (2**-10 if box_dtype == "float16" else 5e-3)
+    assert worst_cls < 2**-10
+
+
+def test_writer_to_reader_round_trip_is_exact_for_fp32(tiny_coco, tiny_teacher, tmp_path):
+    run_dump(_cfg(tiny_coco, tiny_teacher["path"], tmp_path / "c", box_dtype="float32"), progress=False)
+    cache = TeacherCache(tmp_path / "c")
+    raw = zarr.open_group(str(tmp_path / "c"), mode="r")
+    for v in range(len(cache.records)):
+        off, n = int(cache.row_offset[v]), int(cache.num_rows[v])
+        assert torch.equal(cache.read_view(v).box, torch.from_numpy(raw["box"][off:off + n]))
+
+
+def test_plain_zarr_reads_a_view_as_the_docs_show(tiny_coco, tiny_teacher, tmp_path):
+    run_dump(_cfg(tiny_coco, tiny_teacher["path"], tmp_path / "c"), progress=False)
+    # docs/cache-format.md, "Reading without ldcache":
+    root = zarr.open_group(str(tmp_path / "c"), mode="r")
+    meta = root.attrs["ldcache"]
+    v = int(root["dataset/lookup"][3, 1])  # image index 3, view spec 1 (hflip)
+    off, n = int(root["views/row_offset"][v]), int(root["views/num_rows"][v])
+    box = root["box"][off:off + n].astype(np.float32)  # [n, 68]
+    level_hw = root["views/level_hw"][v]
+    assert box.shape == (int((level_hw[:, 0] * level_hw[:, 1]).sum()), 4 * (meta["reg_max"] + 1))
+    assert bool(root["views/flip"][v]) and meta["views"]["specs"][1]["flip"]
+    assert np.array_equal(box, TeacherCache(tmp_path / "c").read_view(v).box.numpy())
+
+
+def test_identity_refusal_and_overwrite(tiny_coco, tiny_teacher, tmp_path):
+    out = tmp_path / "c"
+    run_dump(_cfg(tiny_coco, tiny_teacher["path"], out), progress=False)
+    before = _array_files(out)
+    torch.manual_seed(5)
+    other = tmp_path / "other.pt"
+    config = ModelConfig(num_classes=5, **TINY_MODEL)
+    save_checkpoint(other, build_detector(config), config)
+    with pytest.raises(UserError, match="another identity.*teacher.*--overwrite"):
+        run_dump(_cfg(tiny_coco, other, out), progress=False)
+    with pytest.raises(UserError, match="another identity.*views"):
+        run_dump(_cfg(tiny_coco, tiny_teacher["path"], out, views="orig"), progress=False)
+    assert _array_files(out) == before  # nothing already written was lost
+    result = run_dump(_cfg(tiny_coco, tiny_teacher["path"], out), progress=False)
+    assert result["already_complete"]  # the same command again has nothing to do
+    run_dump(_cfg(tiny_coco, other, out, overwrite=True), progress=False)
+    assert TeacherCache(out).complete and _array_files(out) != before
+
+
+def test_dump_is_deterministic(tiny_coco, tiny_teacher, tmp_path):
+    run_dump(_cfg(tiny_coco, tiny_teacher["path"], tmp_path / "a"), progress=False)
+    run_dump(_cfg(tiny_coco, tiny_teacher["path"], tmp_path / "b", workers=2), progress=False)
+    assert _array_files(tmp_path / "a") == _array_files(tmp_path / "b")
+
+
+def _dump_cmd(tiny, teacher, out):
+    return [sys.executable, str(ROOT / "cli.py"), "dump-teacher", "--teacher", str(teacher), "--images",
+            str(tiny["images"]), "--ann", str(tiny["ann"]), "--out", str(out), "--img-scale", "384,384",
+            "--workers", "0", "--batch-size", "1", "--shard-mb", "0.05"]
+
+
+def _shards_done(out: Path) -> int:
+    progress = out / "progress" / "c"
+    return len(list(progress.iterdir())) if progress.exists() else 0
+
+
+def _run_and_kill(cmd, out: Path, when_done: int) -> int:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if (when_done == 0 and (out / "zarr.json").exists()) or (when_done and _shards_done(out) >= when_done):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    return proc.returncode
+
+
+def test_resume_after_sigkill_gives_the_same_bytes(tiny_coco, tiny_teacher, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(_dump_cmd(tiny_coco, tiny_teacher["path"], reference), check=True, env=env, capture_output=True)
+    total = len(list((reference / "progress" / "c").iterdir()))
+    assert total >= 6  # enough shards to stop in the middle
+    out = tmp_path / "killed"
+    # Killed right after the store appeared, after one shard, and half-way through.
+    kills = [_run_and_kill(_dump_cmd(tiny_coco, tiny_teacher["path"], out), out, n) for n in (0, 1, total // 2)]
+    assert -signal.SIGKILL in kills  # at least one run really died mid-dump
+    assert _shards_done(out) < total
+    subprocess.run(_dump_cmd(tiny_coco, tiny_teacher["path"], out), check=True, env=env, capture_output=True)
+    assert _array_files(out) == _array_files(reference)  # byte-identical to the uninterrupted dump
+    attrs = lambda p: {k: v for k, v in json.loads((p / "zarr.json").read_text())["attributes"]["ldcache"].items()  # noqa: E731
+                       if k != "created"}
+    assert attrs(out) == attrs(reference) and attrs(out)["complete"]
+
+
+def test_teacher_nan_stops_the_dump_naming_the_view(tiny_coco, tmp_path):
+    torch.manual_seed(2)
+    config = ModelConfig(num_classes=5, **TINY_MODEL)
+    model = build_detector(config)
+    with torch.no_grad():
+        model.bbox_head.gfl_reg.bias.fill_(float("nan"))
+    save_checkpoint(tmp_path / "nan.pt", model, config)
+    with pytest.raises(UserError, match=r"NaN or inf logits on image \d+ \((orig|hflip) view"):
+        run_dump(_cfg(tiny_coco, tmp_path / "nan.pt", tmp_path / "c"), progress=False)
+
+
+def tiny_teacher_path(tmp_path):
+    config = ModelConfig(num_classes=5, **TINY_MODEL)
+    save_checkpoint(tmp_path / "five.pt", build_detector(config), config)
+    return tmp_path / "five.pt"
+
+
+def test_bad_input(tiny_coco, tmp_path):
+    torch.manual_seed(3)
+    config = ModelConfig(num_classes=7, **TINY_MODEL)
+    save_checkpoint(tmp_path / "seven.pt", build_detector(config), config)
+    with pytest.raises(UserError, match="teacher predicts 7 classes"):
+        run_dump(_cfg(tiny_coco, tmp_path / "seven.pt", tmp_path / "c"), progress=False)
+    (tmp_path / "a_file").write_text("in the way")
+    with pytest.raises(UserError, match="not a writable folder"):
+        run_dump(_cfg(tiny_coco, tiny_teacher_path(tmp_path), tmp_path / "a_file" / "c"), progress=False)
+
+
+def test_reader_in_forked_loader_workers(tiny_coco, tiny_teacher, tmp_path):
+    run_dump(_cfg(tiny_coco, tiny_teacher["path"], tmp_path / "c"), progress=False)
+    cache = TeacherCache(tmp_path / "c")
+    expected = [cache.read_view(v).box for v in range(len(cache.records))]  # the parent reads first
+
+    class Views(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(cache.records)
+
+        def __getitem__(self, v):
+            return cache.read_view(v).box
+
+    loader = torch.utils.data.DataLoader(Views(), batch_size=None, num_workers=2)
+    got = list(loader)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
