@@ -113,65 +113,169 @@ def make_synthetic_cmd(
     typer.echo(f"wrote {num_train} train and {num_val} val images with annotations to {path}")
 
 
-@app.command("train-detector")
-def train_detector_cmd(
-    out: Annotated[Path, typer.Option(help="run folder: config.json, metrics.jsonl, checkpoints/, eval.json")] = Path("runs/detector"),
-    images: Images = None, ann: Ann = None,
-    val_images: Annotated[Optional[Path], typer.Option(help="validation images [default: synthetic val]")] = None,
-    val_ann: Annotated[Optional[Path], typer.Option(help="validation annotations, evaluated after training")] = None,
-    img_scale: ImgScale = None,
-    views: Annotated[Optional[str], typer.Option(help="views drawn per image each epoch [default: orig,hflip]")] = None,
-    depth: Depth = None, base_width: BaseWidth = None, fpn_channels: FpnChannels = None,
-    head_channels: HeadChannels = None, stacked_convs: StackedConvs = None, gn_groups: GnGroups = None,
-    reg_max: RegMax = None, num_classes: NumClasses = None, frozen_stages: FrozenStages = None,
-    norm_eval: NormEval = None,
-    epochs: Annotated[Optional[int], typer.Option(help="epochs [default: 12]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="images per step [default: 16]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="learning rate [default: 0.01 x batch / 16 for sgd, 1e-4 x batch / 16 for adamw]")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="sgd (the paper's recipe) or adamw [default: sgd]")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="weight decay [default: 1e-4]")] = None,
-    warmup_iters: Annotated[Optional[int], typer.Option(help="linear warm-up steps [default: 500]")] = None,
-    lr_steps: Annotated[Optional[str], typer.Option(help="epochs after which lr x0.1, e.g. 8,11 [default: 8/12 and 11/12 of --epochs]")] = None,
-    max_iters: Annotated[Optional[int], typer.Option(help="stop after this many steps")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="seed of the model init and the batches [default: 0]")] = None,
-    device: Device = None, workers: Workers = None,
-    amp: Annotated[Optional[str], typer.Option(help="auto (bf16 on CUDA), off, bf16, fp16 [default: auto]")] = None,
-    log_every: Annotated[Optional[int], typer.Option(help="steps per metrics.jsonl record [default: 10]")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="also checkpoint every N steps [default: each epoch only]")] = None,
-    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
-    config: ConfigFile = None,
-):
-    """Train a GFL detector without distillation (teachers and baselines)."""
+# ---- training options shared by train-detector and train-student --------------------------------
+Out = Annotated[Path, typer.Option(help="run folder: config.json, metrics.jsonl, checkpoints/, eval.json")]
+ValImages = Annotated[Optional[Path], typer.Option(help="validation images [default: synthetic val]")]
+ValAnn = Annotated[Optional[Path], typer.Option(help="validation annotations, evaluated after training")]
+Views = Annotated[Optional[str], typer.Option(help="views drawn per image each epoch [default: orig,hflip; a cache's own]")]
+Epochs = Annotated[Optional[int], typer.Option(help="epochs [default: 12]")]
+BatchSize = Annotated[Optional[int], typer.Option(help="images per step [default: 16]")]
+Lr = Annotated[Optional[float], typer.Option(help="learning rate [default: 0.01 x batch / 16 for sgd, 1e-4 x batch / 16 for adamw]")]
+Optimizer = Annotated[Optional[str], typer.Option(help="sgd (the paper's recipe) or adamw [default: sgd]")]
+WeightDecay = Annotated[Optional[float], typer.Option(help="weight decay [default: 1e-4]")]
+WarmupIters = Annotated[Optional[int], typer.Option(help="linear warm-up steps [default: 500]")]
+LrSteps = Annotated[Optional[str], typer.Option(help="epochs after which lr x0.1, e.g. 8,11 [default: 8/12 and 11/12 of --epochs]")]
+MaxIters = Annotated[Optional[int], typer.Option(help="stop after this many steps")]
+Seed = Annotated[Optional[int], typer.Option(help="seed of the model init and the batches [default: 0]")]
+Amp = Annotated[Optional[str], typer.Option(help="auto (bf16 on CUDA), off, bf16, fp16 [default: auto]")]
+LogEvery = Annotated[Optional[int], typer.Option(help="steps per metrics.jsonl record [default: 10]")]
+CheckpointEvery = Annotated[Optional[int], typer.Option(help="also checkpoint every N steps [default: each epoch only]")]
+Resume = Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")]
+
+
+def _train_fields(toml: dict, lr_steps: str | None, **flags) -> dict:
+    fields = {**toml.get("train", {}), **_given(**flags)}
+    if lr_steps is not None:
+        fields["lr_steps"] = tuple(int(s) for s in lr_steps.split(",") if s.strip())
+    return fields
+
+
+def _run_training(data, model_fields: dict, train_fields: dict, loss_fields: dict, out: Path, resume: bool,
+                  teacher=None, what: str = "GFL"):
     from detector.config import GFL_STRIDES, ModelConfig
     from distill.config import LossConfig, TrainConfig
     from distill.engine import build_train_dataset, run_train
 
-    toml = _load_toml(config)
-    data = _resolve_data(images, ann, val_images, val_ann, img_scale, views, toml.get("data", {}))
-    train_fields = {**toml.get("train", {}), **_given(
-        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay, warmup_iters=warmup_iters, max_iters=max_iters, seed=seed,
-        device=device, workers=workers, amp=amp, log_every=log_every, checkpoint_every=checkpoint_every)}
-    if lr_steps is not None:
-        train_fields["lr_steps"] = tuple(int(s) for s in lr_steps.split(",") if s.strip())
-    model_fields = {**toml.get("model", {}), **_given(
-        depth=depth, base_width=base_width, fpn_channels=fpn_channels, head_channels=head_channels,
-        stacked_convs=stacked_convs, gn_groups=gn_groups, reg_max=reg_max, num_classes=num_classes,
-        frozen_stages=frozen_stages, norm_eval=norm_eval)}
     dataset = build_train_dataset(data, GFL_STRIDES)
     model_fields.setdefault("num_classes", dataset.num_classes)
     try:
         train_cfg = TrainConfig(**train_fields)
         model_cfg = ModelConfig(**model_fields)
-        loss_cfg = LossConfig(**toml.get("loss", {}))
+        loss_cfg = LossConfig(**loss_fields)
     except TypeError as err:
         raise UserError(f"unknown option in the configuration ({err}); check the --config file") from None
-    typer.echo(f"training GFL R-{model_cfg.depth} ({model_cfg.num_classes} classes) on {data.ann} -> {out}")
+    typer.echo(f"training {what} R-{model_cfg.depth} ({model_cfg.num_classes} classes) on {data.ann} -> {out}")
     try:
-        result = run_train(data, model_cfg, train_cfg, loss_cfg, out, resume=resume, dataset=dataset)
+        result = run_train(data, model_cfg, train_cfg, loss_cfg, out, resume=resume, dataset=dataset, teacher=teacher)
     except KeyboardInterrupt:
         typer.echo(f"interrupted: progress saved in {out}/checkpoints/last.pt; continue with --resume", err=True)
         raise typer.Exit(130)
     typer.echo(f"done: {result['iter']} steps in {result['train_seconds']:.0f} s; checkpoint {out}/checkpoints/last.pt")
+
+
+@app.command("train-detector")
+def train_detector_cmd(
+    out: Out = Path("runs/detector"),
+    images: Images = None, ann: Ann = None, val_images: ValImages = None, val_ann: ValAnn = None,
+    img_scale: ImgScale = None, views: Views = None,
+    depth: Depth = None, base_width: BaseWidth = None, fpn_channels: FpnChannels = None,
+    head_channels: HeadChannels = None, stacked_convs: StackedConvs = None, gn_groups: GnGroups = None,
+    reg_max: RegMax = None, num_classes: NumClasses = None, frozen_stages: FrozenStages = None,
+    norm_eval: NormEval = None,
+    epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None, optimizer: Optimizer = None,
+    weight_decay: WeightDecay = None, warmup_iters: WarmupIters = None, lr_steps: LrSteps = None,
+    max_iters: MaxIters = None, seed: Seed = None, device: Device = None, workers: Workers = None, amp: Amp = None,
+    log_every: LogEvery = None, checkpoint_every: CheckpointEvery = None, resume: Resume = False,
+    config: ConfigFile = None,
+):
+    """Train a GFL detector without distillation (teachers and baselines)."""
+    toml = _load_toml(config)
+    data = _resolve_data(images, ann, val_images, val_ann, img_scale, views, toml.get("data", {}))
+    train_fields = _train_fields(
+        toml, lr_steps, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+        warmup_iters=warmup_iters, max_iters=max_iters, seed=seed, device=device, workers=workers, amp=amp,
+        log_every=log_every, checkpoint_every=checkpoint_every)
+    model_fields = {**toml.get("model", {}), **_given(
+        depth=depth, base_width=base_width, fpn_channels=fpn_channels, head_channels=head_channels,
+        stacked_convs=stacked_convs, gn_groups=gn_groups, reg_max=reg_max, num_classes=num_classes,
+        frozen_stages=frozen_stages, norm_eval=norm_eval)}
+    _run_training(data, model_fields, train_fields, toml.get("loss", {}), out, resume)
+
+
+def _views_of_cache(cache) -> tuple[str, tuple[int, int], tuple]:
+    """A cache's view specs as (views, img_scale, extra_scales) options."""
+    scales = list(dict.fromkeys(s.img_scale for s in cache.specs))
+    kinds = list(dict.fromkeys("hflip" if s.flip else "orig" for s in cache.specs))
+    return ",".join(kinds), scales[0], tuple(scales[1:])
+
+
+@app.command("train-student")
+def train_student_cmd(
+    cache: Annotated[Optional[str], typer.Option(help="teacher cache from dump-teacher (folder or fsspec URL)")] = None,
+    teacher: Annotated[Optional[Path], typer.Option(help="instead of --cache: run this teacher online on every batch")] = None,
+    teacher_gn_groups: Annotated[Optional[int], typer.Option(help="GroupNorm groups of an mmdet --teacher [default: 32]")] = None,
+    out: Out = Path("runs/student"),
+    images: Images = None, ann: Ann = None, val_images: ValImages = None, val_ann: ValAnn = None,
+    img_scale: ImgScale = None, views: Views = None,
+    depth: Depth = None, base_width: BaseWidth = None, fpn_channels: FpnChannels = None,
+    head_channels: HeadChannels = None, stacked_convs: StackedConvs = None, gn_groups: GnGroups = None,
+    reg_max: RegMax = None, num_classes: NumClasses = None, frozen_stages: FrozenStages = None,
+    norm_eval: NormEval = None,
+    epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None, optimizer: Optimizer = None,
+    weight_decay: WeightDecay = None, warmup_iters: WarmupIters = None, lr_steps: LrSteps = None,
+    max_iters: MaxIters = None, seed: Seed = None, device: Device = None, workers: Workers = None, amp: Amp = None,
+    log_every: LogEvery = None, checkpoint_every: CheckpointEvery = None, resume: Resume = False,
+    ld_weight: Annotated[Optional[float], typer.Option(help="Main LD weight [default: 0.25]")] = None,
+    ld_temperature: Annotated[Optional[float], typer.Option(help="LD temperature [default: 10]")] = None,
+    vlr_weight: Annotated[Optional[float], typer.Option(help="VLR LD weight [default: 0.25]")] = None,
+    vlr_gamma: Annotated[Optional[float], typer.Option(help="VLR band: gamma x thr <= DIoU < thr [default: 0.25]")] = None,
+    vlr_iou: Annotated[Optional[str], typer.Option(help="official (the authors' DIoU variant) or diou [default: official]")] = None,
+    kd_weight: Annotated[Optional[float], typer.Option(help="Main KD weight [default: 10]")] = None,
+    kd_temperature: Annotated[Optional[float], typer.Option(help="KD temperature [default: 2]")] = None,
+    kd_mode: Annotated[Optional[str], typer.Option(help="softmax (paper) or sigmoid (per class; one-class data) [default: softmax]")] = None,
+    dfl_weight: Annotated[Optional[float], typer.Option(help="DFL weight [default: 0.25]")] = None,
+    ld_normalization: Annotated[Optional[str], typer.Option(help="official (paper; grows with images per process) or mean (batch-size invariant) [default: official]")] = None,
+    config: ConfigFile = None,
+):
+    """Train a GFL student with the full LD recipe from a teacher cache (or an online teacher)."""
+    from cache_teacher.reader import TeacherCache
+
+    if (cache is None) == (teacher is None):
+        raise UserError("give exactly one of --cache (a dump-teacher store) or --teacher (run the teacher online)")
+    toml = _load_toml(config)
+    data_toml = dict(toml.get("data", {}))
+    source = None
+    if cache is not None:
+        source = TeacherCache(cache, storage_options=None)
+        if views is None and img_scale is None and "views" not in data_toml and "img_scale" not in data_toml:
+            views_str, scale, extra = _views_of_cache(source)  # the student sees the cached views by default
+            data_toml.update(views=views_str, img_scale=scale, extra_scales=extra)
+        if images is None and ann is None and "images" not in data_toml:
+            hint = source.meta["source"]
+            if hint.get("ann") and Path(hint["ann"]).is_file() and Path(hint.get("images", "")).is_dir():
+                images, ann = Path(hint["images"]), Path(hint["ann"])
+                synthetic_train = _synthetic_split("train")[1] if "synthetic-v" in str(ann) else None
+                if synthetic_train is not None and Path(ann).resolve() == synthetic_train.resolve() and val_ann is None:
+                    val_images, val_ann = _synthetic_split("val")  # the synthetic default evaluates on its val split
+    data = _resolve_data(images, ann, val_images, val_ann, img_scale, views, data_toml)
+    train_fields = _train_fields(
+        toml, lr_steps, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+        warmup_iters=warmup_iters, max_iters=max_iters, seed=seed, device=device, workers=workers, amp=amp,
+        log_every=log_every, checkpoint_every=checkpoint_every)
+    model_fields = {**toml.get("model", {}), **_given(
+        depth=depth, base_width=base_width, fpn_channels=fpn_channels, head_channels=head_channels,
+        stacked_convs=stacked_convs, gn_groups=gn_groups, reg_max=reg_max, num_classes=num_classes,
+        frozen_stages=frozen_stages, norm_eval=norm_eval)}
+    loss_fields = {**toml.get("loss", {}), **_given(
+        ld_weight=ld_weight, ld_temperature=ld_temperature, vlr_weight=vlr_weight, vlr_gamma=vlr_gamma,
+        vlr_iou=vlr_iou, kd_weight=kd_weight, kd_temperature=kd_temperature, kd_mode=kd_mode, dfl_weight=dfl_weight,
+        ld_normalization=ld_normalization)}
+    if cache is not None:
+        from distill.config import LossConfig
+        from distill.teachers import CacheTeacher
+
+        need_cls = LossConfig(**loss_fields).kd_weight > 0
+        source = CacheTeacher(source, need_cls=need_cls)
+    else:
+        from cache_teacher.dump import load_teacher
+        from detector.checkpoint import file_sha256
+        from distill.engine import resolve_device
+        from distill.teachers import OnlineTeacher
+
+        dev = resolve_device(train_fields.get("device", "auto"))
+        model, teacher_cfg = load_teacher(str(teacher), _given(gn_groups=teacher_gn_groups), dev)
+        source = OnlineTeacher(model, teacher_cfg, file_sha256(teacher), amp=train_fields.get("amp", "auto"))
+    _run_training(data, model_fields, train_fields, loss_fields, out, resume, teacher=source, what="LD student")
 
 
 @app.command("evaluate")

@@ -40,15 +40,16 @@ def all_finite(encoded: dict[str, np.ndarray]) -> np.ndarray:
     return np.logical_and.reduce(checks) if checks else np.ones(len(next(iter(encoded.values()))), dtype=bool)
 
 
-def decode_rows(data: np.ndarray, lo: np.ndarray | None = None, scale: np.ndarray | None = None) -> torch.Tensor:
-    """Stored rows -> float32 logits [n, K]."""
-    if data.dtype != np.uint8:
-        return torch.from_numpy(np.asarray(data, dtype=np.float32))
+def decode_rows(data, lo=None, scale=None, device=None) -> torch.Tensor:
+    """Stored rows (numpy or torch) -> float32 logits [n, K], on `device` if given. Only the stored
+    bytes are moved; the decode runs where the logits are needed."""
+    data = torch.as_tensor(data).to(device, non_blocking=True)
+    if data.dtype != torch.uint8:
+        return data.float()
     n, k = data.shape
-    q = torch.from_numpy(data.astype(np.float32)).reshape(n, 4, k // 4)
-    lo_t = torch.from_numpy(lo.astype(np.float32))[..., None]
-    scale_t = torch.from_numpy(scale.astype(np.float32))[..., None]
-    return (lo_t + q * scale_t).reshape(n, k)
+    lo = torch.as_tensor(lo).to(device, non_blocking=True).float()[..., None]  # [n, 4, 1]
+    scale = torch.as_tensor(scale).to(device, non_blocking=True).float()[..., None]
+    return (lo + data.float().reshape(n, 4, k // 4) * scale).reshape(n, k)
 
 
 def _fp16_down(x: torch.Tensor) -> torch.Tensor:

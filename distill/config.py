@@ -23,9 +23,11 @@ class DataConfig:
     val_ann: str | None = None
     img_scale: tuple[int, int] = DEFAULT_IMG_SCALE  # (long, short) keep-ratio fit
     views: str = "orig,hflip"  # views an image may be shown as; one is drawn per image per epoch
+    extra_scales: tuple[tuple[int, int], ...] = ()  # more (long, short) scales, each with the views above
 
     def __post_init__(self):
         object.__setattr__(self, "img_scale", tuple(int(v) for v in self.img_scale))
+        object.__setattr__(self, "extra_scales", tuple(tuple(int(v) for v in s) for s in self.extra_scales))
         problems = []
         if len(self.img_scale) != 2 or not self.img_scale[0] >= self.img_scale[1] > 0:
             problems.append(f"img_scale must be LONG,SHORT with LONG >= SHORT > 0, got {self.img_scale}")
@@ -91,19 +93,48 @@ class TrainConfig:
         return tuple(sorted({max(1, round(self.epochs * 8 / 12)), max(1, round(self.epochs * 11 / 12))}))
 
 
+LD_NORMALIZATIONS = ("official", "mean")
+
+
 @dataclass(frozen=True)
 class LossConfig:
-    """One weight per loss key, applied in one place (distill.criterion)."""
+    """One weight per loss key, applied in one place (distill.criterion). Distillation terms only
+    apply when a teacher (cache or online) is given; the defaults are the paper's full recipe."""
 
     qfl_weight: float = 1.0
     giou_weight: float = 2.0
-    dfl_weight: float = 0.25
+    dfl_weight: float = 0.25  # the paper notes DFL can be dropped when LD is on
+    ld_weight: float = 0.25  # Main LD: box distributions of the ATSS positives
+    ld_temperature: float = 10.0
+    vlr_weight: float = 0.25  # VLR LD: box distributions of the valuable localization region
+    vlr_gamma: float = 0.25  # band: gamma x thr_g <= DIoU < thr_g
+    vlr_iou: str = "official"  # official (the authors' DIoU variant) or diou
+    kd_weight: float = 10.0  # Main KD: class logits of the ATSS positives
+    kd_temperature: float = 2.0
+    kd_mode: str = "softmax"  # softmax over classes (paper) or sigmoid (per-class binary; one-class data)
+    # official: LD terms are sums, as the paper's code (grows with images per process; the authors
+    # advise <= 3 per GPU). mean: divided by the GIoU weight sum, independent of the batch size.
+    ld_normalization: str = "official"
 
     def __post_init__(self):
-        negative = [f.name for f in fields(self) if isinstance(getattr(self, f.name), float) and getattr(self, f.name) < 0]
-        _check([f"{n} must be >= 0" for n in negative], "loss configuration")
+        problems = [f"{f.name} must be >= 0" for f in fields(self)
+                    if isinstance(getattr(self, f.name), float) and getattr(self, f.name) < 0]
+        for name in ("ld_temperature", "kd_temperature"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0")
+        if not 0 <= self.vlr_gamma <= 1:
+            problems.append(f"vlr_gamma must be in [0, 1], got {self.vlr_gamma}")
+        if self.vlr_iou not in ("official", "diou"):
+            problems.append(f"vlr_iou must be official or diou, got {self.vlr_iou!r}")
+        if self.kd_mode not in ("softmax", "sigmoid"):
+            problems.append(f"kd_mode must be softmax or sigmoid, got {self.kd_mode!r}")
+        if self.ld_normalization not in LD_NORMALIZATIONS:
+            problems.append(f"ld_normalization must be one of {LD_NORMALIZATIONS}, got {self.ld_normalization!r}")
+        _check(problems, "loss configuration")
 
 
 def config_to_dict(config) -> dict:
-    d = asdict(config)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    def plain(v):
+        return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+    return {k: plain(v) for k, v in asdict(config).items()}

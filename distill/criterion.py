@@ -1,27 +1,85 @@
 """All training losses of a batch with one weight per key, applied here and nowhere else.
 
-The student's head outputs are flattened into rows (each image's own locations, the cache's row
-order), ATSS assigns them, and the GFL task losses follow. Every value returned is weighted and
-the total is their sum."""
+The student's head outputs are flattened into rows (each image's own locations: the cache's row
+order), ATSS assigns them, the GFL task losses follow, and, with teacher rows aligned to the
+student's, the full LD recipe: Main LD (box distributions of the ATSS positives, weighted by the
+student's score w_i), VLR LD (box distributions of the valuable localization region, weighted by
+IoU) and Main KD (class logits of the positives). Every value returned is weighted; "loss" is
+their sum."""
 
 from __future__ import annotations
 
 import torch
 
-from detector.gfl_loss import assign_batch, flatten_rows, gfl_losses
+from detector.errors import UserError
+from detector.gfl_loss import BatchAssignment, GFLLossOutput, assign_batch, flatten_rows, gfl_losses
 from distill.config import LossConfig
+from distill.losses import distill_kl, sigmoid_kl
+from distill.regions import vlr_region
+
+LOSS_KEYS = ("loss_qfl", "loss_giou", "loss_dfl", "loss_ld", "loss_ld_vlr", "loss_kd")
 
 
 def compute_losses(cls_logits_per_level: list[torch.Tensor], box_logits_per_level: list[torch.Tensor],
                    level_hw_per_image: list[tuple], gt_boxes_per_image: list[torch.Tensor],
                    gt_labels_per_image: list[torch.Tensor], cfg: LossConfig, num_classes: int,
-                   reg_max: int, strides: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """-> {"loss_qfl", "loss_giou", "loss_dfl", "loss"} (weighted; "loss" is the sum)."""
+                   reg_max: int, strides: tuple[int, ...],
+                   teacher_rows: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
+    """teacher_rows: (box [N, 4(n+1)], cls [N, C] or None), row-aligned with the student's rows.
+    -> {"loss_qfl", "loss_giou", "loss_dfl"(, "loss_ld", "loss_ld_vlr", "loss_kd"), "loss"}."""
     cls_rows = flatten_rows(cls_logits_per_level, level_hw_per_image)  # [N, C]
     box_rows = flatten_rows(box_logits_per_level, level_hw_per_image)  # [N, 4(n+1)]
     assign = assign_batch(level_hw_per_image, gt_boxes_per_image, gt_labels_per_image, strides, num_classes)
     gfl = gfl_losses(cls_rows, box_rows, assign, reg_max)
-    weights = {"loss_qfl": cfg.qfl_weight, "loss_giou": cfg.giou_weight, "loss_dfl": cfg.dfl_weight}
-    losses = {k: weights[k] * v for k, v in gfl.losses.items()}
-    losses["loss"] = sum(losses.values())
-    return losses
+    weighted = {
+        "loss_qfl": cfg.qfl_weight * gfl.losses["loss_qfl"],
+        "loss_giou": cfg.giou_weight * gfl.losses["loss_giou"],
+        "loss_dfl": cfg.dfl_weight * gfl.losses["loss_dfl"],
+    }
+    if teacher_rows is not None:
+        teacher_box, teacher_cls = teacher_rows
+        if teacher_box.shape[0] != box_rows.shape[0]:
+            raise UserError(f"teacher rows ({teacher_box.shape[0]}) do not line up with the student's "
+                            f"({box_rows.shape[0]}); the cache and the run lay out views differently")
+        terms = distillation_losses(cls_rows, box_rows, teacher_box, teacher_cls, assign, gfl, cfg, reg_max)
+        weighted["loss_ld"] = cfg.ld_weight * terms["loss_ld"]
+        weighted["loss_ld_vlr"] = cfg.vlr_weight * terms["loss_ld_vlr"]
+        weighted["loss_kd"] = cfg.kd_weight * terms["loss_kd"]
+    weighted["loss"] = sum(weighted.values())
+    return weighted
+
+
+def distillation_losses(cls_rows: torch.Tensor, box_rows: torch.Tensor, teacher_box: torch.Tensor,
+                        teacher_cls: torch.Tensor | None, assign: BatchAssignment, gfl: GFLLossOutput,
+                        cfg: LossConfig, reg_max: int) -> dict[str, torch.Tensor]:
+    """Unweighted Main LD, VLR LD and Main KD (a term whose weight is 0 is not computed)."""
+    bins = reg_max + 1
+    zero = box_rows.sum() * 0  # keeps every term a graph node, even when empty
+    pos = assign.pos
+    out = {"loss_ld": zero, "loss_ld_vlr": zero, "loss_kd": zero}
+    # The official code sums these (per edge, / 4 and / 16); "mean" divides by the GIoU weight sum.
+    norm = gfl.weight_sum if cfg.ld_normalization == "mean" else 1.0
+
+    if cfg.ld_weight > 0 and pos.numel():
+        kl = distill_kl(box_rows[pos].reshape(-1, bins), teacher_box[pos].reshape(-1, bins), cfg.ld_temperature)
+        out["loss_ld"] = (kl.reshape(-1, 4).sum(dim=1) * gfl.pos_weights).sum() / 4 / norm
+
+    if cfg.vlr_weight > 0:
+        region = vlr_region(assign, cfg.vlr_gamma, cfg.vlr_iou)
+        if region.rows.numel():
+            kl = distill_kl(box_rows[region.rows].reshape(-1, bins), teacher_box[region.rows].reshape(-1, bins),
+                            cfg.ld_temperature)
+            out["loss_ld_vlr"] = (kl.reshape(-1, 4).sum(dim=1) * region.weights).sum() / 16 / norm
+
+    if cfg.kd_weight > 0 and pos.numel():
+        if teacher_cls is None:
+            raise UserError("Main KD needs the teacher's class logits, which this cache does not hold (dumped "
+                            "with --no-cls); pass --kd-weight 0 or dump the teacher with class logits")
+        kd = sigmoid_kl if cfg.kd_mode == "sigmoid" else distill_kl
+        rows = kd(cls_rows[pos], teacher_cls[pos], cfg.kd_temperature)  # [P]
+        # Official normalisation: per FPN level, the mean over that level's positives, summed.
+        levels = assign.levels[pos]
+        sums = torch.zeros(int(assign.levels.max()) + 1, device=rows.device).index_add(0, levels, rows)
+        counts = torch.bincount(levels, minlength=sums.numel())
+        out["loss_kd"] = (sums[counts > 0] / counts[counts > 0]).sum()
+    return out

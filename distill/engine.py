@@ -84,7 +84,8 @@ def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 def build_train_dataset(data: DataConfig, strides) -> CocoDetection:
-    return CocoDetection(data.images, data.ann, views=parse_views(data.views, data.img_scale), strides=strides, train=True)
+    views = parse_views(data.views, data.img_scale, data.extra_scales)
+    return CocoDetection(data.images, data.ann, views=views, strides=strides, train=True)
 
 
 def build_val_dataset(data: DataConfig, strides) -> CocoDetection | None:
@@ -142,9 +143,11 @@ def _truncate_metrics(path: Path, last_iter: int) -> None:
 
 
 def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss: LossConfig, out, resume: bool = False,
-              progress: bool = True, extra_config: dict | None = None, dataset: CocoDetection | None = None) -> dict:
+              progress: bool = True, extra_config: dict | None = None, dataset: CocoDetection | None = None,
+              teacher=None) -> dict:
     """Train, checkpoint, evaluate. Returns {"metrics": COCO metrics or None, "iter", "train_seconds"}.
-    `dataset` may be passed when the caller already built the training set from `data`."""
+    `dataset` may be passed when the caller already built the training set from `data`. `teacher`
+    (distill.teachers.CacheTeacher or OnlineTeacher) adds the distillation losses."""
     paths = RunPaths(Path(out))
     device = resolve_device(train.device)
     dataset = dataset or build_train_dataset(data, model_cfg.strides)
@@ -155,6 +158,12 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
     for ds in (dataset, val_dataset):
         if ds is not None:
             ds.check_files()
+    extra_config = dict(extra_config or {})
+    collate_fn, train_dataset = collate, dataset
+    if teacher is not None:
+        teacher.validate(dataset, model_cfg, need_cls=loss.kd_weight > 0)  # before step 1, not at step 1000
+        collate_fn, train_dataset = teacher.collate, teacher.dataset(dataset)
+        extra_config["teacher"] = teacher.describe()
     config = _resolved_config(data, model_cfg, train, loss, dataset, extra_config)
     ckpt = _prepare_run_dir(paths, config, resume)
 
@@ -187,7 +196,7 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
         save_checkpoint(paths.last, model, model_cfg, optimizer=optimizer.state_dict(), epoch=ep, batch_in_epoch=b,
                         iter=iteration, train_seconds=train_seconds, run_config=config)
 
-    loader_kwargs = dict(num_workers=train.workers, collate_fn=collate, pin_memory=device.type == "cuda",
+    loader_kwargs = dict(num_workers=train.workers, collate_fn=collate_fn, pin_memory=device.type == "cuda",
                          persistent_workers=False)
     model.train()
     window: dict[str, float] = {}
@@ -198,18 +207,20 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
     try:
         while iteration < total_iters and epoch < train.epochs:
             sampler.set_epoch(epoch, batch_in_epoch)
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_kwargs)
-            for batch in loader:
+            loader = torch.utils.data.DataLoader(train_dataset, batch_sampler=sampler, **loader_kwargs)
+            for item in loader:
+                batch, stored = item if isinstance(item, tuple) else (item, None)
                 step_start = time.perf_counter()
                 lr = lr_at(train, train.base_lr(), iteration, epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                teacher_rows = teacher.rows(batch, stored, device) if teacher is not None else None
                 with autocast_for(device, train.amp):
                     cls_out, box_out = model(batch.images.to(device, non_blocking=True))
                 losses = compute_losses(
                     cls_out, box_out, [r.level_hw for r in batch.records],
                     [b.to(device) for b in batch.boxes], [lab.to(device) for lab in batch.labels],
-                    loss, model_cfg.num_classes, model_cfg.reg_max, model_cfg.strides,
+                    loss, model_cfg.num_classes, model_cfg.reg_max, model_cfg.strides, teacher_rows,
                 )
                 if not torch.isfinite(losses["loss"]):
                     raise UserError(f"the loss became {float(losses['loss'])} at step {iteration + 1} "

@@ -170,7 +170,7 @@ def kd_rows(gen):
     for T, K in ((10.0, 17), (2.0, 5), (1.0, 80)):
         student = 3 * torch.randn(64, K, generator=gen)
         teacher = 3 * torch.randn(64, K, generator=gen)
-        rows = knowledge_distillation_kl_div_loss(student, teacher, T=T, detach_target=True)
+        rows = knowledge_distillation_kl_div_loss(student, teacher, T=T, detach_target=True, reduction="none")
         out[f"T{T:g}_K{K}"] = dict(student=student, teacher=teacher, T=T, loss=rows.clone())
     return out
 

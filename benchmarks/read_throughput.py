@@ -1,0 +1,247 @@
+"""How fast can a student read cached views? TeacherCache.read_view in random order.
+
+    .venv/bin/python benchmarks/read_throughput.py                       # dumps a small cache, ~1 min
+    .venv/bin/python benchmarks/read_throughput.py --cache runs/teacher-cache.zarr --seconds 10 --repeats 3
+    .venv/bin/python benchmarks/read_throughput.py --box-dtype uint8 --img-scale 1333,800 --num-images 64
+
+Variants, alternated round by round for --repeats rounds (the table gives medians):
+- single process, box+cls decoded to float32 (no DataLoader);
+- single process, box only (kinds=("box",)): what a run without class KD reads;
+- DataLoader with 2 and 4 workers (--workers-list), box+cls; a Dataset whose __getitem__ reads one
+  view, batch_size=None, the same seeded random order. Worker start-up is timed apart (time to
+  the first view) and left out of views/s.
+MB/s counts the stored (encoded) bytes of the arrays read (before any compressor).
+
+Page cache: every view is read once before measuring (the warm-up pass, reported as its own row),
+so all measured reads are warm, served from memory; a freshly dumped cache is warm already. Cold
+reads from disk or object storage are slower and not measured here.
+
+Goal (cache spec): the reader must keep up with the student. An R-18 student on an H200 eats about
+163 views/s, i.e. about 1.1 GB/s of dense fp16 targets at 1344x800.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (puts the repository root on sys.path)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
+from cache_teacher.reader import TeacherCache  # noqa: E402
+
+SCRIPT = "read_throughput"
+# Measuring more workers than cores is the point of the 4-worker variant on a small machine.
+warnings.filterwarnings("ignore", message="This DataLoader will create")
+MB = 2**20
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", help="an existing cache to read; default: dump one into a temporary folder")
+    common.add_teacher_args(p)
+    common.add_data_args(p, num_images=64)
+    common.add_run_args(p, SCRIPT)
+    g = p.add_argument_group("the dump made when --cache is not given")
+    g.add_argument("--box-dtype", default="float16", help="float16 | uint8 | float32")
+    g.add_argument("--no-cls", action="store_true")
+    g.add_argument("--compressor", default="none", help="none | zstd | lz4")
+    g.add_argument("--shard-mb", type=float, default=64.0)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--dump-workers", type=int, default=2)
+    p.add_argument("--workers-list", default="2,4", help="DataLoader worker counts to measure")
+    p.add_argument("--seconds", type=float, default=2.0, help="per variant and round")
+    p.add_argument("--num-reads", type=int, default=0, help="per variant and round; overrides --seconds")
+    p.add_argument("--repeats", type=int, default=3)
+    return p.parse_args(argv)
+
+
+class ViewReads(torch.utils.data.Dataset):
+    """Index v -> the decoded float32 logits of view v (the reader opens its arrays per process)."""
+
+    def __init__(self, cache: TeacherCache, kinds: tuple[str, ...]):
+        self.cache, self.kinds = cache, kinds
+
+    def __len__(self) -> int:
+        return len(self.cache.records)
+
+    def __getitem__(self, v: int) -> dict[str, torch.Tensor]:
+        view = self.cache.read_view(int(v), self.kinds)
+        out = {"box": view.box}
+        if view.cls is not None:
+            out["cls"] = view.cls
+        return out
+
+
+class RandomViews(torch.utils.data.Sampler):
+    """Seeded random permutations of all views, one after another, forever (or num_reads)."""
+
+    def __init__(self, num_views: int, seed: int, num_reads: int = 0):
+        self.num_views, self.seed, self.num_reads = num_views, seed, num_reads
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        stream = itertools.chain.from_iterable(rng.permutation(self.num_views).tolist() for _ in itertools.count())
+        return itertools.islice(stream, self.num_reads) if self.num_reads else stream
+
+
+def stored_bytes_per_view(cache: TeacherCache, kinds) -> np.ndarray:
+    """[V] encoded bytes of the arrays a read of these kinds touches."""
+    meta = cache.meta
+    per_row = 0
+    if "box" in kinds:
+        per_row += meta["box"]["row_width"] * np.dtype(meta["box"]["dtype"]).itemsize
+        if meta["box"]["dtype"] == "uint8":
+            per_row += 2 * 4 * 2  # box_lo and box_scale: [4] fp16 each
+    if "cls" in kinds and meta["cls"] is not None:
+        per_row += meta["cls"]["row_width"] * np.dtype(meta["cls"]["dtype"]).itemsize
+    return cache.num_rows * per_row
+
+
+def measure(dataset: ViewReads, workers: int, sampler: RandomViews, seconds: float, nbytes: np.ndarray) -> dict:
+    """Read views in the sampler's order until the time or the reads run out."""
+    if workers == 0:
+        order, startup = iter(sampler), 0.0
+        start, count, read = time.perf_counter(), 0, 0
+        for v in order:
+            dataset[v]
+            count += 1
+            read += int(nbytes[v])
+            if not sampler.num_reads and time.perf_counter() - start >= seconds:
+                break
+        elapsed = time.perf_counter() - start
+    else:
+        # The sampler runs in the main process; keep the index beside each item to count its bytes.
+        indices = []
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=_Recorded(sampler, indices),
+                                             num_workers=workers)
+        launch = time.perf_counter()
+        it = iter(loader)
+        next(it)  # worker start-up and the first view: not part of the steady rate
+        start = time.perf_counter()
+        startup = start - launch
+        count, read = 0, 0
+        for _ in it:
+            read += int(nbytes[indices[count + 1]])
+            count += 1
+            if not sampler.num_reads and time.perf_counter() - start >= seconds:
+                break
+        elapsed = time.perf_counter() - start
+        del it  # shuts the workers down
+    return {"reads": count, "seconds": elapsed, "views_per_s": count / elapsed, "mb_per_s": read / elapsed / MB,
+            "startup_seconds": startup}
+
+
+class _Recorded(torch.utils.data.Sampler):
+    """Passes a sampler's indices through, appending each to a list (in the order they are handed
+    to workers, which is the order the in-order DataLoader returns them)."""
+
+    def __init__(self, sampler, out: list):
+        self.sampler, self.out = sampler, out
+
+    def __iter__(self):
+        for v in self.sampler:
+            self.out.append(v)
+            yield v
+
+
+def make_cache(args, workdir: Path) -> tuple[str, dict]:
+    images, ann = common.prepare_data(args, workdir)
+    teacher_path, teacher_cfg, random_weights = common.prepare_teacher(args, common.num_classes_of(ann), workdir)
+    store = workdir / "read-bench.zarr"
+    cfg = DumpConfig(teacher=teacher_path, images=images, ann=ann, out=str(store), views=args.views,
+                     img_scale=args.img_scale, batch_size=args.batch_size, device=args.device, workers=args.dump_workers,
+                     box_dtype=args.box_dtype, cls_dtype=None if args.no_cls else "float16",
+                     compressor=args.compressor, shard_mb=args.shard_mb)
+    start = time.perf_counter()
+    run_dump(cfg, progress=False)
+    print(f"dumped {store} in {time.perf_counter() - start:.1f} s "
+          f"({'random' if random_weights else 'trained'} teacher; read speed does not depend on the weights)",
+          file=sys.stderr)
+    return str(store), common.teacher_summary(teacher_path, teacher_cfg, random_weights)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = common.resolve_device(args.device)
+    common.apply_threads(args)
+    owned = args.workdir is None and args.cache is None
+    workdir = Path(tempfile.mkdtemp(prefix="ldcache-bench-")) if owned else Path(args.workdir or ".")
+    try:
+        teacher_info = None
+        if args.cache:
+            location = args.cache
+        else:
+            workdir.mkdir(parents=True, exist_ok=True)
+            location, teacher_info = make_cache(args, workdir)
+        cache = TeacherCache(location)
+        cache.require_complete()
+        num_views = len(cache.records)
+        both = ("box", "cls") if cache.has_cls else ("box",)
+        variants = [("single process, box+cls" if cache.has_cls else "single process, box", 0, both)]
+        if cache.has_cls:
+            variants.append(("single process, box only", 0, ("box",)))
+        for w in [int(x) for x in args.workers_list.split(",") if x.strip()]:
+            variants.append((f"DataLoader {w} workers, {'+'.join(both)}", w, both))
+
+        # Warm-up: every view once, so that all measured reads come from the page cache.
+        warm_ds = ViewReads(cache, both)
+        warm_bytes = stored_bytes_per_view(cache, both)
+        start = time.perf_counter()
+        for v in range(num_views):
+            warm_ds[v]
+        warm_s = time.perf_counter() - start
+        rows = [{"variant": "warm-up pass (each view once, in order)", "workers": 0, "kinds": list(both),
+                 "views_per_s": num_views / warm_s, "mb_per_s": warm_bytes.sum() / warm_s / MB,
+                 "kb_per_view": warm_bytes.mean() / 1024, "repeats": [{"reads": num_views, "seconds": warm_s}]}]
+
+        runs = {name: [] for name, _, _ in variants}
+        for rep in range(args.repeats):
+            for name, workers, kinds in variants:
+                sampler = RandomViews(num_views, args.seed, args.num_reads)
+                result = measure(ViewReads(cache, kinds), workers, sampler, args.seconds,
+                                 stored_bytes_per_view(cache, kinds))
+                runs[name].append(result)
+                print(f"[{rep}] {name:40s} {result['views_per_s']:8.1f} views/s {result['mb_per_s']:8.1f} MB/s",
+                      file=sys.stderr)
+        for name, workers, kinds in variants:
+            reps = runs[name]
+            rows.append({"variant": name, "workers": workers, "kinds": list(kinds),
+                         "views_per_s": common.median([r["views_per_s"] for r in reps]),
+                         "mb_per_s": common.median([r["mb_per_s"] for r in reps]),
+                         "kb_per_view": stored_bytes_per_view(cache, kinds).mean() / 1024,
+                         "startup_seconds": common.median([r["startup_seconds"] for r in reps]) if workers else None,
+                         "repeats": reps})
+        columns = [("variant", "variant", ""), ("views_per_s", "views/s", ".1f"), ("mb_per_s", "stored MB/s", ".1f"),
+                   ("kb_per_view", "KB/view", ".1f"), ("startup_seconds", "worker start-up s", ".2f")]
+        meta = cache.meta
+        print(f"\ncache {location}: {num_views} views, box {meta['box']['dtype']}, cls "
+              f"{(meta['cls'] or {}).get('dtype', 'not stored')}, compressor {meta['layout']['compressor']}; "
+              f"medians of {args.repeats} alternating rounds of "
+              f"{f'{args.num_reads} reads' if args.num_reads else f'{args.seconds:g} s'}; random order (seed "
+              f"{args.seed}); warm page cache (one warm-up pass first)\n")
+        print(common.markdown_table(rows, columns))
+        out = common.write_results(args.out, args, rows, device, teacher=teacher_info,
+                                   cache={"location": location, "views": num_views, "box_dtype": meta["box"]["dtype"],
+                                          "cls_dtype": (meta["cls"] or {}).get("dtype"),
+                                          "compressor": meta["layout"]["compressor"]},
+                                   notes="warm page cache: every view was read once before measuring; MB/s = encoded "
+                                         "bytes of the arrays read; DataLoader start-up excluded from views/s")
+        print(f"\nwrote {out}", file=sys.stderr)
+    finally:
+        if owned:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Distillation losses on rows of logits. Pure functions; reductions are the caller's."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) per row at temperature T: [N, K] x [N, K] -> [N].
+
+    T^2 x MEAN over the K bins (not the sum) of p_T (log p_T - log softmax(s / T)), p_T =
+    softmax(t / T) without gradient: the LD paper's loss, and mmdetection's
+    KnowledgeDistillationKLDivLoss. Teacher input is logits, never probabilities."""
+    t = teacher_logits.detach().float() / temperature
+    log_p = F.log_softmax(t, dim=-1)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return temperature**2 * (log_p.exp() * (log_p - log_q)).mean(dim=-1)
+
+
+def sigmoid_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-class binary KL per row, T^2 x mean over classes: [N, C] x [N, C] -> [N]. The class KD
+    for sigmoid detectors that also works with one class (where a softmax over classes is constant)."""
+    t = teacher_logits.detach().float() / temperature
+    s = student_logits.float() / temperature
+    p = torch.sigmoid(t)
+    # p log p/q + (1-p) log (1-p)/(1-q), with log sigmoid for stability
+    kl = p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+    return temperature**2 * kl.mean(dim=-1)

@@ -1,0 +1,45 @@
+"""Where distillation applies: the Main region (ATSS positives) and the Valuable Localization
+Region (VLR), as the LD paper's official code selects it.
+
+VLR, per image over all anchors of all levels: anchor a is in GT g's band when
+gamma x thr_g <= DIoU(a, g) < thr_g, thr_g being the ATSS threshold of g. In several bands, the
+GT with the highest IoU wins and the anchor's weight is that IoU. There is no centre-inside test and
+positives are not excluded. With iou="official" the DIoU's overlap term is intersection /
+area(anchor), the official code's quirk that produced the published numbers; "diou" is true DIoU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from detector.box_ops import pairwise_diou
+from detector.gfl_loss import BatchAssignment
+
+
+@dataclass
+class Region:
+    rows: torch.Tensor  # [M] row indices into the batch rows
+    weights: torch.Tensor  # [M] per-row weight
+
+
+def vlr_region(assign: BatchAssignment, gamma: float, iou: str = "official") -> Region:
+    if iou not in ("official", "diou"):
+        raise ValueError(f"vlr iou must be official or diou, got {iou!r}")
+    rows, weights = [], []
+    start = 0
+    for n, gt_boxes, thresholds, ious in zip(assign.rows_per_image, assign.gt_boxes_per_image,
+                                             assign.thresholds_per_image, assign.ious_per_image):
+        if len(gt_boxes):
+            anchors = assign.anchors[start:start + n]
+            diou = pairwise_diou(anchors, gt_boxes, official=iou == "official")  # [n, G]
+            in_band = (diou >= gamma * thresholds[None, :]) & (diou < thresholds[None, :])
+            best_iou, _ = torch.where(in_band, ious, torch.full_like(ious, -1.0)).max(dim=1)
+            selected = (best_iou >= 0).nonzero().squeeze(1)
+            rows.append(selected + start)
+            weights.append(best_iou[selected])
+        start += n
+    device = assign.anchors.device
+    if not rows:
+        return Region(torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, device=device))
+    return Region(torch.cat(rows), torch.cat(weights))

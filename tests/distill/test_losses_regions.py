@@ -1,0 +1,82 @@
+import math
+
+import pytest
+import torch
+
+from detector.box_ops import pairwise_iou
+from detector.gfl_loss import BatchAssignment, assign_batch, flatten_rows, gfl_losses
+from distill.config import LossConfig
+from distill.criterion import distillation_losses
+from distill.losses import distill_kl, sigmoid_kl
+from distill.regions import vlr_region
+from detector.views import level_sizes
+
+
+@pytest.mark.parametrize("key", ["T10_K17", "T2_K5", "T1_K80"])
+def test_distill_kl_matches_mmdet_kd_loss(mmdet_fixture, key):
+    case = mmdet_fixture["kd"][key]
+    ours = distill_kl(case["student"], case["teacher"], case["T"])
+    torch.testing.assert_close(ours, case["loss"], rtol=1e-5, atol=1e-7)
+
+
+def test_distill_kl_properties():
+    s = torch.randn(10, 17, requires_grad=True)
+    assert float(distill_kl(s, s.detach(), 10.0).detach().abs().max()) < 1e-6  # KL(p || p) = 0
+    t = torch.randn(10, 17)
+    distill_kl(s, t, 10.0).sum().backward()
+    assert s.grad is not None and float(s.grad.abs().sum()) > 0  # the student learns
+    # One class: a softmax over one logit is always 1, so the softmax KD says nothing there...
+    one_s, one_t = torch.randn(8, 1), torch.randn(8, 1) + 3
+    assert float(distill_kl(one_s, one_t, 2.0).abs().max()) == 0.0
+    # ...while the per-class sigmoid KL still compares the two probabilities.
+    assert float(sigmoid_kl(one_s, one_t, 2.0).min()) > 0
+    assert float(sigmoid_kl(one_t, one_t, 2.0).abs().max()) < 1e-6
+
+
+def test_main_ld_matches_mmdet_ld_head(mmdet_fixture):
+    """mmdet's LDHead (Main LD only, official normalisation) on the same student and teacher maps."""
+    case = mmdet_fixture["cases"]["r18_small"]
+    pads = [(math.ceil(h / 32) * 32, math.ceil(w / 32) * 32) for h, w in case["image_shapes"]]
+    level_hw = [level_sizes(p, (8, 16, 32, 64, 128)) for p in pads]
+    assign = assign_batch(level_hw, case["gt_boxes"], case["gt_labels"], (8, 16, 32, 64, 128), 5)
+    cls_rows, box_rows = flatten_rows(case["cls_scores"], level_hw), flatten_rows(case["bbox_preds"], level_hw)
+    teacher_box = flatten_rows(case["teacher_box"], level_hw)
+    gfl = gfl_losses(cls_rows, box_rows, assign, 16)
+    cfg = LossConfig(vlr_weight=0, kd_weight=0, ld_normalization="official")
+    terms = distillation_losses(cls_rows, box_rows, teacher_box, None, assign, gfl, cfg, 16)
+    # mmdet's value carries its loss weight 0.25.
+    assert float(cfg.ld_weight * terms["loss_ld"]) == pytest.approx(case["ld_losses"]["loss_ld"], rel=1e-5)
+    mean = distillation_losses(cls_rows, box_rows, teacher_box, None, assign, gfl,
+                               LossConfig(vlr_weight=0, kd_weight=0, ld_normalization="mean"), 16)
+    # "mean" = official / the GIoU weight sum.
+    assert float(mean["loss_ld"]) == pytest.approx(float(terms["loss_ld"] / gfl.weight_sum), rel=1e-6)
+
+
+def _assignment(anchors, gt_boxes, thresholds):
+    n = anchors.shape[0]
+    return BatchAssignment(
+        anchors=anchors, strides=torch.full((n,), 8.0), levels=torch.zeros(n, dtype=torch.long),
+        images=torch.zeros(n, dtype=torch.long), labels=torch.zeros(n, dtype=torch.long),
+        pos=torch.zeros(0, dtype=torch.long), pos_gt_boxes=torch.zeros(0, 4), rows_per_image=[n],
+        gt_boxes_per_image=[gt_boxes], thresholds_per_image=[thresholds],
+        ious_per_image=[pairwise_iou(anchors, gt_boxes)],
+    )
+
+
+def test_vlr_band_on_hand_built_anchors():
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    anchors = torch.tensor([
+        [0.0, 0.0, 10.0, 10.0],  # the GT itself: DIoU 1 >= thr, too good for the band
+        [0.0, 0.0, 10.0, 5.0],  # inside the GT: official overlap = 50/50 = 1 -> 0.97; true DIoU 0.5 - 6.25/200 = 0.47
+        [5.0, 0.0, 15.0, 10.0],  # half over: official 0.5 - 25/325 = 0.42; true 1/3 - 25/325 = 0.26
+        [20.0, 20.0, 30.0, 30.0],  # no overlap: DIoU < 0
+        [8.0, 8.0, 18.0, 18.0],  # corner overlap 4: official 0.04 - 169/324 < 0.125
+    ])
+    assign = _assignment(anchors, gt, torch.tensor([0.5]))
+    official = vlr_region(assign, gamma=0.25, iou="official")  # band [0.125, 0.5)
+    assert official.rows.tolist() == [2]
+    assert official.weights.tolist() == pytest.approx([1 / 3])  # the weight is the IoU, not the DIoU
+    true = vlr_region(assign, gamma=0.25, iou="diou")
+    assert true.rows.tolist() == [1, 2]
+    assert true.weights.tolist() == pytest.approx([0.5, 1 / 3])
+    assert vlr_region(assign, gamma=0.9, iou="diou").rows.tolist() == [1]  # band [0.45, 0.5): only 0.47
