@@ -133,11 +133,12 @@ CheckpointEvery = Annotated[Optional[int], typer.Option(help="also checkpoint ev
 Resume = Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")]
 
 
-def _train_fields(toml: dict, lr_steps: str | None, **flags) -> dict:
-    fields = {**toml.get("train", {}), **_given(**flags)}
+def _train_and_model_fields(toml: dict, lr_steps: str | None, train_flags: dict, model_flags: dict):
+    """TrainConfig and ModelConfig fields: the TOML tables overridden by the flags typed."""
+    train = {**toml.get("train", {}), **_given(**train_flags)}
     if lr_steps is not None:
-        fields["lr_steps"] = tuple(int(s) for s in lr_steps.split(",") if s.strip())
-    return fields
+        train["lr_steps"] = tuple(int(s) for s in lr_steps.split(",") if s.strip())
+    return train, {**toml.get("model", {}), **_given(**model_flags)}
 
 
 def _run_training(data, model_fields: dict, train_fields: dict, loss_fields: dict, out: Path, resume: bool,
@@ -181,14 +182,13 @@ def train_detector_cmd(
     """Train a GFL detector without distillation (teachers and baselines)."""
     toml = _load_toml(config)
     data = _resolve_data(images, ann, val_images, val_ann, img_scale, views, toml.get("data", {}))
-    train_fields = _train_fields(
-        toml, lr_steps, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-        warmup_iters=warmup_iters, max_iters=max_iters, seed=seed, device=device, workers=workers, amp=amp,
-        log_every=log_every, checkpoint_every=checkpoint_every)
-    model_fields = {**toml.get("model", {}), **_given(
-        depth=depth, base_width=base_width, fpn_channels=fpn_channels, head_channels=head_channels,
-        stacked_convs=stacked_convs, gn_groups=gn_groups, reg_max=reg_max, num_classes=num_classes,
-        frozen_stages=frozen_stages, norm_eval=norm_eval)}
+    train_fields, model_fields = _train_and_model_fields(
+        toml, lr_steps, dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                             warmup_iters=warmup_iters, max_iters=max_iters, seed=seed, device=device, workers=workers,
+                             amp=amp, log_every=log_every, checkpoint_every=checkpoint_every),
+        dict(depth=depth, base_width=base_width, fpn_channels=fpn_channels, head_channels=head_channels,
+             stacked_convs=stacked_convs, gn_groups=gn_groups, reg_max=reg_max, num_classes=num_classes,
+             frozen_stages=frozen_stages, norm_eval=norm_eval))
     _run_training(data, model_fields, train_fields, toml.get("loss", {}), out, resume)
 
 
@@ -248,14 +248,13 @@ def train_student_cmd(
                 if synthetic_train is not None and Path(ann).resolve() == synthetic_train.resolve() and val_ann is None:
                     val_images, val_ann = _synthetic_split("val")  # the synthetic default evaluates on its val split
     data = _resolve_data(images, ann, val_images, val_ann, img_scale, views, data_toml)
-    train_fields = _train_fields(
-        toml, lr_steps, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-        warmup_iters=warmup_iters, max_iters=max_iters, seed=seed, device=device, workers=workers, amp=amp,
-        log_every=log_every, checkpoint_every=checkpoint_every)
-    model_fields = {**toml.get("model", {}), **_given(
-        depth=depth, base_width=base_width, fpn_channels=fpn_channels, head_channels=head_channels,
-        stacked_convs=stacked_convs, gn_groups=gn_groups, reg_max=reg_max, num_classes=num_classes,
-        frozen_stages=frozen_stages, norm_eval=norm_eval)}
+    train_fields, model_fields = _train_and_model_fields(
+        toml, lr_steps, dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                             warmup_iters=warmup_iters, max_iters=max_iters, seed=seed, device=device, workers=workers,
+                             amp=amp, log_every=log_every, checkpoint_every=checkpoint_every),
+        dict(depth=depth, base_width=base_width, fpn_channels=fpn_channels, head_channels=head_channels,
+             stacked_convs=stacked_convs, gn_groups=gn_groups, reg_max=reg_max, num_classes=num_classes,
+             frozen_stages=frozen_stages, norm_eval=norm_eval))
     loss_fields = {**toml.get("loss", {}), **_given(
         ld_weight=ld_weight, ld_temperature=ld_temperature, vlr_weight=vlr_weight, vlr_gamma=vlr_gamma,
         vlr_iou=vlr_iou, kd_weight=kd_weight, kd_temperature=kd_temperature, kd_mode=kd_mode, dfl_weight=dfl_weight,

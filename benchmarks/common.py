@@ -55,6 +55,14 @@ def _recipe_arch() -> dict:
         return dict(FALLBACK_ARCH)
 
 
+def read_recipe_model(path: Path) -> dict:
+    """The [model] table of a TOML recipe (configs/*.toml), or {} when it cannot be read."""
+    try:
+        return dict(tomllib.loads(Path(path).read_text()).get("model", {}))
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+
+
 def add_teacher_args(parser: argparse.ArgumentParser) -> None:
     arch = _recipe_arch()
     g = parser.add_argument_group("teacher (random weights of this architecture unless --teacher is given)")

@@ -68,3 +68,22 @@ def test_cli_errors(cache_dir, tiny_coco, tiny_teacher, tmp_path):
     assert_user_error(run_cli(*base, "--out", cache_dir, "--box-dtype", "int4"), "--box-dtype")
     (tmp_path / "file").write_text("x")
     assert_user_error(run_cli(*base, "--out", tmp_path / "file" / "c"), "not a writable folder")
+
+
+def test_dump_with_a_corrupt_image_keeps_what_was_written(tiny_coco, tiny_teacher, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_coco["root"], data)
+    images = sorted((data / "train").glob("*.png"))
+    images[-1].write_bytes(b"garbage")  # read late in the dump
+    args = ["dump-teacher", "--teacher", tiny_teacher["path"], "--images", data / "train", "--ann",
+            data / "annotations" / "instances_train.json", "--img-scale", "96,96", "--workers", "1",
+            "--out", tmp_path / "c", "--shard-mb", "0.05", "--batch-size", "1"]
+    assert_user_error(run_cli(*args), "cannot be read")
+    done = zarr.open_group(str(tmp_path / "c"), mode="r")["progress"][:]
+    assert 0 < done.sum() < len(done)  # the shards before the bad image were kept
+    shutil.copy(tiny_coco["images"] / images[-1].name, images[-1])  # fix the file, run again: it resumes
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert TeacherCache(tmp_path / "c").complete
