@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-all lint fixtures clean
+.PHONY: setup demo test test-all bench fixtures clean
 
 setup: $(VENV)/.installed
 
@@ -34,3 +34,7 @@ fixtures:
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# Every benchmark at CPU size (on an idle machine): benchmarks/results/*.json and SUMMARY.md.
+bench: setup
+	$(BIN)/python benchmarks/run_all.py $(if $(TEACHER),--teacher $(TEACHER),)

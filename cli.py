@@ -8,6 +8,7 @@ configuration is saved beside every output. Bad input ends with one line on stde
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -38,7 +39,20 @@ Ann = Annotated[Optional[Path], typer.Option(help="COCO annotation json [default
 ImgScale = Annotated[Optional[str], typer.Option(help="keep-ratio resize target LONG,SHORT [default: 1333,800; 256,256 on the synthetic data]")]
 Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N [default: auto]")]
 Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes [default: 2]")]
+StorageOptions = Annotated[Optional[str], typer.Option(help="JSON of fsspec storage options for a cache URL, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (credentials also come from the usual environment variables)")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML file with [model], [data], [train] and [loss] tables; typed flags win")]
+
+
+def _storage_options(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"--storage-options must be a JSON object ({err}); e.g. '{{\"anon\": false}}'") from None
+    if not isinstance(options, dict):
+        raise UserError("--storage-options must be a JSON object such as '{\"endpoint_url\": \"http://host:9000\"}'")
+    return options
 
 
 def _given(**kwargs) -> dict:
@@ -130,7 +144,10 @@ Seed = Annotated[Optional[int], typer.Option(help="seed of the model init and th
 Amp = Annotated[Optional[str], typer.Option(help="auto (bf16 on CUDA), off, bf16, fp16 [default: auto]")]
 LogEvery = Annotated[Optional[int], typer.Option(help="steps per metrics.jsonl record [default: 10]")]
 CheckpointEvery = Annotated[Optional[int], typer.Option(help="also checkpoint every N steps [default: each epoch only]")]
+BackboneWeights = Annotated[Optional[Path], typer.Option(help="torchvision ResNet ImageNet weights (.pth) to start the backbone from (COCO recipes)")]
+EvalEvery = Annotated[Optional[int], typer.Option(help="also evaluate every N epochs: AP curves in metrics.jsonl [default: at the end only]")]
 Resume = Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")]
+GroupBy = Annotated[Optional[str], typer.Option(help="batch images of one orientation (mmdet) or of one padded canvas (no padding: students see views exactly as the cached teacher did) [default: orientation]")]
 
 
 def _train_and_model_fields(toml: dict, lr_steps: str | None, train_flags: dict, model_flags: dict):
@@ -155,13 +172,13 @@ def _run_training(data, model_fields: dict, train_fields: dict, loss_fields: dic
         loss_cfg = LossConfig(**loss_fields)
     except TypeError as err:
         raise UserError(f"unknown option in the configuration ({err}); check the --config file") from None
-    typer.echo(f"training {what} R-{model_cfg.depth} ({model_cfg.num_classes} classes) on {data.ann} -> {out}")
+    say(f"training {what} R-{model_cfg.depth} ({model_cfg.num_classes} classes) on {data.ann} -> {out}")
     try:
         result = run_train(data, model_cfg, train_cfg, loss_cfg, out, resume=resume, dataset=dataset, teacher=teacher)
     except KeyboardInterrupt:
-        typer.echo(f"interrupted: progress saved in {out}/checkpoints/last.pt; continue with --resume", err=True)
+        say(f"interrupted: progress saved in {out}/checkpoints/last.pt; continue with --resume", err=True)
         raise typer.Exit(130)
-    typer.echo(f"done: {result['iter']} steps in {result['train_seconds']:.0f} s; checkpoint {out}/checkpoints/last.pt")
+    say(f"done: {result['iter']} steps in {result['train_seconds']:.0f} s; checkpoint {out}/checkpoints/last.pt")
 
 
 @app.command("train-detector")
@@ -176,7 +193,8 @@ def train_detector_cmd(
     epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None, optimizer: Optimizer = None,
     weight_decay: WeightDecay = None, warmup_iters: WarmupIters = None, lr_steps: LrSteps = None,
     max_iters: MaxIters = None, seed: Seed = None, device: Device = None, workers: Workers = None, amp: Amp = None,
-    log_every: LogEvery = None, checkpoint_every: CheckpointEvery = None, resume: Resume = False,
+    log_every: LogEvery = None, checkpoint_every: CheckpointEvery = None, eval_every: EvalEvery = None,
+    backbone_weights: BackboneWeights = None, group_by: GroupBy = None, resume: Resume = False,
     config: ConfigFile = None,
 ):
     """Train a GFL detector without distillation (teachers and baselines)."""
@@ -185,7 +203,9 @@ def train_detector_cmd(
     train_fields, model_fields = _train_and_model_fields(
         toml, lr_steps, dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                              warmup_iters=warmup_iters, max_iters=max_iters, seed=seed, device=device, workers=workers,
-                             amp=amp, log_every=log_every, checkpoint_every=checkpoint_every),
+                             amp=amp, log_every=log_every, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                             backbone_weights=str(backbone_weights) if backbone_weights else None,
+                             group_by=group_by),
         dict(depth=depth, base_width=base_width, fpn_channels=fpn_channels, head_channels=head_channels,
              stacked_convs=stacked_convs, gn_groups=gn_groups, reg_max=reg_max, num_classes=num_classes,
              frozen_stages=frozen_stages, norm_eval=norm_eval))
@@ -204,6 +224,7 @@ def train_student_cmd(
     cache: Annotated[Optional[str], typer.Option(help="teacher cache from dump-teacher (folder or fsspec URL)")] = None,
     teacher: Annotated[Optional[Path], typer.Option(help="instead of --cache: run this teacher online on every batch")] = None,
     teacher_gn_groups: Annotated[Optional[int], typer.Option(help="GroupNorm groups of an mmdet --teacher [default: 32]")] = None,
+    storage_options: StorageOptions = None,
     out: Out = Path("runs/student"),
     images: Images = None, ann: Ann = None, val_images: ValImages = None, val_ann: ValAnn = None,
     img_scale: ImgScale = None, views: Views = None,
@@ -214,7 +235,8 @@ def train_student_cmd(
     epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None, optimizer: Optimizer = None,
     weight_decay: WeightDecay = None, warmup_iters: WarmupIters = None, lr_steps: LrSteps = None,
     max_iters: MaxIters = None, seed: Seed = None, device: Device = None, workers: Workers = None, amp: Amp = None,
-    log_every: LogEvery = None, checkpoint_every: CheckpointEvery = None, resume: Resume = False,
+    log_every: LogEvery = None, checkpoint_every: CheckpointEvery = None, eval_every: EvalEvery = None,
+    backbone_weights: BackboneWeights = None, group_by: GroupBy = None, resume: Resume = False,
     ld_weight: Annotated[Optional[float], typer.Option(help="Main LD weight [default: 0.25]")] = None,
     ld_temperature: Annotated[Optional[float], typer.Option(help="LD temperature [default: 10]")] = None,
     vlr_weight: Annotated[Optional[float], typer.Option(help="VLR LD weight [default: 0.25]")] = None,
@@ -236,7 +258,7 @@ def train_student_cmd(
     data_toml = dict(toml.get("data", {}))
     source = None
     if cache is not None:
-        source = TeacherCache(cache, storage_options=None)
+        source = TeacherCache(cache, storage_options=_storage_options(storage_options))
         if views is None and img_scale is None and "views" not in data_toml and "img_scale" not in data_toml:
             views_str, scale, extra = _views_of_cache(source)  # the student sees the cached views by default
             data_toml.update(views=views_str, img_scale=scale, extra_scales=extra)
@@ -251,7 +273,9 @@ def train_student_cmd(
     train_fields, model_fields = _train_and_model_fields(
         toml, lr_steps, dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                              warmup_iters=warmup_iters, max_iters=max_iters, seed=seed, device=device, workers=workers,
-                             amp=amp, log_every=log_every, checkpoint_every=checkpoint_every),
+                             amp=amp, log_every=log_every, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                             backbone_weights=str(backbone_weights) if backbone_weights else None,
+                             group_by=group_by),
         dict(depth=depth, base_width=base_width, fpn_channels=fpn_channels, head_channels=head_channels,
              stacked_convs=stacked_convs, gn_groups=gn_groups, reg_max=reg_max, num_classes=num_classes,
              frozen_stages=frozen_stages, norm_eval=norm_eval))
@@ -329,6 +353,64 @@ def evaluate_cmd(
     typer.echo(f"{len(results)} detections on {len(dataset)} images -> {out}; metrics -> {metrics_path}")
 
 
+@app.command("demo")
+def demo_cmd(
+    workdir: Annotated[Path, typer.Option(help="every artefact goes here; a second run reuses finished steps")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option(help="a tiny version (under ~2 minutes on 2 CPU cores), for CI")] = False,
+    device: Device = None, workers: Workers = None,
+):
+    """The whole product on the synthetic data: teacher, dump, inspect, plain and LD students, one table."""
+    from distill.demo import run_demo
+
+    report = run_demo(workdir, quick=quick, device=device or "auto", workers=workers if workers is not None else 2,
+                      echo=typer.echo)
+    typer.echo("")
+    typer.echo(report["table"])
+
+
+@app.command("sweep", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sweep_cmd(
+    ctx: typer.Context,
+    cache: Annotated[str, typer.Option(help="the teacher cache every point reads")],
+    grid: Annotated[list[str], typer.Option(help="name=v1,v2,... of a train-student option; repeat for a cartesian product")],
+    out: Annotated[Path, typer.Option(help="sweep folder: one run per point, sweep.md, sweep.json, sweep.png")] = Path("runs/sweep"),
+    jobs: Annotated[int, typer.Option(help="points trained at once (each a process)")] = 1,
+):
+    """Train one student per grid point from ONE cache; re-running skips finished points and resumes
+    killed ones. Further options (e.g. --config recipe.toml --epochs 6) go to every train-student run."""
+    from distill.sweep import parse_grid, point_name, run_sweep
+
+    points = parse_grid(grid)
+    from cache_teacher.reader import TeacherCache
+
+    options = ctx.args[ctx.args.index("--storage-options") + 1] if "--storage-options" in ctx.args else None
+    TeacherCache(cache, _storage_options(options)).require_complete()  # fail now, not once per point
+    typer.echo(f"sweep of {len(points)} students over {cache} -> {out} ({jobs} at a time)")
+
+    def report(r):
+        ap = f"AP {100 * r.metrics['AP']:.1f}" if r.metrics else f"see {r.run_dir}/log.txt"
+        typer.echo(f"  {r.status:8s} {point_name(r.overrides)}: {ap}")
+
+    results = run_sweep(cache, points, list(ctx.args), out, jobs, on_result=report)
+    typer.echo((out / "sweep.md").read_text())
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        typer.echo(f"{len(failed)} point(s) failed; their logs are in {failed[0].run_dir}/log.txt and beside it", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("plot")
+def plot_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="run folders (train-detector / train-student --out)")],
+    out: Annotated[Path, typer.Option(help="PNG to write")] = Path("runs/curves.png"),
+    smooth: Annotated[int, typer.Option(help="moving mean over this many metrics records")] = 10,
+):
+    """Loss, distillation-term and AP curves of runs from their metrics.jsonl, as one PNG."""
+    from distill.plots import plot_runs
+
+    typer.echo(f"wrote {plot_runs(runs, out, smooth)}")
+
+
 BOX_DTYPES = {"fp16": "float16", "uint8": "uint8", "fp32": "float32"}
 
 
@@ -350,7 +432,11 @@ def dump_teacher_cmd(
     no_cls: Annotated[bool, typer.Option("--no-cls", help="do not store class logits (no Main KD from this cache)")] = False,
     compressor: Annotated[str, typer.Option(help="none, zstd or lz4 (fp16 logits compress weakly; none reads fastest)")] = "none",
     shard_mb: Annotated[float, typer.Option(help="target shard size in MiB (the unit of writing and of resume)")] = 64.0,
+    store_regions: Annotated[str, typer.Option(help="dense (every location) or main+vlr (only the rows LD and KD read)")] = "dense",
+    min_vlr_gamma: Annotated[float, typer.Option(help="main+vlr: store the VLR for every gamma >= this")] = 0.25,
+    vlr_iou: Annotated[str, typer.Option(help="main+vlr: official or diou, as the students will use")] = "official",
     overwrite: Annotated[bool, typer.Option(help="replace an existing store of another identity")] = False,
+    storage_options: StorageOptions = None,
     device: Device = None, workers: Workers = None,
     amp: Annotated[str, typer.Option(help="auto (bf16 on CUDA), off, bf16, fp16")] = "auto",
     depth: Depth = None, base_width: BaseWidth = None, fpn_channels: FpnChannels = None,
@@ -378,14 +464,17 @@ def dump_teacher_cmd(
         extra_scales=_parse_scales(extra_scales), batch_size=batch_size, device=device or "auto",
         workers=workers if workers is not None else 2, amp=amp, box_dtype=BOX_DTYPES[box_dtype],
         cls_dtype=None if no_cls else "float16", compressor=compressor, shard_mb=shard_mb, overwrite=overwrite,
+        storage_options=_storage_options(storage_options), store_regions=store_regions,
+        min_vlr_gamma=min_vlr_gamma, vlr_iou=vlr_iou,
         arch=_given(depth=depth, base_width=base_width, fpn_channels=fpn_channels, head_channels=head_channels,
                     stacked_convs=stacked_convs, gn_groups=gn_groups, reg_max=reg_max, num_classes=num_classes),
     )
     result = run_dump(cfg)
     if result["already_complete"]:
-        typer.echo(f"{out} is already complete; nothing to do")
+        say(f"{out} is already complete; nothing to do")
     else:
-        typer.echo(f"wrote {result['views']:,} views ({result['bytes_written'] / 2**20:,.1f} MiB) in "
+        share = " (rank 0's share)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        say(f"wrote {result['views']:,} views{share} ({result['bytes_written'] / 2**20:,.1f} MiB) in "
                    f"{result['seconds']:.1f} s ({result['views'] / max(result['seconds'], 1e-9):.1f} views/s); "
                    f"{'complete' if result['complete'] else 'incomplete'}: {out}")
 
@@ -401,7 +490,7 @@ def inspect_cache_cmd(
     view: Annotated[int, typer.Option(help="view index for --png")] = 0,
     images: Annotated[Optional[Path], typer.Option(help="image folder [default: where the dump found it]")] = None,
     ann: Annotated[Optional[Path], typer.Option(help="annotation file [default: where the dump found it]")] = None,
-    device: Device = None,
+    device: Device = None, storage_options: StorageOptions = None,
 ):
     """What a cache holds, whether it is whole and faithful (--verify), and a picture (--png)."""
     from cache_teacher.inspect import format_summary, format_verify, render_png, summarize
@@ -409,7 +498,7 @@ def inspect_cache_cmd(
     from cache_teacher.reader import TeacherCache
     from distill.engine import resolve_device
 
-    cache = TeacherCache(store)
+    cache = TeacherCache(store, _storage_options(storage_options))
     report = {"summary": summarize(cache)}
     if verify:
         report["verify"] = run_verify(cache, str(teacher) if teacher else None, images, ann, num_views,
@@ -428,6 +517,12 @@ def inspect_cache_cmd(
         raise typer.Exit(1)
 
 
+def say(message: str, err: bool = False) -> None:
+    """Print for humans once: under torchrun only rank 0 speaks."""
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(message, err=err)
+
+
 def _one_line(err: UserError) -> str:
     """A UserError raised in a DataLoader worker comes back with the worker's traceback folded into
     its message; the user needs only the original message, which is its last line."""
@@ -438,11 +533,15 @@ def _one_line(err: UserError) -> str:
 
 
 def main() -> None:
+    from detector.distributed import shutdown
+
     try:
         app()
     except UserError as err:
-        typer.echo(f"error: {_one_line(err)}", err=True)
+        say(f"error: {_one_line(err)}", err=True)
         sys.exit(2)
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

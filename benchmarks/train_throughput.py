@@ -62,7 +62,7 @@ from detector.inference import autocast_for  # noqa: E402
 from detector.model import build_detector  # noqa: E402
 from distill.config import LossConfig, TrainConfig, config_to_dict  # noqa: E402
 from distill.criterion import compute_losses  # noqa: E402
-from distill.engine import build_optimizer, lr_at  # noqa: E402
+from distill.engine import batch_groups, build_optimizer, lr_at  # noqa: E402
 from distill.sampler import ViewBatchSampler  # noqa: E402
 from distill.teachers import CacheTeacher, OnlineTeacher  # noqa: E402
 
@@ -157,7 +157,7 @@ class Bench:
         self.train = TrainConfig(batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
                                  device=str(device), amp=args.amp, workers=args.workers)
         self.loss = LossConfig()  # the paper's full recipe: Main LD + VLR LD + Main KD
-        self.landscape = [w >= h for h, w in (dataset.orig_hw(i) for i in range(len(dataset)))]
+        self.groups = batch_groups(dataset, "orientation")
 
     def run(self, variant: str) -> dict:
         args, device, train, cfg = self.args, self.device, self.train, self.student_cfg
@@ -175,8 +175,7 @@ class Bench:
         optimizer = build_optimizer(train, [p for p in model.parameters() if p.requires_grad])
         scaler = torch.amp.GradScaler("cuda", enabled=cuda and train.amp == "fp16")
         base_lr = train.base_lr()
-        sampler = ViewBatchSampler(self.landscape, num_views=len(self.dataset.views), batch_size=train.batch_size,
-                                   seed=train.seed)
+        sampler = ViewBatchSampler(self.groups, batch_size=train.batch_size, seed=train.seed)
         data = teacher.dataset(self.dataset) if teacher is not None else self.dataset
         loader = torch.utils.data.DataLoader(data, batch_sampler=EndlessBatches(sampler), num_workers=train.workers,
                                              collate_fn=teacher.collate if teacher is not None else collate,

@@ -24,13 +24,15 @@ from tqdm import tqdm
 
 from cache_teacher import schema
 from cache_teacher.codec import all_finite, encode_rows
-from cache_teacher.reader import TeacherCache, is_url, open_group
+from cache_teacher.reader import is_url, open_group
 from cache_teacher.writer import COMPRESSORS, CacheWriter
 from detector.checkpoint import file_sha256, load_state_dict_strict, read_checkpoint, resolve_model_config
 from detector.coco import CocoDetection, collate
+from detector.distributed import barrier, init_from_env, run_on_main
 from detector.errors import UserError
 from detector.inference import autocast_for
 from detector.model import build_detector
+from detector.regions import distillation_rows
 from detector.views import parse_views
 
 
@@ -54,8 +56,9 @@ class DumpConfig:
     overwrite: bool = False
     arch: dict = field(default_factory=dict)  # architecture flags for checkpoints without a config
     storage_options: dict | None = None
-    rank: int = 0
-    world_size: int = 1
+    store_regions: str = "dense"  # dense, or main+vlr: only the rows the distillation losses read
+    min_vlr_gamma: float = 0.25  # main+vlr: the smallest VLR gamma a student may use with this cache
+    vlr_iou: str = "official"  # main+vlr: the DIoU variant selecting the VLR (students must match)
 
     def __post_init__(self):
         problems = []
@@ -67,6 +70,12 @@ class DumpConfig:
             problems.append(f"compressor must be one of {COMPRESSORS}, got {self.compressor!r}")
         if self.shard_mb <= 0:
             problems.append("shard_mb must be > 0")
+        if self.store_regions not in schema.REGION_KINDS:
+            problems.append(f"store_regions must be one of {schema.REGION_KINDS}, got {self.store_regions!r}")
+        if not 0 <= self.min_vlr_gamma <= 1:
+            problems.append(f"min_vlr_gamma must be in [0, 1], got {self.min_vlr_gamma}")
+        if self.vlr_iou not in ("official", "diou"):
+            problems.append(f"vlr_iou must be official or diou, got {self.vlr_iou!r}")
         if problems:
             raise UserError("invalid dump configuration: " + "; ".join(problems))
 
@@ -89,6 +98,8 @@ def _open_store(cfg: DumpConfig, meta: dict, layout, dataset, num_specs: int) ->
     try:
         group = open_group(cfg.out, "r", cfg.storage_options)
         existing = dict(group.attrs.get(schema.ATTRS_KEY, {}))
+        if not existing and not list(group.keys()):
+            group = None  # an empty group (a dump killed as it began): nothing to lose
     except UserError:
         group = None  # nothing there yet
     if group is not None:
@@ -146,16 +157,20 @@ class ShardAssembler:
         self.bytes_written = 0
 
     def add(self, views: list[int], encoded: dict[str, np.ndarray]) -> None:
-        rows = self.layout.num_rows[views[0]]
-        for i, v in enumerate(views):
+        """encoded: arrays holding the batch's views one after another (view v: num_rows[v] rows)."""
+        start = 0
+        for v in views:
+            rows = int(self.layout.num_rows[v])
             shard = int(self.layout.shard_of_view[v])
             if shard not in self.buffers:
-                self.buffers[shard] = {self.names[k]: np.zeros((self.layout.rows_per_shard, a.shape[-1]), a.dtype)
-                                       for k, a in encoded.items()}
+                self.buffers[shard] = {
+                    self.names[k]: np.full((self.layout.rows_per_shard, *a.shape[1:]), -1 if k == "location" else 0,
+                                           a.dtype) for k, a in encoded.items()}
                 self.missing[shard] = len(self.layout.views_of_shard(shard))
             local = int(self.layout.row_offset[v]) - shard * self.layout.rows_per_shard
             for key, array in encoded.items():
-                self.buffers[shard][self.names[key]][local:local + rows] = array[i * rows:(i + 1) * rows]
+                self.buffers[shard][self.names[key]][local:local + rows] = array[start:start + rows]
+            start += rows
             self.missing[shard] -= 1
             if self.missing[shard] == 0:
                 buffers = self.buffers.pop(shard)
@@ -175,7 +190,9 @@ def _writer_loop(work: queue.Queue, assembler: ShardAssembler, layout: schema.La
             if event is not None:
                 event.synchronize()  # the device-to-host copy of this batch has landed
             encoded = {k: t.numpy() for k, t in encoded.items()}
-            finite = all_finite(encoded).reshape(len(views), -1).all(axis=1)
+            finite_rows = all_finite({k: a for k, a in encoded.items() if k != "location"})
+            bounds = np.cumsum([0] + [int(layout.num_rows[v]) for v in views])
+            finite = np.array([finite_rows[a:b].all() for a, b in zip(bounds[:-1], bounds[1:])])
             if not finite.all():
                 rec = layout.records[views[int(np.argmin(finite))]]
                 raise UserError(f"the teacher produced NaN or inf logits on image {rec.image_id} "
@@ -195,9 +212,15 @@ def load_teacher(path: str, arch: dict, device: torch.device):
 
 
 def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
+    """Under torchrun every rank owns whole shards (shard s belongs to rank s % world size), rank 0
+    creates or resumes the store before the others open it and finalises it after all finished."""
     from distill.engine import resolve_device  # one device rule for every command
 
+    dist_info = init_from_env(cfg.device)
     device = resolve_device(cfg.device)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    progress = progress and dist_info.is_main
     teacher, teacher_cfg = load_teacher(cfg.teacher, cfg.arch, device)
     specs = parse_views(cfg.views, cfg.img_scale, cfg.extra_scales)
     dataset = CocoDetection(cfg.images, cfg.ann, views=specs, strides=teacher_cfg.strides, train=True)
@@ -208,23 +231,38 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
     box_width = 4 * (teacher_cfg.reg_max + 1)
     row_bytes = box_width * np.dtype(cfg.box_dtype).itemsize + (
         teacher_cfg.num_classes * np.dtype(cfg.cls_dtype).itemsize if cfg.cls_dtype else 0)
+    sparse = cfg.store_regions != "dense"
+    region_rows = plan_region_rows(dataset, cfg.min_vlr_gamma, cfg.vlr_iou, cfg.workers, progress) if sparse else None  # [image][spec] -> dense row indices
     layout = schema.plan_layout([[dataset.view_record(i, s) for s in range(len(specs))] for i in range(len(dataset))],
-                                row_bytes=row_bytes, shard_mb=cfg.shard_mb)
+                                row_bytes=row_bytes + (4 if sparse else 0), shard_mb=cfg.shard_mb,
+                                rows_per_view=[[len(r) for r in rows] for rows in region_rows] if sparse else None)
+    regions = {"kind": "dense"}
+    if sparse:
+        regions = {"kind": cfg.store_regions, "min_vlr_gamma": cfg.min_vlr_gamma, "vlr_iou": cfg.vlr_iou,
+                   "assigner": "atss-topk9", "rows_stored": int(layout.num_rows.sum()),
+                   "rows_dense": int(sum(r.num_rows for r in layout.records))}
     meta = schema.build_metadata(
         teacher_config=teacher_cfg.to_dict(), teacher_sha256=file_sha256(cfg.teacher), ann_sha256=dataset.ann_sha256,
         image_ids=dataset.image_ids, num_images=len(dataset), specs=specs, strides=teacher_cfg.strides,
         reg_max=teacher_cfg.reg_max, num_classes=teacher_cfg.num_classes, box_dtype=cfg.box_dtype,
         cls_dtype=cfg.cls_dtype, layout=layout, compressor=cfg.compressor, package_version=package_version(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        source={"teacher": cfg.teacher, "images": cfg.images, "ann": cfg.ann},
+        source={"teacher": cfg.teacher, "images": cfg.images, "ann": cfg.ann}, regions=regions,
     )
-    writer = _open_store(cfg, meta, layout, dataset, len(specs))
+    opened = {}
+
+    def open_on_main():
+        opened["writer"] = _open_store(cfg, meta, layout, dataset, len(specs))
+
+    run_on_main(open_on_main, dist_info)  # a refusal on rank 0 stops every rank
+    writer = opened.get("writer") or CacheWriter.resume(cfg.out, cfg.storage_options)
     done = writer.shards_done()
-    todo = [s for s in range(layout.num_shards) if not done[s] and s % cfg.world_size == cfg.rank]
+    todo = [s for s in range(layout.num_shards) if not done[s] and s % dist_info.world_size == dist_info.rank]
     batches = [b for s in todo for b in _batches_of_shard(layout, s, cfg.batch_size)]
     num_views = sum(len(b) for b in batches)
 
-    names = {"box.data": schema.BOX, "box.lo": schema.BOX_LO, "box.scale": schema.BOX_SCALE, "cls.data": schema.CLS}
+    names = {"box.data": schema.BOX, "box.lo": schema.BOX_LO, "box.scale": schema.BOX_SCALE, "cls.data": schema.CLS,
+             "location": schema.LOCATION}
     assembler = ShardAssembler(writer, layout, names)
     work: queue.Queue = queue.Queue(maxsize=4)
     errors: list = []
@@ -246,9 +284,17 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
                     break
                 with autocast_for(device, cfg.amp):
                     cls_maps, box_maps = teacher(batch.images.to(device, non_blocking=True))
-                encoded = {f"box.{k}": t for k, t in encode_rows(_rows(box_maps), cfg.box_dtype, teacher_cfg.reg_max).items()}
+                box_rows, cls_rows = _rows(box_maps), _rows(cls_maps)  # [B * n, K]
+                if sparse:  # keep only the rows the distillation losses read
+                    picks = [region_rows[layout.image_index[v]][layout.spec_index[v]] for v in views]
+                    n = layout.records[views[0]].num_rows  # equal canvases: equal dense rows
+                    take = torch.cat([p.long() + i * n for i, p in enumerate(picks)]).to(box_rows.device)
+                    box_rows, cls_rows = box_rows[take], cls_rows[take]
+                encoded = {f"box.{k}": t for k, t in encode_rows(box_rows, cfg.box_dtype, teacher_cfg.reg_max).items()}
                 if cfg.cls_dtype is not None:
-                    encoded["cls.data"] = encode_rows(_rows(cls_maps), cfg.cls_dtype)["data"]
+                    encoded["cls.data"] = encode_rows(cls_rows, cfg.cls_dtype)["data"]
+                if sparse:
+                    encoded["location"] = torch.cat(picks)
                 event = None
                 if cuda:
                     encoded = {k: _to_pinned(t) for k, t in encoded.items()}
@@ -265,11 +311,46 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
     if errors:
         raise errors[0]
     seconds = time.perf_counter() - start
-    if writer.shards_done().all() and cfg.rank == 0:
+    barrier()  # every rank's shards are stored
+    if dist_info.is_main and writer.shards_done().all():
         writer.finalize()
+    barrier()
     return {"views": num_views, "seconds": seconds, "shards_written": len(todo), "num_shards": layout.num_shards,
             "complete": bool(writer.meta.get("complete")), "bytes_written": assembler.bytes_written,
             "already_complete": not todo and bool(writer.meta.get("complete"))}
+
+
+class _RegionRows(torch.utils.data.Dataset):
+    """Image i -> for each of its views, the dense row indices a region-sparse cache stores."""
+
+    def __init__(self, dataset: CocoDetection, min_vlr_gamma: float, vlr_iou: str):
+        self.dataset, self.min_vlr_gamma, self.vlr_iou = dataset, min_vlr_gamma, vlr_iou
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> list[torch.Tensor]:
+        out = []
+        for s in range(len(self.dataset.views)):
+            record = self.dataset.view_record(i, s)
+            boxes, _ = self.dataset.view_boxes(i, record)
+            rows = distillation_rows(record.level_hw, boxes, self.dataset.strides, self.min_vlr_gamma, self.vlr_iou)
+            out.append(rows.to(torch.int32))
+        return out
+
+
+def _as_is(item):
+    return item
+
+
+def plan_region_rows(dataset: CocoDetection, min_vlr_gamma: float, vlr_iou: str, workers: int = 0,
+                     progress: bool = False) -> list[list[torch.Tensor]]:
+    """The stored rows of every view of a region-sparse cache, from the annotations alone (ATSS and
+    the VLR band per view, in loader workers): known before the teacher runs, like dense offsets."""
+    loader = torch.utils.data.DataLoader(_RegionRows(dataset, min_vlr_gamma, vlr_iou), batch_size=None,
+                                         num_workers=workers, collate_fn=_as_is)
+    return [rows for rows in tqdm(loader, total=len(dataset), desc="plan regions", unit="img", disable=not progress,
+                                  leave=False)]
 
 
 def _rows(maps_per_level: list[torch.Tensor]) -> torch.Tensor:
@@ -284,6 +365,3 @@ def _to_pinned(t: torch.Tensor) -> torch.Tensor:
     host.copy_(t, non_blocking=True)
     return host
 
-
-def open_cache(location: str, storage_options: dict | None = None) -> TeacherCache:
-    return TeacherCache(location, storage_options)

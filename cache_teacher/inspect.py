@@ -20,16 +20,22 @@ from detector.postprocess import postprocess
 from detector.views import PIXEL_MEAN, PIXEL_STD
 
 
+PICTURE_MIN_SCORE = 0.25
+PICTURE_MAX_DETECTIONS = 12
+
+
 def summarize(cache: TeacherCache) -> dict:
     meta = cache.meta
     done = cache.shards_done()
     used_rows = int(cache.num_rows.sum())
     stored = cache.bytes_on_disk()
     logical = {}
-    for name in stored:
-        width = {"box": meta["box"]["row_width"], "cls": (meta["cls"] or {}).get("row_width", 0)}.get(name, 4)
-        dtype = {"box": meta["box"]["dtype"], "cls": (meta["cls"] or {}).get("dtype")}.get(name, "float16")
-        logical[name] = used_rows * width * np.dtype(dtype).itemsize
+    row_bytes = {  # bytes of one stored row in each array
+        "box": meta["box"]["row_width"] * np.dtype(meta["box"]["dtype"]).itemsize,
+        "box_lo": 8, "box_scale": 8, "location": 4,
+        "cls": (meta["cls"] or {}).get("row_width", 0) * np.dtype((meta["cls"] or {}).get("dtype", "float16")).itemsize,
+    }
+    logical = {name: used_rows * row_bytes[name] for name in stored}
     canvases = Counter(r.padded_hw for r in cache.records)
     total_stored = sum(stored.values())
     num_views = len(cache.records)
@@ -48,6 +54,7 @@ def summarize(cache: TeacherCache) -> dict:
         "strides": meta["strides"],
         "reg_max": meta["reg_max"],
         "num_classes": meta["num_classes"],
+        "regions": meta.get("regions", {"kind": "dense"}),
         "box_dtype": meta["box"]["dtype"],
         "cls_dtype": (meta["cls"] or {}).get("dtype"),
         "compressor": meta["layout"]["compressor"],
@@ -60,6 +67,13 @@ def summarize(cache: TeacherCache) -> dict:
         "bytes_per_view": total_stored / max(num_views, 1),
         "compression_ratio": sum(logical.values()) / max(total_stored, 1),
     }
+
+
+def _regions_line(r: dict) -> str:
+    if r["kind"] == "dense":
+        return "dense: every prior location of every view"
+    return (f"{r['kind']} (VLR gamma >= {r['min_vlr_gamma']}, {r['vlr_iou']} DIoU): {r['rows_stored']:,} of "
+            f"{r['rows_dense']:,} rows stored ({r['rows_stored'] / max(r['rows_dense'], 1):.1%})")
 
 
 def _mb(n: float) -> str:
@@ -83,6 +97,7 @@ def format_summary(s: dict) -> str:
         rows.append(("  ...", f"{len(s['canvases']) - 6} more canvas sizes"))
     rows += [
         ("dtypes", f"box {s['box_dtype']}, cls {s['cls_dtype'] or 'not stored'}, compressor {s['compressor']}"),
+        ("regions", _regions_line(s["regions"])),
         ("on disk", f"{_mb(s['bytes_on_disk_total'])} (" + ", ".join(f"{k} {_mb(v)}" for k, v in s["bytes_on_disk"].items()) + ")"),
         ("per view", f"{s['bytes_per_view'] / 1024:,.1f} KiB"),
         ("compression", f"{s['compression_ratio']:.2f}x (stored rows / bytes on disk)"),
@@ -162,10 +177,13 @@ def fidelity(cache: TeacherCache, teacher: str, dataset: CocoDetection, num_view
         image_index, spec_index = int(cache.view_table["image_index"][v]), int(cache.view_table["spec_index"][v])
         sample = dataset[(image_index, spec_index)]
         cls_maps, box_maps = model(sample.image[None].to(dev))
-        fresh_box = torch.cat([m[0].permute(1, 2, 0).reshape(-1, m.shape[1]) for m in box_maps]).float().cpu()
+        rows = cached.location.long() if cached.location is not None else slice(None)  # sparse: stored rows only
+        fresh_box = torch.cat([m[0].permute(1, 2, 0).reshape(-1, m.shape[1]) for m in box_maps]).float().cpu()[rows]
+        if len(fresh_box) == 0:
+            continue
         kls.append(edge_kl(fresh_box, cached.box, 10.0, config.reg_max + 1))
         if cached.cls is not None:
-            fresh_cls = torch.cat([m[0].permute(1, 2, 0).reshape(-1, m.shape[1]) for m in cls_maps]).float().cpu()
+            fresh_cls = torch.cat([m[0].permute(1, 2, 0).reshape(-1, m.shape[1]) for m in cls_maps]).float().cpu()[rows]
             cls_err = max(cls_err, float((fresh_cls - cached.cls).abs().max()))
     kl = torch.cat(kls)
     return {"views": len(chosen), "kl_t10_mean": float(kl.mean()), "kl_t10_p99": float(kl.quantile(0.99)),
@@ -203,7 +221,7 @@ def render_png(cache: TeacherCache, view: int, out: Path, images=None, ann=None,
     h, w = record.resized_hw
     mean, std = torch.tensor(PIXEL_MEAN)[:, None, None], torch.tensor(PIXEL_STD)[:, None, None]
     image = (sample.image[:, :h, :w] * std + mean).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-    cached = cache.read_view(view)
+    cached = cache.read_view(view).dense()  # a sparse cache shows only what it stores
     box_maps = [m[None] for m in cached.per_level(cached.box)]
     strides, reg_max = tuple(cache.meta["strides"]), cache.meta["reg_max"]
     frame = dataclasses.replace(record, orig_hw=record.resized_hw, flip=False)  # decode in the view's own pixels
@@ -212,7 +230,8 @@ def render_png(cache: TeacherCache, view: int, out: Path, images=None, ann=None,
     if cached.cls is not None:
         cls_maps = [m[None] for m in cached.per_level(cached.cls)]
         det = postprocess(cls_maps, box_maps, [frame], strides, reg_max)[0]
-        det_boxes, det_scores, det_labels = det.boxes.numpy()[:20], det.scores.numpy()[:20], det.labels.numpy()[:20]
+        keep = (det.scores >= PICTURE_MIN_SCORE).nonzero().squeeze(1)[:PICTURE_MAX_DETECTIONS]  # a readable picture
+        det_boxes, det_scores, det_labels = det.boxes[keep].numpy(), det.scores[keep].numpy(), det.labels[keep].numpy()
         row = int(cached.cls.sigmoid().amax(dim=1).argmax())
     else:  # no class logits: show the location closest to the centre of the largest GT box
         row = _row_near_largest_gt(record, sample.boxes, strides)

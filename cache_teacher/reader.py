@@ -7,6 +7,7 @@ is an order of magnitude slower)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,9 @@ def is_url(location: str) -> bool:
     return "://" in str(location)
 
 
-def open_group(location, mode: str = "r", storage_options: dict | None = None):
-    """A Zarr v3 group at a local path or an fsspec URL (s3://, gs://, file://, ...)."""
+def open_group(location, mode: str = "r", storage_options: dict | None = None, attributes: dict | None = None):
+    """A Zarr v3 group at a local path or an fsspec URL (s3://, gs://, file://, ...); `attributes`
+    are written with the group when it is created (mode "w"), in the same metadata document."""
     location = str(location)
     read_only = mode == "r"
     try:
@@ -37,8 +39,10 @@ def open_group(location, mode: str = "r", storage_options: dict | None = None):
             if read_only and not Path(location).exists():
                 raise FileNotFoundError(location)
             store = zarr.storage.LocalStore(location, read_only=read_only)
+        if mode == "w":
+            return zarr.open_group(store=store, mode=mode, zarr_format=3, attributes=attributes or {})
         return zarr.open_group(store=store, mode=mode, zarr_format=3)
-    except FileNotFoundError:
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError):
         raise UserError(f"no cache at {location}; pass the --out of a dump-teacher run") from None
     except (ValueError, KeyError, OSError) as err:
         if isinstance(err, PermissionError):
@@ -47,11 +51,39 @@ def open_group(location, mode: str = "r", storage_options: dict | None = None):
                         "pass the --out of a dump-teacher run") from None
 
 
+def _read_slices(arrays, names, rows: slice) -> dict[str, np.ndarray]:
+    """The same row slice of several arrays, fetched concurrently on zarr's event loop: each zarr
+    read carries a fixed cost that dominates for small views (measured ~20% faster for box + cls)."""
+    try:
+        from zarr.core.sync import sync
+
+        async def gather():
+            return await asyncio.gather(*(a._async_array.getitem(rows) for a in arrays))
+
+        values = sync(gather())
+    except (ImportError, AttributeError):  # another zarr-python layout: plain sequential reads
+        values = [a[rows] for a in arrays]
+    return dict(zip(names, values))
+
+
 @dataclass
 class CachedView:
     record: ViewRecord
     box: torch.Tensor  # [n, 4(reg_max+1)] float32 logits
     cls: torch.Tensor | None  # [n, C] float32 logits (None for --no-cls caches)
+    location: torch.Tensor | None = None  # region-sparse caches: each row's index among the dense rows
+
+    def dense(self) -> "CachedView":
+        """A sparse view spread over all its locations: box logits 0 (flat distributions) and class
+        logits -1e4 (probability 0) where nothing is stored. Dense views are returned as they are."""
+        if self.location is None:
+            return self
+        n, loc = self.record.num_rows, self.location.long()
+        box = self.box.new_zeros((n, self.box.shape[1])).index_copy(0, loc, self.box)
+        cls = None
+        if self.cls is not None:
+            cls = self.cls.new_full((n, self.cls.shape[1]), -1e4).index_copy(0, loc, self.cls)
+        return CachedView(self.record, box, cls)
 
     def per_level(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Rows [n, K] -> per-level maps [K, H_l, W_l] (P3 first)."""
@@ -101,6 +133,10 @@ class TeacherCache:
     def has_cls(self) -> bool:
         return self.meta["cls"] is not None
 
+    @property
+    def sparse(self) -> bool:
+        return self.meta.get("regions", {"kind": "dense"})["kind"] != "dense"
+
     def shards_done(self) -> np.ndarray:
         return self._arrays()[schema.PROGRESS][:].astype(bool)
 
@@ -134,19 +170,22 @@ class TeacherCache:
                 names += [schema.BOX_LO, schema.BOX_SCALE]
         if "cls" in kinds and self.has_cls:
             names.append(schema.CLS)
-        return {name: group[name][start:stop] for name in names}
+        if self.sparse:
+            names.append(schema.LOCATION)
+        return _read_slices([group[name] for name in names], names, slice(start, stop))
 
     def read_view(self, v: int, kinds=("box", "cls")) -> CachedView:
         raw = self.read_rows(v, kinds)
         box = decode_rows(raw[schema.BOX], raw.get(schema.BOX_LO), raw.get(schema.BOX_SCALE)) if schema.BOX in raw else None
         cls = decode_rows(raw[schema.CLS]) if schema.CLS in raw else None
-        return CachedView(self.records[v], box, cls)
+        location = torch.from_numpy(raw[schema.LOCATION]) if schema.LOCATION in raw else None
+        return CachedView(self.records[v], box, cls, location)
 
     def bytes_on_disk(self) -> dict[str, int]:
         """Stored bytes per array (local stores and fsspec stores that can list sizes)."""
         group = self._arrays()
         out = {}
-        for name in (schema.BOX, schema.BOX_LO, schema.BOX_SCALE, schema.CLS):
+        for name in schema.ROW_ARRAYS:
             if name in group:
                 out[name] = int(group[name].nbytes_stored())
         return out

@@ -11,6 +11,8 @@ A cache is one Zarr v3 group:
   (image index, view spec index).
 - progress [num_shards] uint8: 1 once a shard's write has returned (one chunk per shard, so writers
   never share an object).
+- location [R] int32 (region-sparse caches only): the row's index among its view's dense rows; a
+  sparse view stores only the rows its distillation losses read (attrs["ldcache"]["regions"]).
 
 Layout: views are ordered by padded canvas, then image, then view spec, so a dump can batch equal
 canvases (GroupNorm makes a view's maps depend on its canvas); they are packed into shards of
@@ -34,6 +36,9 @@ ATTRS_KEY = "ldcache"
 RESIZE_METHOD = "bilinear-half-pixel-round-v1"  # detector.views.bilinear_resize + rounding to uint8
 
 BOX, CLS, BOX_LO, BOX_SCALE = "box", "cls", "box_lo", "box_scale"
+LOCATION = "location"  # region-sparse caches: each stored row's index among its view's dense rows
+ROW_ARRAYS = (BOX, BOX_LO, BOX_SCALE, CLS, LOCATION)
+REGION_KINDS = ("dense", "main+vlr")
 PROGRESS = "progress"
 VIEW_FIELDS = ("image_id", "image_index", "spec_index", "flip", "img_scale", "orig_hw", "resized_hw",
                "padded_hw", "level_hw", "row_offset", "num_rows")
@@ -74,16 +79,19 @@ def _pow2_floor(x: int) -> int:
 
 
 def plan_layout(records_per_image: list[list[ViewRecord]], row_bytes: int, shard_mb: float = 64.0,
-                chunk_rows: int | None = None) -> Layout:
-    """records_per_image[i][s] = view s of image i -> the physical layout (pure arithmetic)."""
+                chunk_rows: int | None = None, rows_per_view: list[list[int]] | None = None) -> Layout:
+    """records_per_image[i][s] = view s of image i -> the physical layout (pure arithmetic).
+    rows_per_view[i][s] overrides a view's row count (region-sparse caches store fewer rows)."""
     entries = [(rec.padded_hw, i, s, rec) for i, recs in enumerate(records_per_image) for s, rec in enumerate(recs)]
     entries.sort(key=lambda e: (e[0], e[1], e[2]))
-    rows = np.array([e[3].num_rows for e in entries], dtype=np.int64)
+    count = (lambda e: rows_per_view[e[1]][e[2]]) if rows_per_view is not None else (lambda e: e[3].num_rows)
+    rows = np.array([count(e) for e in entries], dtype=np.int64)
     if len(rows) == 0:
         raise UserError("the dataset has no images to cache; check the annotation file")
     if chunk_rows is None:
         # Small enough that reading one view over-reads little, large enough to keep the shard index small.
-        chunk_rows = min(16384, max(128, _pow2_floor(int(rows.min()) // 2)))
+        typical = int(np.median(rows[rows > 0])) if (rows > 0).any() else 1
+        chunk_rows = min(16384, max(128, _pow2_floor(typical // 2)))
     max_rows = int(rows.max())
     target = int(shard_mb * 2**20 / max(row_bytes, 1))
     rows_per_shard = max(target, max_rows)
@@ -156,7 +164,7 @@ def specs_from_json(items: list[dict]) -> list[ViewSpec]:
 def build_metadata(*, teacher_config: dict, teacher_sha256: str, ann_sha256: str, image_ids, num_images: int,
                    specs: list[ViewSpec], strides, reg_max: int, num_classes: int, box_dtype: str,
                    cls_dtype: str | None, layout: Layout, compressor: str, package_version: str,
-                   created: str, source: dict | None = None) -> dict:
+                   created: str, source: dict | None = None, regions: dict | None = None) -> dict:
     if box_dtype not in BOX_DTYPES:
         raise UserError(f"box dtype must be one of {BOX_DTYPES}, got {box_dtype!r}")
     if cls_dtype is not None and cls_dtype not in CLS_DTYPES:
@@ -177,6 +185,7 @@ def build_metadata(*, teacher_config: dict, teacher_sha256: str, ann_sha256: str
         "dataset": {"ann_sha256": ann_sha256, "num_images": int(num_images), "image_ids_sha256": image_ids_sha256(image_ids)},
         "transform": transform_spec(),
         "views": {"specs": specs_to_json(specs), "num_views": len(layout.records)},
+        "regions": regions or {"kind": "dense"},
         "strides": [int(s) for s in strides],
         "reg_max": int(reg_max),
         "num_classes": int(num_classes),

@@ -36,17 +36,15 @@ class CacheWriter:
         self.rows_per_shard = layout["rows_per_shard"]
         self.num_shards = layout["num_shards"]
         self._progress = group[schema.PROGRESS]
-        self._arrays = {name: group[name] for name in (schema.BOX, schema.CLS, schema.BOX_LO, schema.BOX_SCALE)
-                        if name in group}
+        self._arrays = {name: group[name] for name in schema.ROW_ARRAYS if name in group}
 
     @classmethod
     def create(cls, url: str, meta: dict, layout: schema.Layout, image_ids, num_specs: int,
                storage_options: dict | None = None) -> "CacheWriter":
         """A new, empty cache (the caller decides whether an existing store may be replaced)."""
-        group = open_group(url, mode="w", storage_options=storage_options)
-        # Identity first: a dump killed while creating the arrays leaves a store that a re-run
-        # recognises as its own and creates again.
-        group.attrs[schema.ATTRS_KEY] = meta
+        # Identity first, in the group's own metadata document: a dump killed while creating the
+        # arrays leaves a store that a re-run recognises as its own and creates again.
+        group = open_group(url, mode="w", storage_options=storage_options, attributes={schema.ATTRS_KEY: meta})
         total, chunk, shard = layout.total_rows, layout.chunk_rows, layout.rows_per_shard
         compressors = _compressors(meta["layout"]["compressor"])
         box = meta["box"]
@@ -56,6 +54,9 @@ class CacheWriter:
             for name in (schema.BOX_LO, schema.BOX_SCALE):
                 group.create_array(name, shape=(total, 4), chunks=(chunk, 4), shards=(shard, 4), dtype="float16",
                                    fill_value=0, compressors=None)
+        if meta["regions"]["kind"] != "dense":
+            group.create_array(schema.LOCATION, shape=(total,), chunks=(chunk,), shards=(shard,), dtype="int32",
+                               fill_value=-1, compressors=None)
         if meta["cls"] is not None:
             width = meta["cls"]["row_width"]
             group.create_array(schema.CLS, shape=(total, width), chunks=(chunk, width), shards=(shard, width),
@@ -73,6 +74,7 @@ class CacheWriter:
     @classmethod
     def resume(cls, url: str, storage_options: dict | None = None) -> "CacheWriter | None":
         """The writer of an existing cache, or None if its creation never finished."""
+        _remove_partial_writes(url)
         group = open_group(url, mode="r+", storage_options=storage_options)
         meta = dict(group.attrs.get(schema.ATTRS_KEY, {}))
         schema.check_format(meta, url)
@@ -105,3 +107,18 @@ class CacheWriter:
 
     def array_names(self) -> list[str]:
         return list(self._arrays)
+
+
+def _remove_partial_writes(url: str) -> None:
+    """A local store writes each object to a temporary `*.partial` file and renames it; a killed
+    write leaves that file behind (up to a shard's size). The object itself was never replaced, so
+    the leftover is garbage: remove it before resuming."""
+    from pathlib import Path
+
+    from cache_teacher.reader import is_url
+
+    if is_url(url) and not str(url).startswith("file://"):
+        return
+    root = Path(str(url).removeprefix("file://"))
+    for leftover in root.rglob("*.partial"):
+        leftover.unlink(missing_ok=True)

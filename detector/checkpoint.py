@@ -139,3 +139,15 @@ def file_sha256(path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def load_backbone_weights(model: nn.Module, path) -> None:
+    """ImageNet weights into the backbone: a torchvision ResNet state dict (the file torchvision
+    downloads, e.g. resnet50-0676ba61.pth, fetched by the user; nothing is downloaded here), or a
+    detector checkpoint whose `backbone.*` entries are used. The classifier (fc.*) is ignored."""
+    state = read_checkpoint(path)["state_dict"]
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    backbone = getattr(model, "module", model).backbone
+    load_state_dict_strict(backbone, state, source=f"backbone weights {path}")

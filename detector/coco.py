@@ -389,10 +389,15 @@ class CocoDetection(torch.utils.data.Dataset):
             image = build_view_input(self.load_image(index), record)  # [3, Hp, Wp]
         except ValueError as error:
             raise UserError(f"image file {self.image_path(index)}: {_first_line(error)}") from error
+        boxes, labels = self.view_boxes(index, record)
+        return Sample(image, boxes, labels, record, index)
+
+    def view_boxes(self, index: int, record: ViewRecord) -> tuple[torch.Tensor, torch.Tensor]:
+        """The GT boxes of an image in a view's pixels ([N, 4], [N]): what the losses see (no pixels read)."""
         boxes, labels = self.ground_truth(index)
         boxes = transform_boxes(boxes, record)  # [N, 4] view pixels
         # Usable boxes overlap the image with positive area and the resize maps the image border to
         # the resized border exactly, so clipping keeps them non-empty; only float rounding can make
         # one empty. mmdet keeps every clipped box, so we drop only those with no extent at all.
         nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        return Sample(image, boxes[nonempty], labels[nonempty], record, index)
+        return boxes[nonempty], labels[nonempty]

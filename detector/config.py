@@ -41,10 +41,11 @@ class ModelConfig:
             problems.append("base_width, fpn_channels and head_channels must be positive")
         if self.stacked_convs < 0:
             problems.append(f"stacked_convs must be >= 0, got {self.stacked_convs}")
-        if self.stacked_convs > 0 and self.head_channels % self.gn_groups:
-            problems.append(
-                f"head_channels ({self.head_channels}) must be divisible by gn_groups ({self.gn_groups})"
-            )
+        if self.stacked_convs > 0 and (self.head_channels % self.gn_groups or self.head_channels < 2 * self.gn_groups):
+            # Two channels per group at least: a group of one channel on a 1x1 map (P7 of a small
+            # image) has a single value, which GroupNorm cannot normalise while training.
+            problems.append(f"head_channels ({self.head_channels}) must be a multiple of gn_groups "
+                            f"({self.gn_groups}) with at least 2 channels per group")
         if self.reg_max < 1:
             problems.append(f"reg_max must be >= 1, got {self.reg_max}")
         if self.strides != GFL_STRIDES:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from detector.atss import atss_assign
 from detector.box_ops import aligned_giou, aligned_iou, box_to_distance, distance_to_box
-from detector.distributed import reduce_mean
+from detector.distributed import reduce_mean, world_size
 from detector.priors import anchor_centres, image_priors
 
 DFL_EPS = 0.1  # DFL targets live in [0, reg_max - 0.1] so both neighbouring bins exist
@@ -38,6 +38,7 @@ class BatchAssignment:
     gt_boxes_per_image: list[torch.Tensor]  # [G_i, 4] pixels
     thresholds_per_image: list[torch.Tensor]  # [G_i] ATSS IoU thresholds (VLR needs them)
     ious_per_image: list[torch.Tensor]  # [N_i, G_i] anchor-GT IoU
+    num_levels: int = 5
 
     @property
     def num_rows(self) -> int:
@@ -82,7 +83,7 @@ def assign_batch(level_hw_per_image: list[tuple], gt_boxes_per_image: list[torch
         anchors=cat["anchors"], strides=cat["strides"], levels=cat["levels"], images=cat["images"],
         labels=cat["labels"], pos=cat["pos"], pos_gt_boxes=cat["pos_gt"].reshape(-1, 4),
         rows_per_image=rows_per_image, gt_boxes_per_image=list(gt_boxes_per_image),
-        thresholds_per_image=thresholds, ious_per_image=ious_per_image,
+        thresholds_per_image=thresholds, ious_per_image=ious_per_image, num_levels=len(strides),
     )
 
 
@@ -90,7 +91,7 @@ def assign_batch(level_hw_per_image: list[tuple], gt_boxes_per_image: list[torch
 class GFLLossOutput:
     losses: dict[str, torch.Tensor]  # unweighted loss_qfl, loss_giou, loss_dfl
     pos_weights: torch.Tensor  # [P] w_i, detached
-    weight_sum: torch.Tensor  # scalar: sum of w_i averaged over ranks, clamped >= 1 (GIoU/DFL divisor)
+    weight_sum: torch.Tensor  # scalar: sum of w_i averaged over ranks, clamped >= 1 globally (GIoU/DFL divisor)
     num_pos: torch.Tensor  # scalar: sum of max(positives, 1) per image, averaged over ranks (QFL divisor)
 
 
@@ -123,7 +124,9 @@ def gfl_losses(cls_rows: torch.Tensor, box_rows: torch.Tensor, assign: BatchAssi
     quality = aligned_iou(pred_boxes.detach(), target_boxes)  # QFL's soft target for positives
 
     loss_qfl = quality_focal_loss(cls_rows, pos, assign.labels[pos], quality).sum() / num_pos
-    weight_sum = reduce_mean(pos_weights.sum()).clamp(min=1.0)
+    # Clamped where the global sum would be 1 (mmdet clamps each rank's average at 1, which under
+    # torchrun differs from one process while the weights are small; this way N processes = 1).
+    weight_sum = reduce_mean(pos_weights.sum()).clamp(min=1.0 / world_size())
     if pos.numel() > 0:
         loss_giou = (pos_weights * (1 - aligned_giou(pred_boxes, target_boxes))).sum() / weight_sum
         target_dist = box_to_distance(centres, target_boxes, reg_max, DFL_EPS)  # [P, 4]

@@ -55,6 +55,9 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics.jsonl records
     checkpoint_every: int | None = None  # also save last.pt every N steps (long epochs)
     eval_batch_size: int = 1
+    eval_every: int | None = None  # also evaluate every N epochs (AP curves in metrics.jsonl)
+    group_by: str = "orientation"  # batch images of one orientation (mmdet) or of one padded canvas
+    backbone_weights: str | None = None  # torchvision ResNet (ImageNet) weights to start the backbone from
 
     def __post_init__(self):
         if self.lr_steps is not None:
@@ -71,10 +74,14 @@ class TrainConfig:
             problems.append(f"max_iters must be >= 1, got {self.max_iters}")
         if self.workers < 0:
             problems.append(f"workers must be >= 0, got {self.workers}")
+        if self.group_by not in ("orientation", "canvas"):
+            problems.append(f"group_by must be orientation or canvas, got {self.group_by!r}")
         if self.optimizer not in ("sgd", "adamw"):
             problems.append(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             problems.append(f"amp must be auto, off, bf16 or fp16, got {self.amp!r}")
+        if self.eval_every is not None and self.eval_every < 1:
+            problems.append(f"eval_every must be >= 1, got {self.eval_every}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             problems.append(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _check(problems, "training configuration")

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from detector.distributed import reduce_mean
 from detector.errors import UserError
 from detector.gfl_loss import BatchAssignment, GFLLossOutput, assign_batch, flatten_rows, gfl_losses
 from distill.config import LossConfig
 from distill.losses import distill_kl, sigmoid_kl
-from distill.regions import vlr_region
+from detector.regions import vlr_region
 
 LOSS_KEYS = ("loss_qfl", "loss_giou", "loss_dfl", "loss_ld", "loss_ld_vlr", "loss_kd")
 
@@ -61,25 +62,36 @@ def distillation_losses(cls_rows: torch.Tensor, box_rows: torch.Tensor, teacher_
     norm = gfl.weight_sum if cfg.ld_normalization == "mean" else 1.0
 
     if cfg.ld_weight > 0 and pos.numel():
-        kl = distill_kl(box_rows[pos].reshape(-1, bins), teacher_box[pos].reshape(-1, bins), cfg.ld_temperature)
+        kl = distill_kl(box_rows[pos].reshape(-1, bins), _needed(teacher_box[pos], "Main LD").reshape(-1, bins),
+                        cfg.ld_temperature)
         out["loss_ld"] = (kl.reshape(-1, 4).sum(dim=1) * gfl.pos_weights).sum() / 4 / norm
 
     if cfg.vlr_weight > 0:
         region = vlr_region(assign, cfg.vlr_gamma, cfg.vlr_iou)
         if region.rows.numel():
-            kl = distill_kl(box_rows[region.rows].reshape(-1, bins), teacher_box[region.rows].reshape(-1, bins),
-                            cfg.ld_temperature)
+            kl = distill_kl(box_rows[region.rows].reshape(-1, bins),
+                            _needed(teacher_box[region.rows], "VLR LD").reshape(-1, bins), cfg.ld_temperature)
             out["loss_ld_vlr"] = (kl.reshape(-1, 4).sum(dim=1) * region.weights).sum() / 16 / norm
 
-    if cfg.kd_weight > 0 and pos.numel():
+    if cfg.kd_weight > 0:
         if teacher_cls is None:
             raise UserError("Main KD needs the teacher's class logits, which this cache does not hold (dumped "
                             "with --no-cls); pass --kd-weight 0 or dump the teacher with class logits")
         kd = sigmoid_kl if cfg.kd_mode == "sigmoid" else distill_kl
-        rows = kd(cls_rows[pos], teacher_cls[pos], cfg.kd_temperature)  # [P]
-        # Official normalisation: per FPN level, the mean over that level's positives, summed.
+        rows = kd(cls_rows[pos], _needed(teacher_cls[pos], "Main KD"), cfg.kd_temperature)  # [P]
+        # Official normalisation: per FPN level, the mean over that level's positives, summed. Under
+        # torchrun the counts are averaged over ranks (every rank takes part, positives or not), so
+        # the mean over ranks of this loss, which DDP optimises, is the single-process value.
         levels = assign.levels[pos]
-        sums = torch.zeros(int(assign.levels.max()) + 1, device=rows.device).index_add(0, levels, rows)
-        counts = torch.bincount(levels, minlength=sums.numel())
-        out["loss_kd"] = (sums[counts > 0] / counts[counts > 0]).sum()
+        sums = torch.zeros(assign.num_levels, device=box_rows.device).index_add(0, levels, rows)
+        counts = reduce_mean(torch.bincount(levels, minlength=assign.num_levels).float())
+        out["loss_kd"] = (sums[counts > 0] / counts[counts > 0]).sum() + zero
     return out
+
+
+def _needed(teacher_rows: torch.Tensor, term: str) -> torch.Tensor:
+    """Teacher rows a loss reads must exist: a region-sparse cache marks the rows it lacks with NaN."""
+    if torch.isnan(teacher_rows).any():
+        raise UserError(f"{term} needs teacher rows that this region-sparse cache does not store; use the VLR "
+                        "settings it was dumped for (inspect-cache shows them) or a dense cache")
+    return teacher_rows

@@ -9,6 +9,7 @@ interrupted run resumes from last.pt with --resume and replays exactly the batch
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from detector.checkpoint import read_checkpoint, save_checkpoint, load_state_dict_strict
+from detector.checkpoint import load_backbone_weights, load_state_dict_strict, read_checkpoint, save_checkpoint
 from detector.coco import CocoDetection, collate
+from detector.distributed import barrier, init_from_env, mean_over_ranks, run_on_main
 from detector.config import ModelConfig
 from detector.errors import UserError
 from detector.evaluation import format_metrics_table, save_results
@@ -29,7 +31,8 @@ from distill.criterion import compute_losses
 from distill.sampler import ViewBatchSampler
 
 # Settings that may differ when a run is resumed: they change how, not what, is trained.
-RESUMABLE_CHANGES = {"max_iters", "workers", "device", "amp", "log_every", "checkpoint_every", "eval_batch_size"}
+RESUMABLE_CHANGES = {"max_iters", "workers", "device", "amp", "log_every", "checkpoint_every", "eval_batch_size",
+                     "eval_every"}
 
 
 @dataclass(frozen=True)
@@ -77,10 +80,18 @@ def lr_at(cfg: TrainConfig, base_lr: float, iteration: int, epoch: int) -> float
     return base_lr * warm * decay
 
 
-def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+def batch_groups(dataset: CocoDetection, group_by: str) -> list[list]:
+    """The sampler's group of every (image, view): orientation or padded canvas."""
+    if group_by == "canvas":
+        return [[dataset.view_record(i, v).padded_hw for v in range(len(dataset.views))] for i in range(len(dataset))]
+    return [[dataset.orig_hw(i)[1] >= dataset.orig_hw(i)[0]] * len(dataset.views) for i in range(len(dataset))]
+
+
+def build_optimizer(cfg: TrainConfig, params, world_size: int = 1) -> torch.optim.Optimizer:
+    lr = cfg.base_lr(world_size)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.base_lr(), weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.base_lr(), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def build_train_dataset(data: DataConfig, strides) -> CocoDetection:
@@ -149,7 +160,12 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
     `dataset` may be passed when the caller already built the training set from `data`. `teacher`
     (distill.teachers.CacheTeacher or OnlineTeacher) adds the distillation losses."""
     paths = RunPaths(Path(out))
+    dist_info = init_from_env(train.device)  # torchrun: one process per GPU (or CPU worker)
     device = resolve_device(train.device)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    main = dist_info.is_main
+    progress = progress and main
     dataset = dataset or build_train_dataset(data, model_cfg.strides)
     if dataset.num_classes != model_cfg.num_classes:
         raise UserError(f"the model has {model_cfg.num_classes} classes but {data.ann} has {dataset.num_classes}; "
@@ -161,20 +177,31 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
     extra_config = dict(extra_config or {})
     collate_fn, train_dataset = collate, dataset
     if teacher is not None:
-        teacher.validate(dataset, model_cfg, need_cls=loss.kd_weight > 0)  # before step 1, not at step 1000
+        teacher.validate(dataset, model_cfg, loss)  # before step 1, not at step 1000
         collate_fn, train_dataset = teacher.collate, teacher.dataset(dataset)
         extra_config["teacher"] = teacher.describe()
     config = _resolved_config(data, model_cfg, train, loss, dataset, extra_config)
-    ckpt = _prepare_run_dir(paths, config, resume)
+    config["world_size"] = dist_info.world_size  # the global batch is batch_size x world_size
+    resuming = run_on_main(lambda: _prepare_run_dir(paths, config, resume) is not None, dist_info)
+    ckpt = read_checkpoint(paths.last) if resuming else None
 
     torch.manual_seed(train.seed)
-    model = build_detector(model_cfg).to(device)
+    model = build_detector(model_cfg)
+    if train.backbone_weights and ckpt is None:
+        load_backbone_weights(model, train.backbone_weights)
+    if ckpt is not None:
+        load_state_dict_strict(model, ckpt["state_dict"], source=f"checkpoint {paths.last}")
+    model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(train, params)
+    optimizer = build_optimizer(train, params, dist_info.world_size)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and train.amp == "fp16")
+    net = model
+    if dist_info.enabled:  # gradients averaged over ranks; loss normalisers are averaged in the criterion
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    sampler = ViewBatchSampler([w >= h for h, w in (dataset.orig_hw(i) for i in range(len(dataset)))],
-                               num_views=len(dataset.views), batch_size=train.batch_size, seed=train.seed)
+    sampler = ViewBatchSampler(batch_groups(dataset, train.group_by), batch_size=train.batch_size, seed=train.seed,
+                               rank=dist_info.rank, world_size=dist_info.world_size)
     per_epoch = sampler.batches_per_epoch()
     total_iters = per_epoch * train.epochs
     if train.max_iters is not None:
@@ -182,19 +209,20 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
 
     epoch, batch_in_epoch, iteration, train_seconds = 0, 0, 0, 0.0
     if ckpt is not None:
-        load_state_dict_strict(model, ckpt["state_dict"], source=f"checkpoint {paths.last}")
         optimizer.load_state_dict(ckpt["optimizer"])
         epoch, batch_in_epoch, iteration = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["iter"]
         train_seconds = ckpt.get("train_seconds", 0.0)
-        _truncate_metrics(paths.metrics, iteration)
-    elif paths.metrics.exists():
+        if main:
+            _truncate_metrics(paths.metrics, iteration)
+    elif main and paths.metrics.exists():
         paths.metrics.unlink()  # a run that never reached its first checkpoint starts over
 
     def save(ep: int, b: int) -> None:
         if b >= per_epoch:
             ep, b = ep + 1, 0
-        save_checkpoint(paths.last, model, model_cfg, optimizer=optimizer.state_dict(), epoch=ep, batch_in_epoch=b,
-                        iter=iteration, train_seconds=train_seconds, run_config=config)
+        if main:  # one writer; every rank holds the same weights
+            save_checkpoint(paths.last, model, model_cfg, optimizer=optimizer.state_dict(), epoch=ep, batch_in_epoch=b,
+                            iter=iteration, train_seconds=train_seconds, run_config=config)
 
     loader_kwargs = dict(num_workers=train.workers, collate_fn=collate_fn, pin_memory=device.type == "cuda",
                          persistent_workers=False)
@@ -203,7 +231,7 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
     window_steps = 0
     bar = tqdm(total=total_iters, initial=min(iteration, total_iters), desc="train", unit="it", disable=not progress,
                dynamic_ncols=True)
-    metrics_file = paths.metrics.open("a")
+    metrics_file = paths.metrics.open("a") if main else open(os.devnull, "w")
     try:
         while iteration < total_iters and epoch < train.epochs:
             sampler.set_epoch(epoch, batch_in_epoch)
@@ -211,12 +239,12 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
             for item in loader:
                 batch, stored = item if isinstance(item, tuple) else (item, None)
                 step_start = time.perf_counter()
-                lr = lr_at(train, train.base_lr(), iteration, epoch)
+                lr = lr_at(train, train.base_lr(dist_info.world_size), iteration, epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 teacher_rows = teacher.rows(batch, stored, device) if teacher is not None else None
                 with autocast_for(device, train.amp):
-                    cls_out, box_out = model(batch.images.to(device, non_blocking=True))
+                    cls_out, box_out = net(batch.images.to(device, non_blocking=True))
                 losses = compute_losses(
                     cls_out, box_out, [r.level_hw for r in batch.records],
                     [b.to(device) for b in batch.boxes], [lab.to(device) for lab in batch.labels],
@@ -237,8 +265,9 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
                     window[k] = window.get(k, 0.0) + float(v.detach())
                 window_steps += 1
                 if iteration % train.log_every == 0 or iteration == total_iters:
-                    record = {"iter": iteration, "epoch": epoch + batch_in_epoch / per_epoch, "lr": lr,
-                              **{k: v / window_steps for k, v in window.items()}, "train_seconds": round(train_seconds, 3)}
+                    means = mean_over_ranks({k: v / window_steps for k, v in window.items()})
+                    record = {"iter": iteration, "epoch": epoch + batch_in_epoch / per_epoch, "lr": lr, **means,
+                              "train_seconds": round(train_seconds, 3)}
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
                     window, window_steps = {}, 0
@@ -251,6 +280,13 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
             if batch_in_epoch >= per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
             save(epoch, batch_in_epoch)
+            if (main and val_dataset is not None and train.eval_every and batch_in_epoch == 0
+                    and epoch % train.eval_every == 0 and iteration < total_iters):
+                metrics, _ = evaluate_model(model, val_dataset, device, train.eval_batch_size, train.workers, train.amp,
+                                            progress=False)
+                metrics_file.write(json.dumps({"iter": iteration, "epoch": epoch, **metrics}) + "\n")
+                metrics_file.flush()
+                model.train()
     except KeyboardInterrupt:
         save(epoch, batch_in_epoch)
         raise
@@ -258,11 +294,14 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
         bar.close()
         metrics_file.close()
 
+    barrier()
     metrics = None
-    if val_dataset is not None:
+    if main and val_dataset is not None:
         metrics, results = evaluate_model(model, val_dataset, device, train.eval_batch_size, train.workers, train.amp,
                                           progress=progress)
         save_results(paths.results, results)
+        with paths.metrics.open("a") as f:  # the last point of the AP curve
+            f.write(json.dumps({"iter": iteration, "epoch": iteration / max(per_epoch, 1), **metrics}) + "\n")
         paths.eval.write_text(json.dumps({"metrics": metrics, "iter": iteration, "train_seconds": train_seconds,
                                           "checkpoint": str(paths.last)}, indent=2) + "\n")
         if progress:

@@ -13,12 +13,13 @@ import torch
 
 from cache_teacher.codec import decode_rows
 from cache_teacher.reader import TeacherCache
-from cache_teacher.schema import BOX, BOX_LO, BOX_SCALE, CLS, transform_spec
+from cache_teacher.schema import BOX, BOX_LO, BOX_SCALE, CLS, LOCATION, transform_spec
 from detector.coco import Batch, CocoDetection, Sample, collate
 from detector.config import ModelConfig
 from detector.errors import UserError
 from detector.gfl_loss import flatten_rows
 from detector.inference import autocast_for
+from distill.config import LossConfig
 
 
 @dataclass
@@ -52,6 +53,12 @@ class CachedTargets(torch.utils.data.Dataset):
 
 def collate_with_targets(items: list[TargetSample]) -> tuple[Batch, dict[str, torch.Tensor]]:
     batch = collate([item.sample for item in items])
+    if LOCATION in items[0].stored:  # sparse: locations become row indices of the whole batch
+        offsets = [0]
+        for item in items[:-1]:
+            offsets.append(offsets[-1] + item.sample.record.num_rows)
+        for item, offset in zip(items, offsets):
+            item.stored[LOCATION] = item.stored[LOCATION].long() + offset
     stored = {name: torch.cat([item.stored[name] for item in items]) for name in items[0].stored}
     return batch, stored
 
@@ -68,15 +75,24 @@ class CacheTeacher:
                 "teacher_sha256": self.cache.meta["teacher"]["checkpoint_sha256"],
                 "teacher_config": self.cache.meta["teacher"]["model_config"]}
 
-    def validate(self, dataset: CocoDetection, student: ModelConfig, need_cls: bool) -> None:
+    def validate(self, dataset: CocoDetection, student: ModelConfig, loss: LossConfig) -> None:
         """Refuse a cache that does not fit the run, before the first step."""
         self.cache.require_complete()
         self.cache.validate(num_classes=student.num_classes, strides=student.strides, reg_max=student.reg_max,
                             transform=transform_spec(), ann_sha256=dataset.ann_sha256, image_ids=dataset.image_ids,
                             specs=dataset.views)
-        if need_cls and not self.cache.has_cls:
+        if loss.kd_weight > 0 and not self.cache.has_cls:
             raise UserError(f"cache {self.cache.location} holds no class logits (dumped with --no-cls) but Main KD "
                             "needs them; pass --kd-weight 0 or dump the teacher with class logits")
+        regions = self.cache.meta.get("regions", {"kind": "dense"})
+        if regions["kind"] != "dense" and loss.vlr_weight > 0:
+            if loss.vlr_gamma < regions["min_vlr_gamma"]:
+                raise UserError(f"cache {self.cache.location} stores the VLR for gamma >= {regions['min_vlr_gamma']} "
+                                f"only; --vlr-gamma {loss.vlr_gamma} needs more rows (dump with a smaller "
+                                "--min-vlr-gamma, or a dense cache)")
+            if loss.vlr_iou != regions["vlr_iou"]:
+                raise UserError(f"cache {self.cache.location} selected its VLR with --vlr-iou {regions['vlr_iou']}; "
+                                f"pass --vlr-iou {regions['vlr_iou']} or dump a cache for {loss.vlr_iou}")
 
     def dataset(self, base: CocoDetection) -> CachedTargets:
         return CachedTargets(base, self.cache, self.kinds)
@@ -86,6 +102,12 @@ class CacheTeacher:
     def rows(self, batch: Batch, stored: dict, device: torch.device):
         box = decode_rows(stored[BOX], stored.get(BOX_LO), stored.get(BOX_SCALE), device)
         cls = decode_rows(stored[CLS], device=device) if CLS in stored else None
+        if LOCATION in stored:  # sparse: NaN marks rows the cache does not hold (the criterion checks)
+            n = sum(r.num_rows for r in batch.records)
+            loc = stored[LOCATION].to(device, non_blocking=True)
+            box = box.new_full((n, box.shape[1]), float("nan")).index_copy(0, loc, box)
+            if cls is not None:
+                cls = cls.new_full((n, cls.shape[1]), float("nan")).index_copy(0, loc, cls)
         return box, cls
 
 
@@ -98,7 +120,7 @@ class OnlineTeacher:
     def describe(self) -> dict:
         return {"kind": "online", "teacher_sha256": self.sha256, "teacher_config": self.config.to_dict()}
 
-    def validate(self, dataset: CocoDetection, student: ModelConfig, need_cls: bool) -> None:
+    def validate(self, dataset: CocoDetection, student: ModelConfig, loss: LossConfig) -> None:
         mismatches = [f"{k}: teacher {getattr(self.config, k)}, student {getattr(student, k)}"
                       for k in ("num_classes", "strides", "reg_max") if getattr(self.config, k) != getattr(student, k)]
         if mismatches:

@@ -67,7 +67,7 @@ def test_evaluate_an_mmdet_checkpoint(data_copy, tmp_path, mmdet_fixture):
     proc = run_cli(*args, "--gn-groups", "8")  # architecture read off the weights; GN groups given
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "res.metrics.json").read_text())["model"]["depth"] == 18
-    assert_user_error(run_cli(*args, "--depth", "50"), "does not fit the model", "missing keys")
+    assert_user_error(run_cli(*args, "--gn-groups", "8", "--depth", "50"), "does not fit the model", "missing keys")
 
 
 def test_missing_image_file(data_copy, tmp_path):

@@ -38,9 +38,12 @@ def test_lr_schedule_warms_up_then_steps():
 
 
 def test_training_run_writes_metrics_checkpoint_and_evaluation(tiny_coco, tmp_path):
-    result = _train(tiny_coco, tmp_path / "run", val=True)
-    records = _losses(tmp_path / "run")
+    result = _train(tiny_coco, tmp_path / "run", val=True, eval_every=1)
+    lines = _losses(tmp_path / "run")
+    records = [r for r in lines if "loss" in r]
     assert [r["iter"] for r in records] == [1, 2, 3, 4, 5, 6]  # 10 images / batch 4 -> 3 steps x 2 epochs
+    # AP curve: after epoch 1 (eval_every=1) and at the end.
+    assert [(r["iter"], r["epoch"]) for r in lines if "AP" in r] == [(3, 1), (6, 2)]
     assert {"iter", "lr", "loss_qfl", "loss_giou", "loss_dfl", "loss"} <= set(records[0])
     for r in records:  # "loss" is the sum of the weighted terms
         assert r["loss"] == pytest.approx(r["loss_qfl"] + r["loss_giou"] + r["loss_dfl"], rel=1e-5)

@@ -8,7 +8,7 @@ from detector.gfl_loss import BatchAssignment, assign_batch, flatten_rows, gfl_l
 from distill.config import LossConfig
 from distill.criterion import distillation_losses
 from distill.losses import distill_kl, sigmoid_kl
-from distill.regions import vlr_region
+from detector.regions import vlr_region
 from detector.views import level_sizes
 
 

@@ -4,8 +4,8 @@ from distill.sampler import ViewBatchSampler
 
 
 def _sampler(n=23, views=2, batch=4, seed=0, **kw):
-    landscape = [i % 3 != 0 for i in range(n)]
-    return ViewBatchSampler(landscape, views, batch, seed, **kw)
+    landscape = [[i % 3 != 0] * views for i in range(n)]
+    return ViewBatchSampler(landscape, batch, seed, **kw)
 
 
 def test_each_image_once_per_epoch_with_a_valid_view():
@@ -24,10 +24,18 @@ def test_deterministic_in_seed_and_epoch():
 
 def test_full_batches_share_orientation():
     s = _sampler(n=40)
-    landscape = s.landscape
     full = [b for b in s.global_batches(0) if len(b) == 4]
-    mixed = [b for b in full if len({landscape[i] for i, _ in b}) > 1]
+    mixed = [b for b in full if len({s.groups[i][v] for i, v in b}) > 1]
     assert len(mixed) <= 1  # only the leftover batch may mix orientations
+
+
+def test_groups_may_differ_between_views_of_an_image():
+    # e.g. canvas grouping with two scales: view 0 and view 1 of an image land in different groups.
+    groups = [[("small", i % 2), ("large", i % 2)] for i in range(30)]
+    s = ViewBatchSampler(groups, 5, seed=3)
+    batches = s.global_batches(0)
+    assert sum(len(b) == 5 and len({groups[i][v] for i, v in b}) == 1 for b in batches) >= 3
+    assert sorted(i for b in batches for i, _ in b) == list(range(30))
 
 
 def test_resume_skips_exactly_the_seen_batches():

@@ -1,5 +1,6 @@
 """Where distillation applies: the Main region (ATSS positives) and the Valuable Localization
-Region (VLR), as the LD paper's official code selects it.
+Region (VLR), as the LD paper's official code selects it. Shared by the student's criterion and by
+region-sparse teacher caches, which store only these rows.
 
 VLR, per image over all anchors of all levels: anchor a is in GT g's band when
 gamma x thr_g <= DIoU(a, g) < thr_g, thr_g being the ATSS threshold of g. In several bands, the
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from detector.box_ops import pairwise_diou
-from detector.gfl_loss import BatchAssignment
+from detector.gfl_loss import BatchAssignment, assign_batch
 
 
 @dataclass
@@ -43,3 +44,15 @@ def vlr_region(assign: BatchAssignment, gamma: float, iou: str = "official") -> 
     if not rows:
         return Region(torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, device=device))
     return Region(torch.cat(rows), torch.cat(weights))
+
+
+def distillation_rows(level_hw: tuple, gt_boxes: torch.Tensor, strides: tuple[int, ...], min_vlr_gamma: float,
+                      vlr_iou: str = "official") -> torch.Tensor:
+    """Rows of one view that Main LD, Main KD and VLR LD (for any gamma >= min_vlr_gamma) can read:
+    the ATSS positives and the VLR band [min_gamma x thr, thr). Sorted indices into the view's
+    dense rows. Depends only on the view geometry and its GT boxes, so it is known before the
+    teacher runs and the student finds exactly these rows again."""
+    labels = torch.zeros(len(gt_boxes), dtype=torch.long)
+    assign = assign_batch([level_hw], [gt_boxes], [labels], strides, num_classes=1)
+    vlr = vlr_region(assign, min_vlr_gamma, vlr_iou)
+    return torch.unique(torch.cat([assign.pos, vlr.rows]))  # sorted

@@ -1,0 +1,83 @@
+"""Run every benchmark and gather their results into benchmarks/results/SUMMARY.md.
+
+    .venv/bin/python benchmarks/run_all.py                       # CPU size, about 15 minutes on 2 cores
+    .venv/bin/python benchmarks/run_all.py --teacher runs/synth/teacher.pt   # fidelity on a trained teacher
+    .venv/bin/python benchmarks/run_all.py --gpu                 # COCO-like size on a CUDA GPU
+
+Each script prints its own table and writes benchmarks/results/<name>.json; this driver runs them
+one after another (never in parallel: they would measure each other) and writes a markdown
+summary with the tables, the machine and the exact commands. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def plan(args) -> list[tuple[str, list[str]]]:
+    teacher = ["--teacher", args.teacher] if args.teacher else []
+    if args.gpu:
+        gpu = ["--device", "cuda", "--img-scale", "1344,800", "--threads", "0"]
+        return [
+            ("dump_throughput", [*gpu, "--num-images", "128", "--batch-size", "8", "--workers", "8", "--depth", "101",
+                                 "--base-width", "64", "--fpn-channels", "256", "--head-channels", "256",
+                                 "--stacked-convs", "4", "--box-dtypes", "float16,uint8"]),
+            ("train_throughput", ["--device", "cuda", "--amp", "bf16", "--img-scale", "1344,800", "--student-depth",
+                                  "18", "--teacher-depth", "101", "--full-width", "--batch-size", "8", "--workers",
+                                  "8", "--num-images", "64", "--steps", "40", "--warmup", "5", "--rounds", "3"]),
+        ]
+    cpu = ["--threads", "0"]  # every core: run_all is meant for an idle machine
+    return [
+        ("dump_throughput", [*cpu, *teacher]),
+        ("cache_size_fidelity", [*cpu, *teacher]),
+        ("read_throughput", [*cpu, *teacher]),
+        ("train_throughput", [*cpu, *teacher]),
+        ("sparse_size", []),
+        ("scaleout", [*cpu, *teacher]),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", help="a trained teacher checkpoint (fidelity depends on real logits)")
+    parser.add_argument("--gpu", action="store_true", help="COCO-like sizes on CUDA instead of the CPU set")
+    parser.add_argument("--only", nargs="*", help="run only these scripts")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = "-gpu" if args.gpu else ""
+    sections = []
+    for name, extra in plan(args):
+        if args.only and name not in args.only:
+            continue
+        out = RESULTS / f"{name}{suffix}.json"
+        cmd = [sys.executable, str(HERE / f"{name}.py"), *extra, "--out", str(out)]
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            print(proc.stdout + proc.stderr, file=sys.stderr)
+            sections.append(f"## {name}\n\nFAILED (exit {proc.returncode}); see the command below.\n\n`{' '.join(cmd[1:])}`\n")
+            continue
+        print(proc.stdout, flush=True)
+        record = json.loads(out.read_text())
+        env = record.get("environment", {})
+        sections.append(f"## {name}\n\n{proc.stdout.strip()}\n\n"
+                        f"- device: {env.get('device_name', '?')}; torch {env.get('torch', '?')}; {seconds:.0f} s\n"
+                        f"- command: `python {' '.join(str(c) for c in cmd[1:])}`\n")
+    summary = RESULTS / f"SUMMARY{suffix}.md"
+    summary.write_text("# Benchmark results\n\nWritten by `benchmarks/run_all.py`"
+                       f"{' --gpu' if args.gpu else ''}.\n\n" + "\n".join(sections))
+    print(f"wrote {summary}")
+
+
+if __name__ == "__main__":
+    main()

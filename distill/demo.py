@@ -1,0 +1,157 @@
+"""`ldcache demo`: the whole product on the synthetic data in one work folder, end to end.
+
+make data -> train a teacher -> dump-teacher -> inspect-cache (+ picture) -> plain student and LD
+student from the cache -> one table. Every step leaves its artefacts under the work folder and is
+skipped when they are already complete, so running the demo again reuses what exists (a killed
+training run continues from its checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cache_teacher.dump import DumpConfig, run_dump
+from cache_teacher.inspect import format_summary, render_png, summarize
+from cache_teacher.reader import TeacherCache
+from detector.config import ModelConfig
+from detector.synthetic import make_synthetic
+from distill.config import DataConfig, LossConfig, TrainConfig
+from distill.engine import build_train_dataset, run_train
+from distill.teachers import CacheTeacher
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo. The models are the recipes in configs/synthetic-*.toml, shrunk to fit."""
+
+    num_train: int
+    num_val: int
+    image_size: int
+    teacher: dict  # ModelConfig fields
+    student: dict
+    teacher_epochs: int
+    student_epochs: int
+    batch_size: int = 8
+    lr: float = 0.001
+    # The full LD recipe with the paper's weights scaled to batch 8 and 6 classes, as in
+    # configs/synthetic-student.toml (the paper's 0.25 / 0.25 / 10 assume 2 images per GPU and 80 classes).
+    loss: tuple = (("ld_weight", 0.0625), ("vlr_weight", 0.0625), ("kd_weight", 0.75))
+
+
+TEACHER = dict(depth=34, base_width=32, fpn_channels=96, head_channels=96, stacked_convs=3, frozen_stages=0,
+               norm_eval=False)
+STUDENT = dict(depth=18, base_width=16, fpn_channels=64, head_channels=64, stacked_convs=2, frozen_stages=0,
+               norm_eval=False)
+PLANS = {
+    "full": DemoPlan(num_train=600, num_val=150, image_size=192, teacher=TEACHER, student=STUDENT,
+                     teacher_epochs=16, student_epochs=10),
+    "quick": DemoPlan(num_train=48, num_val=16, image_size=96,
+                      teacher=dict(TEACHER, base_width=16, fpn_channels=32, head_channels=32, stacked_convs=2,
+                                   gn_groups=16),
+                      student=dict(STUDENT, base_width=8, fpn_channels=32, head_channels=32, stacked_convs=1,
+                                   gn_groups=16),
+                      teacher_epochs=2, student_epochs=2),
+}
+
+
+def _train(name: str, workdir: Path, plan: DemoPlan, data: DataConfig, model: dict, epochs: int, device: str,
+           workers: int, teacher=None, echo=print) -> dict:
+    out = workdir / name
+    if (out / "eval.json").exists():
+        echo(f"  {name}: already trained, reusing {out}")
+        return json.loads((out / "eval.json").read_text())
+    dataset = build_train_dataset(data, ModelConfig().strides)
+    train = TrainConfig(epochs=epochs, batch_size=plan.batch_size, optimizer="adamw", lr=plan.lr, weight_decay=0.05,
+                        warmup_iters=50, device=device, workers=workers, log_every=5)
+    run_train(data, ModelConfig(num_classes=dataset.num_classes, **model), train, LossConfig(**dict(plan.loss)), out,
+              resume=True, dataset=dataset, teacher=teacher)
+    return json.loads((out / "eval.json").read_text())
+
+
+def run_demo(workdir: Path, quick: bool = False, device: str = "auto", workers: int = 2, echo=print) -> dict:
+    plan = PLANS["quick" if quick else "full"]
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    steps = 6
+
+    echo(f"[1/{steps}] synthetic dataset ({plan.num_train} train / {plan.num_val} val images, <= {plan.image_size} px)")
+    root = workdir / "data"
+    if not (root / "annotations" / "instances_val.json").exists():
+        make_synthetic(root, num_train=plan.num_train, num_val=plan.num_val, image_size=plan.image_size, seed=0,
+                       overwrite=root.exists(), workers=2)
+    scale = (plan.image_size, plan.image_size)
+    data = DataConfig(images=str(root / "train"), ann=str(root / "annotations" / "instances_train.json"),
+                      val_images=str(root / "val"), val_ann=str(root / "annotations" / "instances_val.json"),
+                      img_scale=scale)
+
+    echo(f"[2/{steps}] teacher: GFL R-{plan.teacher['depth']}, {plan.teacher_epochs} epochs")
+    teacher_eval = _train("teacher", workdir, plan, data, plan.teacher, plan.teacher_epochs, device, workers, echo=echo)
+
+    echo(f"[3/{steps}] dump-teacher: every view (orig, hflip) of every training image, once")
+    cache_dir = workdir / "teacher-cache.zarr"
+    dump = run_dump(DumpConfig(teacher=str(workdir / "teacher" / "checkpoints" / "last.pt"), images=data.images,
+                               ann=data.ann, out=str(cache_dir), img_scale=scale, device=device, workers=workers,
+                               shard_mb=8.0))
+    cache = TeacherCache(cache_dir)
+
+    echo(f"[4/{steps}] inspect-cache")
+    summary = summarize(cache)
+    echo(format_summary(summary))
+    picture = render_png(cache, _interesting_view(cache, data.ann), workdir / "cache-view.png")
+    echo(f"  picture of a cached view -> {picture}")
+
+    echo(f"[5/{steps}] plain student: GFL R-{plan.student['depth']}, {plan.student_epochs} epochs, no teacher")
+    plain_eval = _train("student-plain", workdir, plan, data, plan.student, plan.student_epochs, device, workers,
+                        echo=echo)
+
+    echo(f"[6/{steps}] LD student from the cache: Main LD + VLR LD + Main KD, same schedule and seed")
+    ld_eval = _train("student-ld", workdir, plan, data, plan.student, plan.student_epochs, device, workers,
+                     teacher=CacheTeacher(cache, need_cls=True), echo=echo)
+
+    images_seen = plan.student_epochs * summary["images"]
+    rows = [
+        {"model": f"teacher R-{plan.teacher['depth']}", **_row(teacher_eval), "teacher forwards avoided": "-"},
+        {"model": f"student R-{plan.student['depth']}, no distillation", **_row(plain_eval),
+         "teacher forwards avoided": "-"},
+        {"model": f"student R-{plan.student['depth']}, LD from the cache", **_row(ld_eval),
+         "teacher forwards avoided": f"{images_seen:,}"},
+    ]
+    report = {"workdir": str(workdir), "plan": plan.__dict__, "rows": rows,
+              "cache": {"location": str(cache_dir), "bytes": summary["bytes_on_disk_total"], "views": summary["views"],
+                        "dump_seconds": dump["seconds"]},
+              "picture": str(picture), "seconds": time.perf_counter() - started}
+    table = format_table(report)
+    (workdir / "demo.md").write_text(table + "\n")
+    (workdir / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
+    return {**report, "table": table}
+
+
+def _row(ev: dict) -> dict:
+    m = ev["metrics"]
+    return {"AP": 100 * m["AP"], "AP50": 100 * m["AP50"], "AP75": 100 * m["AP75"], "train s": ev["train_seconds"]}
+
+
+def format_table(report: dict) -> str:
+    lines = ["| model | AP | AP50 | AP75 | train time | teacher forwards avoided |", "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['model']} | {r['AP']:.1f} | {r['AP50']:.1f} | {r['AP75']:.1f} | {r['train s'] / 60:.1f} min | "
+                     f"{r['teacher forwards avoided']} |")
+    c = report["cache"]
+    lines.append("")
+    lines.append(f"cache: {c['views']:,} views, {c['bytes'] / 2**20:,.1f} MiB on disk, dumped in {c['dump_seconds']:.0f} s "
+                 f"-> {c['location']}")
+    lines.append(f"work folder: {report['workdir']} (everything above lives there; run again to reuse it)")
+    return "\n".join(lines)
+
+
+def _interesting_view(cache: TeacherCache, ann_file: str) -> int:
+    """The original view of the training image with the most objects: a busy picture shows more."""
+    counts: dict[int, int] = {}
+    for ann in json.loads(Path(ann_file).read_text())["annotations"]:
+        counts[ann["image_id"]] = counts.get(ann["image_id"], 0) + 1
+    ids = [int(i) for i in cache.image_ids]
+    best = max(range(len(ids)), key=lambda k: counts.get(ids[k], 0))
+    return cache.view_index(best, 0)

@@ -1,0 +1,127 @@
+"""Student sweeps over one teacher cache: the use the product exists for.
+
+Every grid point is one train-student run in its own folder under the sweep folder, started as a
+separate process (so --jobs N runs N at once) with --resume: a finished point (eval.json present)
+is skipped, a killed one continues from its last checkpoint. The teacher never runs; every point
+reads the same cache. Results: sweep.json, sweep.md and sweep.png beside the runs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from detector.config import ModelConfig
+from detector.errors import UserError
+from distill.config import DataConfig, LossConfig, TrainConfig
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def sweepable_options() -> set[str]:
+    """Config fields a grid may vary (everything a train-student flag sets, except paths)."""
+    names = {f.name for cls in (LossConfig, TrainConfig, ModelConfig) for f in fields(cls)}
+    names |= {"views", "img_scale"}
+    return names - {"device", "workers", "log_every", "checkpoint_every", "strides"}
+
+
+def parse_grid(items: list[str]) -> list[dict[str, str]]:
+    """["ld_temperature=5,10", "vlr_gamma=0,0.25"] -> the cartesian product as override dicts."""
+    axes = []
+    allowed = sweepable_options()
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not values.strip():
+            raise UserError(f"--grid {item!r} must look like name=v1,v2,... (e.g. ld_temperature=5,10,15)")
+        if key not in allowed:
+            raise UserError(f"--grid {key} is not a train-student option; choose from {', '.join(sorted(allowed))}")
+        # img_scale values contain commas themselves: give them as 1333x800
+        axes.append([(key, v.strip().replace("x", ",") if key == "img_scale" else v.strip())
+                     for v in values.split(",") if v.strip()])
+    if not axes:
+        raise UserError("give at least one --grid name=v1,v2,...")
+    keys = [axis[0][0] for axis in axes]
+    if len(set(keys)) != len(keys):
+        raise UserError(f"--grid names repeat: {keys}")
+    return [dict(point) for point in itertools.product(*axes)]
+
+
+def point_name(overrides: dict[str, str]) -> str:
+    return "__".join(f"{k}={v.replace(',', 'x')}" for k, v in overrides.items())
+
+
+@dataclass
+class PointResult:
+    name: str
+    overrides: dict
+    status: str  # done, skipped (finished before), failed
+    metrics: dict | None
+    train_seconds: float | None
+    run_dir: str
+
+
+def _run_point(cache: str, overrides: dict, base_args: list[str], run_dir: Path, threads: int) -> PointResult:
+    eval_file = run_dir / "eval.json"
+    name = run_dir.name
+    if eval_file.exists():
+        ev = json.loads(eval_file.read_text())
+        return PointResult(name, overrides, "skipped", ev["metrics"], ev.get("train_seconds"), str(run_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "cli", "train-student", "--cache", cache, "--out", str(run_dir), "--resume", *base_args]
+    for key, value in overrides.items():
+        cmd += [f"--{key.replace('_', '-')}", value]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": _pythonpath()}
+    with (run_dir / "log.txt").open("a") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0 or not eval_file.exists():
+        return PointResult(name, overrides, "failed", None, None, str(run_dir))
+    ev = json.loads(eval_file.read_text())
+    return PointResult(name, overrides, "done", ev["metrics"], ev.get("train_seconds"), str(run_dir))
+
+
+def _pythonpath() -> str:
+    here = str(Path(__file__).resolve().parents[1])  # a checkout runs without an install too
+    return os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+
+
+def run_sweep(cache: str, grid: list[dict[str, str]], base_args: list[str], out: Path, jobs: int = 1,
+              on_result=None) -> list[PointResult]:
+    if jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {jobs}")
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    results: list[PointResult | None] = [None] * len(grid)
+
+    def one(i: int) -> None:
+        results[i] = _run_point(cache, grid[i], base_args, out / point_name(grid[i]), threads)
+        if on_result:
+            on_result(results[i])
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(one, range(len(grid))))
+    write_report(out, cache, base_args, results)
+    return results
+
+
+def write_report(out: Path, cache: str, base_args: list[str], results: list[PointResult]) -> None:
+    from distill.plots import plot_sweep
+
+    rows = [r.__dict__ for r in results]
+    (out / "sweep.json").write_text(json.dumps({"cache": cache, "base_args": base_args, "points": rows}, indent=2) + "\n")
+    keys = list(results[0].overrides) if results else []
+    header = keys + list(METRICS[:3]) + ["train s", "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in sorted(results, key=lambda r: -(r.metrics or {}).get("AP", -1)):
+        m = r.metrics or {}
+        cells = [r.overrides[k] for k in keys] + [f"{100 * m[k]:.1f}" if k in m else "-" for k in METRICS[:3]]
+        cells += [f"{r.train_seconds:.0f}" if r.train_seconds else "-", r.status]
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    if any(r.metrics for r in results):
+        plot_sweep(results, out / "sweep.png")

@@ -1,0 +1,95 @@
+"""The newcomer path: sweeps over one cache (resumable), plots, and `ldcache demo --quick`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from cache_teacher.dump import DumpConfig, run_dump
+from detector.errors import UserError
+from distill.sweep import parse_grid, point_name
+from tests.conftest import ROOT, TINY_MODEL_FLAGS
+from tests.test_cli import run_cli
+
+
+def test_parse_grid_is_a_cartesian_product_of_known_options():
+    points = parse_grid(["ld_temperature=5,10", "--vlr-gamma=0,0.25,0.5"])
+    assert len(points) == 6 and points[0] == {"ld_temperature": "5", "vlr_gamma": "0"}
+    assert point_name(points[-1]) == "ld_temperature=10__vlr_gamma=0.5"
+    with pytest.raises(UserError, match="not a train-student option"):
+        parse_grid(["learning_rate=1"])
+    with pytest.raises(UserError, match="name=v1,v2"):
+        parse_grid(["ld_weight"])
+
+
+@pytest.fixture(scope="module")
+def sweep_cache(tiny_coco, tiny_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "cache.zarr"
+    run_dump(DumpConfig(teacher=str(tiny_teacher["path"]), images=str(tiny_coco["images"]), ann=str(tiny_coco["ann"]),
+                        out=str(out), img_scale=(96, 96), workers=0, shard_mb=0.05), progress=False)
+    return out
+
+
+def _sweep_cmd(tiny, cache, out):
+    return [sys.executable, str(ROOT / "cli.py"), "sweep", "--cache", str(cache), "--grid", "ld_temperature=5,10",
+            "--grid", "vlr_gamma=0,0.5", "--out", str(out), "--images", str(tiny["images"]), "--ann", str(tiny["ann"]),
+            "--val-images", str(tiny["val_images"]), "--val-ann", str(tiny["val_ann"]), "--workers", "0",
+            *TINY_MODEL_FLAGS, "--batch-size", "4", "--epochs", "2", "--checkpoint-every", "1", "--log-every", "1"]
+
+
+def test_sweep_of_four_points_resumes_after_a_kill(tiny_coco, sweep_cache, tmp_path):
+    out = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_sweep_cmd(tiny_coco, sweep_cache, out), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    first = out / "ld_temperature=5__vlr_gamma=0" / "checkpoints" / "last.pt"
+    deadline = time.time() + 180
+    while proc.poll() is None and time.time() < deadline and not first.exists():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the training it runs
+    proc.wait()
+    assert not (out / "sweep.json").exists()  # it really died mid-sweep
+    done = subprocess.run(_sweep_cmd(tiny_coco, sweep_cache, out), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "sweep.json").read_text())
+    assert len(report["points"]) == 4 and all(p["metrics"] is not None for p in report["points"])
+    killed = [json.loads(line) for line in (first.parent.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in killed if "loss" in r] == [1, 2, 3, 4, 5, 6]  # resumed, nothing twice
+    for p in report["points"]:  # every point read the cache: distillation terms were logged
+        records = [json.loads(line) for line in open(os.path.join(p["run_dir"], "metrics.jsonl"))]
+        assert all("loss_ld" in r for r in records if "loss" in r)
+    assert "| ld_temperature | vlr_gamma | AP |" in (out / "sweep.md").read_text()
+    with Image.open(out / "sweep.png") as img:
+        assert img.width > 400
+    again = subprocess.run(_sweep_cmd(tiny_coco, sweep_cache, out), env=env, capture_output=True, text=True)
+    # Finished points are not rerun.
+    assert again.returncode == 0 and sum(line.strip().startswith("skipped") for line in again.stdout.splitlines()) == 4
+
+
+def test_plot_runs(tiny_coco, sweep_cache, tmp_path):
+    args = ["--images", tiny_coco["images"], "--ann", tiny_coco["ann"], "--val-images", tiny_coco["val_images"],
+            "--val-ann", tiny_coco["val_ann"], "--workers", "0", *TINY_MODEL_FLAGS, "--batch-size", "4",
+            "--epochs", "2", "--eval-every", "1", "--log-every", "1"]
+    assert run_cli("train-detector", "--out", tmp_path / "plain", "--img-scale", "96,96", *args).returncode == 0
+    assert run_cli("train-student", "--cache", sweep_cache, "--out", tmp_path / "ld", *args).returncode == 0
+    proc = run_cli("plot", tmp_path / "plain", tmp_path / "ld", "--out", tmp_path / "curves.png")
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(tmp_path / "curves.png") as img:
+        assert img.width > 1000  # three panels: loss, distillation terms, AP
+
+
+def test_quick_demo_end_to_end_and_reuse(tmp_path):
+    proc = run_cli("demo", "--quick", "--workdir", tmp_path / "demo", "--workers", "0", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = proc.stdout[proc.stdout.index("| model |"):]
+    assert table.count("| student") == 2 and "| teacher" in table
+    for artefact in ("data/annotations/instances_train.json", "teacher/eval.json", "teacher-cache.zarr/zarr.json",
+                     "cache-view.png", "student-plain/eval.json", "student-ld/eval.json", "demo.md", "demo.json"):
+        assert (tmp_path / "demo" / artefact).exists(), artefact
+    again = run_cli("demo", "--quick", "--workdir", tmp_path / "demo", "--workers", "0")
+    assert again.returncode == 0 and again.stdout.count("already trained") == 3  # finished steps are reused
