@@ -124,7 +124,7 @@ def _open_store(cfg: DumpConfig, meta: dict, layout, dataset, num_specs: int) ->
 
 
 def _check_writable(path: str) -> None:
-    """Fail before the teacher is loaded onto the device, not after."""
+    """Fail before any view is computed, not when the first shard is written."""
     parent = Path(path).resolve().parent
     while not parent.exists():
         parent = parent.parent

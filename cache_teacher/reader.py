@@ -110,19 +110,27 @@ class TeacherCache:
         self.num_rows = table["num_rows"].astype(np.int64)
         self.lookup = group["dataset"]["lookup"][:]
         self.image_ids = group["dataset"]["image_ids"][:]
-        self._group, self._pid = None, None
+        self._group, self._pid, self._handles = None, None, {}
 
     # -- lazily opened per process --------------------------------------------------------------
     def __getstate__(self):  # picklable for spawned workers: handles are reopened there
         state = dict(self.__dict__)
-        state["_group"], state["_pid"] = None, None
+        state["_group"], state["_pid"], state["_handles"] = None, None, {}
         return state
 
     def _arrays(self):
         if self._group is None or self._pid != os.getpid():
             self._group = open_group(self.location, "r", self.storage_options)
-            self._pid = os.getpid()
+            self._pid, self._handles = os.getpid(), {}
         return self._group
+
+    def array(self, name: str):
+        """An array's handle, opened once per process: opening reads and parses its metadata, which
+        cost as much as reading a small view's rows."""
+        group = self._arrays()
+        if name not in self._handles:
+            self._handles[name] = group[name]
+        return self._handles[name]
 
     # -- what the cache holds -------------------------------------------------------------------
     @property
@@ -138,7 +146,7 @@ class TeacherCache:
         return self.meta.get("regions", {"kind": "dense"})["kind"] != "dense"
 
     def shards_done(self) -> np.ndarray:
-        return self._arrays()[schema.PROGRESS][:].astype(bool)
+        return self._arrays()[schema.PROGRESS][:].astype(bool)  # not cached: it changes during a dump
 
     def view_index(self, image_index: int, spec_index: int) -> int:
         v = int(self.lookup[image_index, spec_index])
@@ -161,7 +169,6 @@ class TeacherCache:
     # -- rows -----------------------------------------------------------------------------------
     def read_rows(self, v: int, kinds=("box", "cls")) -> dict[str, np.ndarray]:
         """The stored (encoded) rows of view v, one contiguous slice per array."""
-        group = self._arrays()
         start, stop = int(self.row_offset[v]), int(self.row_offset[v] + self.num_rows[v])
         names = []
         if "box" in kinds:
@@ -172,7 +179,7 @@ class TeacherCache:
             names.append(schema.CLS)
         if self.sparse:
             names.append(schema.LOCATION)
-        return _read_slices([group[name] for name in names], names, slice(start, stop))
+        return _read_slices([self.array(name) for name in names], names, slice(start, stop))
 
     def read_view(self, v: int, kinds=("box", "cls")) -> CachedView:
         raw = self.read_rows(v, kinds)
