@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	bash tools/demo.sh
+	$(BIN)/ldcache demo
 
 test: setup
 	$(BIN)/python -m pytest -q
