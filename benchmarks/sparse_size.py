@@ -8,7 +8,13 @@ For every view (orig and hflip at --img-scale) it counts the rows a `--store-reg
 dump would store (ATSS positives plus the VLR band for every gamma >= --min-vlr-gamma) against the
 dense rows, and turns the counts into bytes per view and in total for fp16 box + class logits (and
 box only), using the dataset's class count. The same planning code the dump runs (ATSS per view)
-is used, so the counts are exact, not estimates; no image is read.
+is used, so the counts are exact for the given annotations; no image is read.
+
+Without the COCO annotation file, `--coco-like N` writes N images of annotations drawn from COCO
+train2017's published statistics (640x480 images, landscape 3 in 4; 7.3 objects per image,
+geometric; 41% small / 34% medium / 24% large boxes by area; log-normal aspect ratios; 80
+classes) and plans those at 1333,800: an estimate of COCO's sparse fraction, not a measurement.
+Run the command above on the real file for the exact figure.
 """
 
 from __future__ import annotations
@@ -27,22 +33,67 @@ from detector.coco import CocoDetection  # noqa: E402
 from detector.views import parse_views  # noqa: E402
 
 
+# COCO train2017 in published figures: 118k images of mostly 640x480 (long side 640), 860k boxes
+# (7.3 per image), 41% small (< 32^2 px), 34% medium, 24% large (> 96^2 px), 80 categories.
+COCO_OBJECTS_PER_IMAGE = 7.3
+COCO_SIZE_MIX = ((0.41, 4.0, 32.0), (0.34, 32.0, 96.0), (0.24, 96.0, 480.0))  # (share, min side, max side) of sqrt(area)
+COCO_NUM_CLASSES = 80
+
+
+def write_coco_like(num_images: int, path: Path, seed: int) -> Path:
+    """An annotation file with COCO train2017's published statistics (no image files)."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    images, annotations = [], []
+    shares = np.array([m[0] for m in COCO_SIZE_MIX])
+    for image_id in range(1, num_images + 1):
+        w, h = (640, 480) if rng.random() < 0.75 else (480, 640)
+        images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": w, "height": h})
+        count = rng.geometric(1.0 / COCO_OBJECTS_PER_IMAGE)  # >= 1: training keeps non-empty images
+        for _ in range(count):
+            _, lo, hi = COCO_SIZE_MIX[rng.choice(len(shares), p=shares / shares.sum())]
+            side = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))  # sqrt(area), log-uniform in its bin
+            ratio = float(np.exp(rng.normal(0.0, 0.6)))  # width / height
+            bw, bh = min(side * np.sqrt(ratio), w), min(side / np.sqrt(ratio), h)
+            x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(rng.integers(1, 81)),
+                                "bbox": [round(x, 2), round(y, 2), round(bw, 2), round(bh, 2)],
+                                "area": round(bw * bh, 2), "iscrowd": 0})
+    categories = [{"id": i, "name": f"class{i}"} for i in range(1, COCO_NUM_CLASSES + 1)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", help="image folder (only listed, never read) [default: synthetic train]")
     p.add_argument("--ann", help="annotation json [default: synthetic train]")
-    p.add_argument("--img-scale", type=common.parse_pair, default=(256, 256))
+    p.add_argument("--img-scale", type=common.parse_pair, help="LONG,SHORT [default: 256,256; 1333,800 with --coco-like]")
     p.add_argument("--views", default="orig,hflip")
     p.add_argument("--min-vlr-gamma", type=float, nargs="+", default=[0.25, 0.0, 0.5])
     p.add_argument("--vlr-iou", default="official")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--out", default=str(common.RESULTS_DIR / "sparse_size.json"))
+    p.add_argument("--seed", type=int, default=0, help="seed of --coco-like")
+    p.add_argument("--coco-like", type=int, metavar="N",
+                   help="estimate COCO from its published statistics with N generated images (see above)")
+    p.add_argument("--out", help="result JSON [default: benchmarks/results/sparse_size[_coco_like].json]")
     args = p.parse_args()
-    if args.ann is None:
+    if args.out is None:
+        args.out = str(common.RESULTS_DIR / ("sparse_size_coco_like.json" if args.coco_like else "sparse_size.json"))
+    if args.coco_like:
+        import tempfile
+
+        args.ann = str(write_coco_like(args.coco_like, Path(tempfile.mkdtemp()) / "coco_like.json", args.seed))
+        args.images = str(Path(args.ann).parent)  # only listed, never read
+    elif args.ann is None:
         from detector.synthetic import ensure_synthetic_default
 
         root = ensure_synthetic_default()
         args.images, args.ann = str(root / "train"), str(root / "annotations" / "instances_train.json")
+    if args.img_scale is None:
+        args.img_scale = (1333, 800) if args.coco_like else (256, 256)
     dataset = CocoDetection(args.images, args.ann, views=parse_views(args.views, args.img_scale), train=True)
     dense = np.array([[dataset.view_record(i, s).num_rows for s in range(len(dataset.views))]
                       for i in range(len(dataset))], dtype=np.int64)
