@@ -6,7 +6,8 @@
 
 Each script prints its own table and writes benchmarks/results/<name>.json; this driver runs them
 one after another (never in parallel: they would measure each other) and writes a markdown
-summary with the tables, the machine and the exact commands. Run it on an otherwise idle machine.
+summary with the tables, the machine and the exact commands (`--only NAME...` reruns some and
+keeps the others' latest sections). Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "-gpu" if args.gpu else ""
-    sections = []
+    failed = []
     for name, extra in plan(args):
         if args.only and name not in args.only:
             continue
@@ -65,18 +66,24 @@ def main() -> None:
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
             print(proc.stdout + proc.stderr, file=sys.stderr)
-            sections.append(f"## {name}\n\nFAILED (exit {proc.returncode}); see the command below.\n\n`{' '.join(cmd[1:])}`\n")
-            continue
-        print(proc.stdout, flush=True)
-        record = json.loads(out.read_text())
-        env = record.get("environment", {})
-        sections.append(f"## {name}\n\n{proc.stdout.strip()}\n\n"
-                        f"- device: {env.get('device_name', '?')}; torch {env.get('torch', '?')}; {seconds:.0f} s\n"
-                        f"- command: `python {' '.join(str(c) for c in cmd[1:])}`\n")
+            failed.append(name)
+            section = f"## {name}\n\nFAILED (exit {proc.returncode}); see the command below.\n\n`{' '.join(cmd[1:])}`\n"
+        else:
+            print(proc.stdout, flush=True)
+            env = json.loads(out.read_text()).get("environment", {})
+            section = (f"## {name}\n\n{proc.stdout.strip()}\n\n"
+                       f"- device: {env.get('device_name', '?')}; torch {env.get('torch', '?')}; {seconds:.0f} s\n"
+                       f"- command: `python {' '.join(str(c) for c in cmd[1:])}`\n")
+        (RESULTS / f"{name}{suffix}.section.md").write_text(section)
+    # The summary holds the latest section of every script, so `--only` refreshes a part of it.
+    sections = [path.read_text() for path in (RESULTS / f"{name}{suffix}.section.md" for name, _ in plan(args))
+                if path.exists()]
     summary = RESULTS / f"SUMMARY{suffix}.md"
     summary.write_text("# Benchmark results\n\nWritten by `benchmarks/run_all.py`"
                        f"{' --gpu' if args.gpu else ''}.\n\n" + "\n".join(sections))
     print(f"wrote {summary}")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

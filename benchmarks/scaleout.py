@@ -34,7 +34,7 @@ CLI = str(common.REPO_ROOT / "cli.py")
 
 def _dump(cmd_prefix: list[str], args, images: str, ann: str, teacher: str, out: str, env: dict, extra=()) -> float:
     cmd = [*cmd_prefix, CLI, "dump-teacher", "--teacher", teacher, "--images", images, "--ann", ann, "--out", out,
-           "--img-scale", f"{args.img_scale[0]},{args.img_scale[1]}", "--workers", str(args.dump_workers),
+           "--img-scale", f"{args.img_scale[0]},{args.img_scale[1]}", "--views", args.views, "--workers", str(args.dump_workers),
            "--batch-size", str(args.batch_size), "--shard-mb", str(args.shard_mb), *extra]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -60,7 +60,6 @@ def main() -> None:
     common.add_teacher_args(p)
     common.add_data_args(p, num_images=256)
     common.add_run_args(p, "scaleout")
-    p.add_argument("--img-scale", type=common.parse_pair, default=(256, 256))
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dump-workers", type=int, default=1, help="DataLoader workers per dump process")
     p.add_argument("--shard-mb", type=float, default=8.0)
@@ -74,7 +73,7 @@ def main() -> None:
         teacher, teacher_cfg, random_weights = common.prepare_teacher(args, common.num_classes_of(ann), work)
         env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT)}
         rows = []
-        views = 2 * len(json.loads(Path(ann).read_text())["images"])
+        views = len(args.views.split(",")) * len(json.loads(Path(ann).read_text())["images"])
         one = _dump([sys.executable], args, images, ann, teacher, str(work / "one.zarr"), env)
         two = _dump([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
                     args, images, ann, teacher, str(work / "two.zarr"), {**env, "OMP_NUM_THREADS": "1"})

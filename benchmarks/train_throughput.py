@@ -285,7 +285,7 @@ def run(args, device: torch.device, workdir: Path) -> None:
         model, online_cfg = load_teacher(teacher_path, {}, torch.device("cpu"))  # moved to the device when used
         teachers["online"] = OnlineTeacher(model, online_cfg, file_sha256(teacher_path), amp=args.amp)
     for teacher in teachers.values():
-        teacher.validate(dataset, cfg, need_cls=loss.kd_weight > 0)
+        teacher.validate(dataset, cfg, loss)
 
     bench = Bench(args, device, dataset, cfg, teachers)
     num_views = len(dataset) * len(dataset.views)

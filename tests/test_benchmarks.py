@@ -1,0 +1,81 @@
+"""Every benchmark script runs end to end at a tiny size and writes a result JSON whose rows hold
+positive, finite measurements: the scripts call the same APIs as the product, so a change that
+breaks them must fail here rather than at the next benchmark run."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+TINY_TEACHER = ["--depth", "18", "--base-width", "8", "--fpn-channels", "64", "--head-channels", "64",
+                "--stacked-convs", "1"]
+TINY_STUDENT = ["--student-depth", "18", "--student-base-width", "8", "--student-fpn-channels", "64",
+                "--student-head-channels", "64", "--student-stacked-convs", "1"]
+
+CASES = {
+    "dump_throughput": (["--repeats", "1", "--batch-size", "4", "--workers", "0"], "views_per_s"),
+    "cache_size_fidelity": (["--batch-size", "4", "--workers", "0"], "kb_per_view"),
+    "read_throughput": (["--seconds", "0.2", "--repeats", "1", "--workers-list", "0,2", "--dump-workers", "0"],
+                        "views_per_s"),
+    "train_throughput": ([*TINY_STUDENT, "--batch-size", "2", "--workers", "0", "--steps", "2", "--warmup", "1",
+                          "--rounds", "1"], "steps_per_s"),
+    "scaleout": (["--seconds", "0.2", "--repeats", "1", "--batch-size", "4"], "views_per_s"),
+}
+
+
+def _numbers(rows: list[dict], key: str) -> list[float]:
+    return [row[key] for row in rows if isinstance(row.get(key), (int, float))]
+
+
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_benchmark_runs_and_writes_results(script, tiny_coco, tmp_path):
+    extra, key = CASES[script]
+    out = tmp_path / f"{script}.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--images", str(tiny_coco["images"]),
+           "--ann", str(tiny_coco["ann"]), "--num-images", "6", "--img-scale", "96,96", *TINY_TEACHER, *extra,
+           "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["script"].endswith(f"{script}.py") or script in record["script"]
+    values = _numbers(record["rows"], key)
+    assert values, f"no {key!r} in the rows of {script}: {record['rows']}"
+    assert all(math.isfinite(v) and v > 0 for v in values), values
+    assert "|" in proc.stdout  # the markdown table
+
+
+def test_sparse_size_counts_fewer_rows_than_dense(tiny_coco, tmp_path):
+    out = tmp_path / "sparse.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "sparse_size.py"), "--images", str(tiny_coco["images"]),
+           "--ann", str(tiny_coco["ann"]), "--img-scale", "96,96", "--min-vlr-gamma", "0.5", "0.0",
+           "--workers", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {row["min_vlr_gamma"]: row for row in json.loads(out.read_text())["rows"]}
+    assert 0 < rows[0.5]["fraction"] < rows[0.0]["fraction"] < 1  # a wider VLR band keeps more rows
+
+
+def test_coco_like_annotations_follow_the_published_statistics(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sparse_size
+
+    data = json.loads(sparse_size.write_coco_like(400, tmp_path / "ann.json", seed=0).read_text())
+    boxes = [a["bbox"] for a in data["annotations"]]
+    assert len(data["images"]) == 400 and len(data["categories"]) == 80
+    assert 6.0 < len(boxes) / 400 < 8.6  # 7.3 objects per image on average
+    areas = [w * h for _, _, w, h in boxes]
+    small = sum(a < 32 ** 2 for a in areas) / len(areas)
+    large = sum(a > 96 ** 2 for a in areas) / len(areas)
+    assert 0.33 < small < 0.5 and 0.17 < large < 0.31  # 41% small, 24% large (clipping shifts a little)
+    size_of = {i["id"]: (i["width"], i["height"]) for i in data["images"]}
+    assert set(size_of.values()) <= {(640, 480), (480, 640)}
+    for a in data["annotations"]:  # every box inside its image
+        x, y, w, h = a["bbox"]
+        iw, ih = size_of[a["image_id"]]
+        assert 0 <= x and 0 <= y and x + w <= iw + 0.01 and y + h <= ih + 0.01
