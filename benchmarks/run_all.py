@@ -23,6 +23,14 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
+def _relative(part: str) -> str:
+    """A path inside the repository as the repository-relative path the README's commands use."""
+    try:
+        return str(Path(part).relative_to(HERE.parent))
+    except ValueError:
+        return part
+
+
 def plan(args) -> list[tuple[str, list[str]]]:
     teacher = ["--teacher", args.teacher] if args.teacher else []
     if args.gpu:
@@ -71,9 +79,10 @@ def main() -> None:
         else:
             print(proc.stdout, flush=True)
             env = json.loads(out.read_text()).get("environment", {})
+            shown = " ".join(_relative(c) for c in cmd[1:])
             section = (f"## {name}\n\n{proc.stdout.strip()}\n\n"
                        f"- device: {env.get('device_name', '?')}; torch {env.get('torch', '?')}; {seconds:.0f} s\n"
-                       f"- command: `python {' '.join(str(c) for c in cmd[1:])}`\n")
+                       f"- command: `.venv/bin/python {shown}`\n")
         (RESULTS / f"{name}{suffix}.section.md").write_text(section)
     # The summary holds the latest section of every script, so `--only` refreshes a part of it.
     sections = [path.read_text() for path in (RESULTS / f"{name}{suffix}.section.md" for name, _ in plan(args))

@@ -48,6 +48,8 @@ def test_benchmark_runs_and_writes_results(script, tiny_coco, tmp_path):
     assert values, f"no {key!r} in the rows of {script}: {record['rows']}"
     assert all(math.isfinite(v) and v > 0 for v in values), values
     assert "|" in proc.stdout  # the markdown table
+    if script == "scaleout":  # a 2-process dump is byte-identical to a 1-process one with the same kernels
+        assert any("bytes identical" in row.get("note", "") for row in record["rows"]), record["rows"]
 
 
 def test_sparse_size_counts_fewer_rows_than_dense(tiny_coco, tmp_path):
