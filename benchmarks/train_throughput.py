@@ -6,11 +6,14 @@
         --student-depth 18 --teacher-depth 101 --full-width --batch-size 8 --workers 8 \\
         --num-images 64 --steps 40 --warmup 5 --rounds 3
 
-Three variants, same data (the same seeded batches of ViewBatchSampler, one view per image per
+Four variants, same data (the same seeded batches of ViewBatchSampler, one view per image per
 epoch, endless over epochs), same batch and the same freshly built student (seeded) each time:
 - plain:  GFL losses only (QFL + GIoU + DFL), no teacher;
 - cache:  CacheTeacher: the DataLoader workers read each view's cached rows (one contiguous slice
           per array) beside the image; the rows are decoded on the device; + Main LD, VLR LD, Main KD;
+- cache-mem: the cache variant with every view's rows read once beforehand and served from
+          memory: the same losses without the reads, so cache vs cache-mem is the cost of reading
+          and cache-mem vs plain the cost of the distillation terms;
 - online: OnlineTeacher: the teacher's forward (eval, no grad, the same autocast) on every batch;
           the same losses.
 Each step is the engine's step (distill.engine.run_train): teacher.rows, the student forward under
@@ -64,7 +67,7 @@ from distill.config import LossConfig, TrainConfig, config_to_dict  # noqa: E402
 from distill.criterion import compute_losses  # noqa: E402
 from distill.engine import batch_groups, build_optimizer, lr_at  # noqa: E402
 from distill.sampler import ViewBatchSampler  # noqa: E402
-from distill.teachers import CacheTeacher, OnlineTeacher  # noqa: E402
+from distill.teachers import CacheTeacher, OnlineTeacher, TargetSample  # noqa: E402
 
 SCRIPT = "train_throughput"
 MB = 2**20
@@ -73,7 +76,7 @@ STUDENT_RECIPE = common.REPO_ROOT / "configs" / "synthetic-student.toml"
 STUDENT_FALLBACK = dict(depth=18, base_width=16, fpn_channels=64, head_channels=64, stacked_convs=2,
                         frozen_stages=0, norm_eval=False)
 FULL = ModelConfig()  # mmdetection's GFL widths: base 64, 256 channels, 4 convs, frozen stem + stage 1
-VARIANTS = ("plain", "cache", "online")
+VARIANTS = ("plain", "cache", "cache-mem", "online")
 
 
 def _student_defaults() -> dict:
@@ -109,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--amp", default="auto", help="auto (bf16 on CUDA, none on CPU) | off | bf16 | fp16")
     r.add_argument("--optimizer", default="sgd", help="sgd (the 1x recipe) | adamw")
     r.add_argument("--lr", type=float, help="default: the engine's (0.01 x batch / 16 for SGD)")
-    r.add_argument("--variants", default=",".join(VARIANTS), help="comma list of plain, cache, online")
+    r.add_argument("--variants", default=",".join(VARIANTS), help="comma list of plain, cache, cache-mem, online")
     r.add_argument("--steps", type=int, default=15, help="timed steps per variant and round")
     r.add_argument("--warmup", type=int, default=3, help="untimed steps before them (same loader iterator)")
     r.add_argument("--rounds", type=int, default=2)
@@ -147,6 +150,27 @@ class EndlessBatches:
             self.sampler.set_epoch(epoch)
             yield from self.sampler
             epoch += 1
+
+
+class InMemoryTargets(torch.utils.data.Dataset):
+    """CachedTargets with every view's stored rows read up front: a step pays no cache read."""
+
+    def __init__(self, cached):
+        self.cached = cached
+        self.rows = {(i, s): cached[(i, s)].stored for i in range(len(cached.base))
+                     for s in range(len(cached.base.views))}
+
+    def __len__(self) -> int:
+        return len(self.cached)
+
+    def __getitem__(self, key):
+        key = tuple(key)
+        return TargetSample(self.cached.base[key], dict(self.rows[key]))  # collate may replace entries
+
+
+class InMemoryCacheTeacher(CacheTeacher):
+    def dataset(self, base):
+        return InMemoryTargets(super().dataset(base))
 
 
 class Bench:
@@ -272,7 +296,7 @@ def run(args, device: torch.device, workdir: Path) -> None:
     dataset.check_files()
 
     dump_seconds = None
-    if "cache" in args.variants and cache is None:
+    if {"cache", "cache-mem"} & set(args.variants) and cache is None:
         location, dump_seconds = make_cache(args, images, ann, teacher_path, workdir)
         cache = TeacherCache(location)
         print(f"dumped {location} in {dump_seconds:.1f} s (not part of the comparison)", file=sys.stderr)
@@ -281,6 +305,8 @@ def run(args, device: torch.device, workdir: Path) -> None:
     teachers: dict = {}
     if "cache" in args.variants:
         teachers["cache"] = CacheTeacher(cache, need_cls=loss.kd_weight > 0)
+    if "cache-mem" in args.variants:
+        teachers["cache-mem"] = InMemoryCacheTeacher(cache, need_cls=loss.kd_weight > 0)
     if "online" in args.variants:
         model, online_cfg = load_teacher(teacher_path, {}, torch.device("cpu"))  # moved to the device when used
         teachers["online"] = OnlineTeacher(model, online_cfg, file_sha256(teacher_path), amp=args.amp)
@@ -300,7 +326,7 @@ def run(args, device: torch.device, workdir: Path) -> None:
             result = bench.run(variant)
             runs[variant].append(result)
             mem = f", peak {result['peak_gpu_mb']:.0f} MB" if result["peak_gpu_mb"] is not None else ""
-            print(f"[{rnd}] {variant:7s} {result['steps_per_s']:7.3f} steps/s {result['images_per_s']:8.2f} images/s "
+            print(f"[{rnd}] {variant:9s} {result['steps_per_s']:7.3f} steps/s {result['images_per_s']:8.2f} images/s "
                   f"(warm-up {result['warmup_seconds']:.1f} s{mem}, loss {result['last_losses'].get('loss', 0):.3f})",
                   file=sys.stderr)
 
@@ -323,6 +349,7 @@ def run(args, device: torch.device, workdir: Path) -> None:
     summary = {
         "cache_vs_plain": per_round_ratio("cache", "plain"),
         "online_vs_plain": per_round_ratio("online", "plain"),
+        "cache_mem_vs_plain": per_round_ratio("cache-mem", "plain"),  # the distillation terms alone
         # > 1: the cache is that many times faster than the online teacher (= online s/step / cache s/step)
         "cache_speedup_over_online": per_round_ratio("cache", "online"),
         "goal_cache_vs_plain": 0.95,
@@ -344,6 +371,7 @@ def run(args, device: torch.device, workdir: Path) -> None:
           "median of per-round ratios (goal: cache >= 0.95)\n")
     print(common.markdown_table(rows, columns))
     ratios = [f"{name} {summary[key]:.3f}" for name, key in (("cache/plain", "cache_vs_plain"),
+                                                              ("cache-mem/plain", "cache_mem_vs_plain"),
                                                               ("online/plain", "online_vs_plain"),
                                                               ("cache speed-up over online", "cache_speedup_over_online"))
               if summary[key] is not None]
