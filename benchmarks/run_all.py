@@ -50,6 +50,7 @@ def plan(args) -> list[tuple[str, list[str]]]:
         ("read_throughput", [*cpu, *teacher]),
         ("train_throughput", [*cpu, *teacher]),
         ("sparse_size", []),
+        ("sparse_size_coco_like", ["--coco-like", "2000"]),  # an estimate from COCO's published statistics
         ("scaleout", [*cpu, *teacher]),
     ]
 
@@ -67,7 +68,8 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         out = RESULTS / f"{name}{suffix}.json"
-        cmd = [sys.executable, str(HERE / f"{name}.py"), *extra, "--out", str(out)]
+        script = "sparse_size" if name.startswith("sparse_size") else name
+        cmd = [sys.executable, str(HERE / f"{script}.py"), *extra, "--out", str(out)]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
