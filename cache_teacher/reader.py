@@ -3,7 +3,9 @@
 TeacherCache reads the metadata and the small view table when constructed, and opens the row
 arrays lazily, once per process: a DataLoader worker forked from the main process opens its own
 handle on first use. A view's rows come from ONE contiguous slice per array (zarr's fancy indexing
-is an order of magnitude slower)."""
+is an order of magnitude slower). For a complete cache on a local disk in the plain uncompressed
+layout, the slices are read straight from the shard files (rawshards.py), which costs a fraction
+of zarr-python's per-read overhead; anything else reads through zarr."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import zarr
 
 from cache_teacher import schema
 from cache_teacher.codec import decode_rows
+from cache_teacher.rawshards import open_raw
 from detector.errors import UserError
 from detector.views import ViewRecord, ViewSpec
 
@@ -110,18 +113,18 @@ class TeacherCache:
         self.num_rows = table["num_rows"].astype(np.int64)
         self.lookup = group["dataset"]["lookup"][:]
         self.image_ids = group["dataset"]["image_ids"][:]
-        self._group, self._pid, self._handles = None, None, {}
+        self._group, self._pid, self._handles, self._raw = None, None, {}, {}
 
     # -- lazily opened per process --------------------------------------------------------------
     def __getstate__(self):  # picklable for spawned workers: handles are reopened there
         state = dict(self.__dict__)
-        state["_group"], state["_pid"], state["_handles"] = None, None, {}
+        state["_group"], state["_pid"], state["_handles"], state["_raw"] = None, None, {}, {}
         return state
 
     def _arrays(self):
         if self._group is None or self._pid != os.getpid():
             self._group = open_group(self.location, "r", self.storage_options)
-            self._pid, self._handles = os.getpid(), {}
+            self._pid, self._handles, self._raw = os.getpid(), {}, {}
         return self._group
 
     def array(self, name: str):
@@ -131,6 +134,15 @@ class TeacherCache:
         if name not in self._handles:
             self._handles[name] = group[name]
         return self._handles[name]
+
+    def raw(self, name: str):
+        """A direct shard-file reader for an array of a complete local cache (None: read through zarr)."""
+        self._arrays()  # resets per-process state after a fork
+        if name not in self._raw:
+            local = not is_url(self.location) or self.location.startswith("file://")
+            folder = Path(self.location.removeprefix("file://")) / name
+            self._raw[name] = open_raw(folder) if self.complete and local else None
+        return self._raw[name]
 
     # -- what the cache holds -------------------------------------------------------------------
     @property
@@ -179,6 +191,9 @@ class TeacherCache:
             names.append(schema.CLS)
         if self.sparse:
             names.append(schema.LOCATION)
+        raw = [self.raw(name) for name in names]
+        if all(r is not None for r in raw):
+            return {name: r.read(start, stop) for name, r in zip(names, raw)}
         return _read_slices([self.array(name) for name in names], names, slice(start, stop))
 
     def read_view(self, v: int, kinds=("box", "cls")) -> CachedView:

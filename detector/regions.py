@@ -25,6 +25,8 @@ class Region:
 
 
 def vlr_region(assign: BatchAssignment, gamma: float, iou: str = "official") -> Region:
+    if not 0 <= gamma <= 1:
+        raise ValueError(f"vlr gamma must be in [0, 1], got {gamma}")
     if iou not in ("official", "diou"):
         raise ValueError(f"vlr iou must be official or diou, got {iou!r}")
     rows, weights = [], []
@@ -32,13 +34,17 @@ def vlr_region(assign: BatchAssignment, gamma: float, iou: str = "official") -> 
     for n, gt_boxes, thresholds, ious in zip(assign.rows_per_image, assign.gt_boxes_per_image,
                                              assign.thresholds_per_image, assign.ious_per_image):
         if len(gt_boxes):
-            anchors = assign.anchors[start:start + n]
-            diou = pairwise_diou(anchors, gt_boxes, official=iou == "official")  # [n, G]
+            # Only anchors that overlap some GT can be in a band: without overlap the DIoU is
+            # -(centre distance^2 / diagonal^2) < 0 <= gamma x thr (thr >= 0, gamma >= 0), so the
+            # DIoU is computed for those alone (a few percent of the anchors; the same result).
+            near = (ious > 0).any(dim=1).nonzero().squeeze(1)
+            diou = pairwise_diou(assign.anchors[start + near], gt_boxes, official=iou == "official")  # [m, G]
             in_band = (diou >= gamma * thresholds[None, :]) & (diou < thresholds[None, :])
-            best_iou, _ = torch.where(in_band, ious, torch.full_like(ious, -1.0)).max(dim=1)
-            selected = (best_iou >= 0).nonzero().squeeze(1)
-            rows.append(selected + start)
-            weights.append(best_iou[selected])
+            near_ious = ious[near]
+            best_iou, _ = torch.where(in_band, near_ious, torch.full_like(near_ious, -1.0)).max(dim=1)
+            keep = best_iou >= 0
+            rows.append(near[keep] + start)
+            weights.append(best_iou[keep])
         start += n
     device = assign.anchors.device
     if not rows:

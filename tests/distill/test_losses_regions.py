@@ -80,3 +80,42 @@ def test_vlr_band_on_hand_built_anchors():
     assert true.rows.tolist() == [1, 2]
     assert true.weights.tolist() == pytest.approx([0.5, 1 / 3])
     assert vlr_region(assign, gamma=0.9, iou="diou").rows.tolist() == [1]  # band [0.45, 0.5): only 0.47
+
+
+def _vlr_over_all_anchors(assign, gamma, iou):
+    """The band rule evaluated on every anchor (no shortcut): the reference for vlr_region."""
+    from detector.box_ops import pairwise_diou
+
+    rows, weights, start = [], [], 0
+    for n, gt, thr, ious in zip(assign.rows_per_image, assign.gt_boxes_per_image, assign.thresholds_per_image,
+                                assign.ious_per_image):
+        if len(gt):
+            diou = pairwise_diou(assign.anchors[start:start + n], gt, official=iou == "official")
+            in_band = (diou >= gamma * thr[None, :]) & (diou < thr[None, :])
+            best, _ = torch.where(in_band, ious, torch.full_like(ious, -1.0)).max(dim=1)
+            sel = (best >= 0).nonzero().squeeze(1)
+            rows.append(sel + start)
+            weights.append(best[sel])
+        start += n
+    return torch.cat(rows), torch.cat(weights)
+
+
+@pytest.mark.parametrize("iou", ["official", "diou"])
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.75])
+def test_vlr_region_equals_the_rule_over_every_anchor(iou, gamma):
+    """vlr_region evaluates the band only for anchors overlapping a GT; on random images with boxes
+    of every size (some touching, some outside the image) it selects what the full rule selects."""
+    g = torch.Generator().manual_seed(11)
+    level_hw, gts, labels = [], [], []
+    for h, w in [(96, 128), (160, 96), (64, 64)]:
+        k = int(torch.randint(1, 9, (1,), generator=g))
+        xy = torch.rand(k, 2, generator=g) * torch.tensor([w, h]) - 8
+        wh = torch.rand(k, 2, generator=g) ** 2 * torch.tensor([w, h]) + 1
+        gts.append(torch.cat([xy, xy + wh], dim=1))
+        labels.append(torch.zeros(k, dtype=torch.long))
+        level_hw.append(level_sizes((h, w), (8, 16, 32, 64, 128)))
+    assign = assign_batch(level_hw, gts, labels, (8, 16, 32, 64, 128), num_classes=1)
+    region = vlr_region(assign, gamma, iou)
+    rows, weights = _vlr_over_all_anchors(assign, gamma, iou)
+    assert rows.numel() > 0
+    assert torch.equal(region.rows, rows) and torch.equal(region.weights, weights)
