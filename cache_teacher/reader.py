@@ -3,9 +3,10 @@
 TeacherCache reads the metadata and the small view table when constructed, and opens the row
 arrays lazily, once per process: a DataLoader worker forked from the main process opens its own
 handle on first use. A view's rows come from ONE contiguous slice per array (zarr's fancy indexing
-is an order of magnitude slower). For a complete cache on a local disk in the plain uncompressed
-layout, the slices are read straight from the shard files (rawshards.py), which costs a fraction
-of zarr-python's per-read overhead; anything else reads through zarr."""
+is an order of magnitude slower). For a complete cache in the plain uncompressed layout, on a
+local disk or an fsspec URL, the slices are read straight from the shard files (rawshards.py):
+a fraction of zarr-python's per-read overhead, and one ranged request per array and view on
+object storage; anything else reads through zarr."""
 
 from __future__ import annotations
 
@@ -136,12 +137,19 @@ class TeacherCache:
         return self._handles[name]
 
     def raw(self, name: str):
-        """A direct shard-file reader for an array of a complete local cache (None: read through zarr)."""
+        """A direct shard-file reader for an array of a complete cache (None: read through zarr)."""
         self._arrays()  # resets per-process state after a fork
         if name not in self._raw:
-            local = not is_url(self.location) or self.location.startswith("file://")
-            folder = Path(self.location.removeprefix("file://")) / name
-            self._raw[name] = open_raw(folder) if self.complete and local else None
+            self._raw[name] = None
+            if not self.complete:
+                pass  # shards may still change: zarr reads
+            elif not is_url(self.location) or self.location.startswith("file://"):
+                self._raw[name] = open_raw(Path(self.location.removeprefix("file://")) / name)
+            else:
+                import fsspec
+
+                fs, root = fsspec.core.url_to_fs(self.location, **(self.storage_options or {}))
+                self._raw[name] = open_raw(f"{root.rstrip('/')}/{name}", fs=fs)
         return self._raw[name]
 
     # -- what the cache holds -------------------------------------------------------------------
