@@ -21,6 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+SCRIPT_OF = {"sparse_size_coco_like": "sparse_size"}  # result names run by another name's script
 
 
 def _relative(part: str) -> str:
@@ -50,7 +51,7 @@ def plan(args) -> list[tuple[str, list[str]]]:
         ("read_throughput", [*cpu, *teacher]),
         ("train_throughput", [*cpu, *teacher]),
         ("sparse_size", []),
-        ("sparse_size_coco_like", ["--coco-like", "2000"]),  # an estimate from COCO's published statistics
+        ("sparse_size_coco_like", ["--coco-like", "2000"]),  # sparse_size.py: an estimate from COCO's statistics
         ("scaleout", [*cpu, *teacher]),
     ]
 
@@ -68,7 +69,7 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         out = RESULTS / f"{name}{suffix}.json"
-        script = "sparse_size" if name.startswith("sparse_size") else name
+        script = SCRIPT_OF.get(name, name)
         cmd = [sys.executable, str(HERE / f"{script}.py"), *extra, "--out", str(out)]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()

@@ -156,9 +156,10 @@ class InMemoryTargets(torch.utils.data.Dataset):
     """CachedTargets with every view's stored rows read up front: a step pays no cache read."""
 
     def __init__(self, cached):
-        self.cached = cached
-        self.rows = {(i, s): cached[(i, s)].stored for i in range(len(cached.base))
-                     for s in range(len(cached.base.views))}
+        self.cached, cache = cached, cached.cache
+        self.rows = {(i, s): {name: torch.from_numpy(a) for name, a in
+                              cache.read_rows(cache.view_index(i, cached.spec_of_view[s]), cached.kinds).items()}
+                     for i in range(len(cached.base)) for s in range(len(cached.base.views))}
 
     def __len__(self) -> int:
         return len(self.cached)

@@ -51,3 +51,18 @@ def tiny_teacher(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     save_checkpoint(path, model, config)
     return {"path": path, "model": model, "config": config}
+
+
+def dump_tiny_cache(tiny: dict, teacher, out, img_scale=(96, 96), shard_mb=0.05, **kw) -> Path:
+    """Dump `teacher` over a tiny dataset in-process (small shards, so views cross shard boundaries)."""
+    from cache_teacher.dump import DumpConfig, run_dump
+
+    run_dump(DumpConfig(teacher=str(teacher), images=str(tiny["images"]), ann=str(tiny["ann"]), out=str(out),
+                        img_scale=img_scale, workers=0, shard_mb=shard_mb, **kw), progress=False)
+    return Path(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_coco, tiny_teacher, tmp_path_factory):
+    """The fp16 cache of tiny_teacher over tiny_coco at 96x96, both views. Shared: read it, never write it."""
+    return dump_tiny_cache(tiny_coco, tiny_teacher["path"], tmp_path_factory.mktemp("tiny-cache") / "cache.zarr")

@@ -4,22 +4,13 @@ import pytest
 import zarr
 from PIL import Image
 
-from cache_teacher.dump import DumpConfig, run_dump
 from cache_teacher.inspect import summarize, verify
 from cache_teacher.reader import TeacherCache
 from tests.test_cli import assert_user_error, run_cli
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tiny_coco, tiny_teacher, tmp_path_factory):
-    out = tmp_path_factory.mktemp("inspect") / "cache.zarr"
-    run_dump(DumpConfig(teacher=str(tiny_teacher["path"]), images=str(tiny_coco["images"]), ann=str(tiny_coco["ann"]),
-                        out=str(out), img_scale=(96, 96), workers=0, shard_mb=0.05), progress=False)
-    return out
-
-
-def test_summary_counts_what_was_dumped(cache_dir):
-    s = summarize(TeacherCache(cache_dir))
+def test_summary_counts_what_was_dumped(tiny_cache):
+    s = summarize(TeacherCache(tiny_cache))
     assert (s["images"], s["views"], s["complete"]) == (10, 20, True)
     assert s["view_specs"] == ["orig@96x96", "hflip@96x96"]
     assert s["bytes_on_disk"]["box"] > 0 and s["bytes_on_disk"]["cls"] > 0
@@ -28,18 +19,18 @@ def test_summary_counts_what_was_dumped(cache_dir):
     assert [1, 1] in next(c["level_hw"] for c in s["canvases"] if c["padded_hw"] == [96, 96])
 
 
-def test_verify_with_the_teacher_measures_fidelity(cache_dir, tiny_teacher):
-    r = verify(TeacherCache(cache_dir), str(tiny_teacher["path"]), num_views=4)
+def test_verify_with_the_teacher_measures_fidelity(tiny_cache, tiny_teacher):
+    r = verify(TeacherCache(tiny_cache), str(tiny_teacher["path"]), num_views=4)
     assert r["ok"] and r["teacher_matches"] and r["dataset_matches"] and r["nonfinite_rows"] == 0
     assert r["fidelity"]["views"] == 4
     assert abs(r["fidelity"]["kl_t10_mean"]) < 1e-5  # fp16 storage of a fresh fp32 forward (float noise may dip below 0)
 
 
-def test_verify_reports_an_incomplete_cache(cache_dir, tmp_path):
+def test_verify_reports_an_incomplete_cache(tiny_cache, tmp_path):
     import shutil
 
     copy = tmp_path / "copy.zarr"
-    shutil.copytree(cache_dir, copy)
+    shutil.copytree(tiny_cache, copy)
     group = zarr.open_group(str(copy), mode="r+")
     group["progress"][0] = 0
     group.attrs["ldcache"] = {**group.attrs["ldcache"], "complete": False}
@@ -49,8 +40,8 @@ def test_verify_reports_an_incomplete_cache(cache_dir, tmp_path):
     assert proc.returncode == 1 and "INCOMPLETE" in proc.stdout  # a failed check is a failed command
 
 
-def test_cli_json_and_png(cache_dir, tmp_path):
-    proc = run_cli("inspect-cache", cache_dir, "--json", "--png", tmp_path / "view.png", "--view", "3")
+def test_cli_json_and_png(tiny_cache, tmp_path):
+    proc = run_cli("inspect-cache", tiny_cache, "--json", "--png", tmp_path / "view.png", "--view", "3")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["summary"]["views"] == 20
@@ -58,14 +49,14 @@ def test_cli_json_and_png(cache_dir, tmp_path):
         assert img.width > 600  # image panel + the four edge-distribution panels
 
 
-def test_cli_errors(cache_dir, tiny_coco, tiny_teacher, tmp_path):
+def test_cli_errors(tiny_cache, tiny_coco, tiny_teacher, tmp_path):
     assert_user_error(run_cli("inspect-cache", tmp_path / "nothing"), "no cache at")
-    assert_user_error(run_cli("inspect-cache", cache_dir, "--png", tmp_path / "x.png", "--view", "99"), "out of range")
+    assert_user_error(run_cli("inspect-cache", tiny_cache, "--png", tmp_path / "x.png", "--view", "99"), "out of range")
     base = ["dump-teacher", "--teacher", tiny_teacher["path"], "--images", tiny_coco["images"], "--ann",
             tiny_coco["ann"], "--img-scale", "96,96", "--workers", "0"]
     # An existing store of another identity (other views) is refused, naming the difference.
-    assert_user_error(run_cli(*base, "--out", cache_dir, "--views", "orig"), "another identity", "--overwrite")
-    assert_user_error(run_cli(*base, "--out", cache_dir, "--box-dtype", "int4"), "--box-dtype")
+    assert_user_error(run_cli(*base, "--out", tiny_cache, "--views", "orig"), "another identity", "--overwrite")
+    assert_user_error(run_cli(*base, "--out", tiny_cache, "--box-dtype", "int4"), "--box-dtype")
     (tmp_path / "file").write_text("x")
     assert_user_error(run_cli(*base, "--out", tmp_path / "file" / "c"), "not a writable folder")
 

@@ -4,15 +4,13 @@ steps aside (zarr reads) for every layout it does not."""
 import numpy as np
 import pytest
 
-from cache_teacher.dump import DumpConfig, run_dump
 from cache_teacher.rawshards import open_raw
 from cache_teacher.reader import TeacherCache, _read_slices
+from tests.conftest import dump_tiny_cache
 
 
 def _dump(tiny, teacher, out, **kw):
-    run_dump(DumpConfig(teacher=str(teacher), images=str(tiny["images"]), ann=str(tiny["ann"]), out=str(out),
-                        img_scale=(160, 160), workers=0, shard_mb=0.05, **kw), progress=False)
-    return TeacherCache(out)
+    return TeacherCache(dump_tiny_cache(tiny, teacher, out, img_scale=(160, 160), shard_mb=0.05, **kw))
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:

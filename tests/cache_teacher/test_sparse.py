@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from cache_teacher.dump import DumpConfig, run_dump
 from cache_teacher.inspect import summarize
 from cache_teacher.reader import TeacherCache
 from detector import ModelConfig, build_detector
@@ -12,14 +11,12 @@ from detector.errors import UserError
 from distill.config import LossConfig
 from distill.criterion import compute_losses
 from distill.teachers import CacheTeacher
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, dump_tiny_cache
 from tests.test_cli import assert_user_error, run_cli
 
 
 def _dump(tiny, teacher, out, **kw):
-    run_dump(DumpConfig(teacher=str(teacher), images=str(tiny["images"]), ann=str(tiny["ann"]), out=str(out),
-                        img_scale=(160, 160), workers=0, shard_mb=0.2, **kw), progress=False)
-    return TeacherCache(out)
+    return TeacherCache(dump_tiny_cache(tiny, teacher, out, img_scale=(160, 160), shard_mb=0.2, **kw))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from collections import defaultdict
 import pytest
 import torch
 
-from cache_teacher.dump import DumpConfig, run_dump
 from cache_teacher.reader import TeacherCache
 from detector import ModelConfig
 from detector.coco import CocoDetection
@@ -26,16 +25,8 @@ from tests.conftest import ROOT, TINY_MODEL, TINY_MODEL_FLAGS
 from tests.test_cli import assert_user_error, run_cli
 
 
-@pytest.fixture(scope="module")
-def fp16_cache(tiny_coco, tiny_teacher, tmp_path_factory):
-    out = tmp_path_factory.mktemp("student") / "cache.zarr"
-    run_dump(DumpConfig(teacher=str(tiny_teacher["path"]), images=str(tiny_coco["images"]), ann=str(tiny_coco["ann"]),
-                        out=str(out), img_scale=(96, 96), workers=0, shard_mb=0.05), progress=False)
-    return out
-
-
-def test_offline_losses_equal_online_losses_on_equal_canvases(tiny_coco, tiny_teacher, fp16_cache):
-    cache = TeacherCache(fp16_cache)
+def test_offline_losses_equal_online_losses_on_equal_canvases(tiny_coco, tiny_teacher, tiny_cache):
+    cache = TeacherCache(tiny_cache)
     dataset = CocoDetection(tiny_coco["images"], tiny_coco["ann"], views=cache.specs, train=True)
     by_canvas = defaultdict(list)
     for i in range(len(dataset)):
@@ -64,9 +55,9 @@ def _student_args(tiny, cache, out, *extra):
             "--workers", "0", *TINY_MODEL_FLAGS, "--batch-size", "4", *extra]
 
 
-def test_wrong_cache_is_refused_before_training(tiny_coco, fp16_cache, tmp_path):
+def test_wrong_cache_is_refused_before_training(tiny_coco, tiny_cache, tmp_path):
     # Another transform: the run asks for a scale the cache does not hold.
-    proc = run_cli(*_student_args(tiny_coco, fp16_cache, tmp_path / "a", "--img-scale", "128,128"))
+    proc = run_cli(*_student_args(tiny_coco, tiny_cache, tmp_path / "a", "--img-scale", "128,128"))
     assert_user_error(proc, "does not match this run", "not cached")
     # Another dataset (and so another class count): a sixth category and one more annotation.
     data = tmp_path / "data"
@@ -75,7 +66,7 @@ def test_wrong_cache_is_refused_before_training(tiny_coco, fp16_cache, tmp_path)
     coco = json.loads(ann.read_text())
     coco["categories"].append({"id": 6, "name": "extra", "supercategory": "shape"})
     ann.write_text(json.dumps(coco))
-    proc = run_cli(*_student_args({"images": data / "train", "ann": ann}, fp16_cache, tmp_path / "b"))
+    proc = run_cli(*_student_args({"images": data / "train", "ann": ann}, tiny_cache, tmp_path / "b"))
     assert_user_error(proc, "num_classes: cache has 5, run needs 6", "annotation file sha256")
     assert not (tmp_path / "b" / "metrics.jsonl").exists()  # refused before the first step
 
@@ -92,8 +83,8 @@ def _records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_first_losses_are_pinned(tiny_coco, fp16_cache, tmp_path):
-    _train_student(tiny_coco, fp16_cache, tmp_path / "run")
+def test_first_losses_are_pinned(tiny_coco, tiny_cache, tmp_path):
+    _train_student(tiny_coco, tiny_cache, tmp_path / "run")
     records = _records(tmp_path / "run")
     keys = ("loss_qfl", "loss_giou", "loss_dfl", "loss_ld", "loss_ld_vlr", "loss_kd", "loss")
     assert all(set(keys) <= set(r) for r in records)  # every documented key is logged
@@ -108,9 +99,9 @@ def test_first_losses_are_pinned(tiny_coco, fp16_cache, tmp_path):
     assert [v for row in got for v in row] == pytest.approx([v for row in expected for v in row], rel=2e-3, abs=2e-5)
 
 
-def test_batches_do_not_depend_on_workers(tiny_coco, fp16_cache, tmp_path):
-    _train_student(tiny_coco, fp16_cache, tmp_path / "a", workers=0)
-    _train_student(tiny_coco, fp16_cache, tmp_path / "b", workers=2)
+def test_batches_do_not_depend_on_workers(tiny_coco, tiny_cache, tmp_path):
+    _train_student(tiny_coco, tiny_cache, tmp_path / "a", workers=0)
+    _train_student(tiny_coco, tiny_cache, tmp_path / "b", workers=2)
     assert [r["loss"] for r in _records(tmp_path / "a")] == [r["loss"] for r in _records(tmp_path / "b")]
 
 
@@ -129,10 +120,10 @@ def test_one_class_data_with_sigmoid_kd(tmp_path):
     assert all(v > 0 for v in kd)  # the softmax KD would be exactly 0 with one class
 
 
-def test_kill_and_resume_train_student(tiny_coco, fp16_cache, tmp_path):
+def test_kill_and_resume_train_student(tiny_coco, tiny_cache, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "cli.py"), *map(str, _student_args(
-        tiny_coco, fp16_cache, out, "--epochs", "4", "--checkpoint-every", "1", "--log-every", "1"))]
+        tiny_coco, tiny_cache, out, "--epochs", "4", "--checkpoint-every", "1", "--log-every", "1"))]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     last = out / "checkpoints" / "last.pt"

@@ -10,7 +10,6 @@ import time
 import pytest
 from PIL import Image
 
-from cache_teacher.dump import DumpConfig, run_dump
 from detector.errors import UserError
 from distill.sweep import parse_grid, point_name
 from tests.conftest import ROOT, TINY_MODEL_FLAGS
@@ -27,14 +26,6 @@ def test_parse_grid_is_a_cartesian_product_of_known_options():
         parse_grid(["ld_weight"])
 
 
-@pytest.fixture(scope="module")
-def sweep_cache(tiny_coco, tiny_teacher, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sweep") / "cache.zarr"
-    run_dump(DumpConfig(teacher=str(tiny_teacher["path"]), images=str(tiny_coco["images"]), ann=str(tiny_coco["ann"]),
-                        out=str(out), img_scale=(96, 96), workers=0, shard_mb=0.05), progress=False)
-    return out
-
-
 def _sweep_cmd(tiny, cache, out):
     return [sys.executable, str(ROOT / "cli.py"), "sweep", "--cache", str(cache), "--grid", "ld_temperature=5,10",
             "--grid", "vlr_gamma=0,0.5", "--out", str(out), "--images", str(tiny["images"]), "--ann", str(tiny["ann"]),
@@ -42,10 +33,10 @@ def _sweep_cmd(tiny, cache, out):
             *TINY_MODEL_FLAGS, "--batch-size", "4", "--epochs", "2", "--checkpoint-every", "1", "--log-every", "1"]
 
 
-def test_sweep_of_four_points_resumes_after_a_kill(tiny_coco, sweep_cache, tmp_path):
+def test_sweep_of_four_points_resumes_after_a_kill(tiny_coco, tiny_cache, tmp_path):
     out = tmp_path / "sweep"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_sweep_cmd(tiny_coco, sweep_cache, out), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_sweep_cmd(tiny_coco, tiny_cache, out), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     first = out / "ld_temperature=5__vlr_gamma=0" / "checkpoints" / "last.pt"
     deadline = time.time() + 180
@@ -54,7 +45,7 @@ def test_sweep_of_four_points_resumes_after_a_kill(tiny_coco, sweep_cache, tmp_p
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the training it runs
     proc.wait()
     assert not (out / "sweep.json").exists()  # it really died mid-sweep
-    done = subprocess.run(_sweep_cmd(tiny_coco, sweep_cache, out), env=env, capture_output=True, text=True)
+    done = subprocess.run(_sweep_cmd(tiny_coco, tiny_cache, out), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((out / "sweep.json").read_text())
     assert len(report["points"]) == 4 and all(p["metrics"] is not None for p in report["points"])
@@ -66,17 +57,17 @@ def test_sweep_of_four_points_resumes_after_a_kill(tiny_coco, sweep_cache, tmp_p
     assert "| ld_temperature | vlr_gamma | AP |" in (out / "sweep.md").read_text()
     with Image.open(out / "sweep.png") as img:
         assert img.width > 400
-    again = subprocess.run(_sweep_cmd(tiny_coco, sweep_cache, out), env=env, capture_output=True, text=True)
+    again = subprocess.run(_sweep_cmd(tiny_coco, tiny_cache, out), env=env, capture_output=True, text=True)
     # Finished points are not rerun.
     assert again.returncode == 0 and sum(line.strip().startswith("skipped") for line in again.stdout.splitlines()) == 4
 
 
-def test_plot_runs(tiny_coco, sweep_cache, tmp_path):
+def test_plot_runs(tiny_coco, tiny_cache, tmp_path):
     args = ["--images", tiny_coco["images"], "--ann", tiny_coco["ann"], "--val-images", tiny_coco["val_images"],
             "--val-ann", tiny_coco["val_ann"], "--workers", "0", *TINY_MODEL_FLAGS, "--batch-size", "4",
             "--epochs", "2", "--eval-every", "1", "--log-every", "1"]
     assert run_cli("train-detector", "--out", tmp_path / "plain", "--img-scale", "96,96", *args).returncode == 0
-    assert run_cli("train-student", "--cache", sweep_cache, "--out", tmp_path / "ld", *args).returncode == 0
+    assert run_cli("train-student", "--cache", tiny_cache, "--out", tmp_path / "ld", *args).returncode == 0
     proc = run_cli("plot", tmp_path / "plain", tmp_path / "ld", "--out", tmp_path / "curves.png")
     assert proc.returncode == 0, proc.stderr
     with Image.open(tmp_path / "curves.png") as img:
