@@ -2,32 +2,12 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY_MODEL_FLAGS
-
-
-def run_cli(*args, env_home=None, timeout=300):
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
-    if env_home:
-        env["LDCACHE_HOME"] = str(env_home)
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
-
-
-def assert_user_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    # One error line, last on stderr (a progress bar may precede it), and no traceback.
-    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
+from tests.cli_runner import assert_user_error, run_cli
+from tests.conftest import TINY_MODEL_FLAGS
 
 
 @pytest.fixture
@@ -124,3 +104,14 @@ def test_toml_config_with_typed_flags_winning(data_copy, tmp_path):
     assert resolved["model"]["stacked_convs"] == 1  # TINY_MODEL_FLAGS types --stacked-convs 1
     config.write_text("[train]\nbogus = 1\n")
     assert_user_error(run_cli(*_train_args(data_copy, tmp_path / "run2", "--config", config)), "bogus")
+
+
+@pytest.mark.parametrize("entry", ["ldcache", "cli.py"])
+def test_user_errors_of_the_installed_command_and_the_checkout_alike(entry, tmp_path):
+    """What a new user types from the README: one line, exit 2, no traceback, whichever entry point."""
+    proc = run_cli("train-student", "--out", tmp_path / "r", entry=entry)
+    assert_user_error(proc, "give exactly one of --cache", "--teacher")
+    proc = run_cli("evaluate", "--checkpoint", tmp_path / "missing.pt", entry=entry)
+    assert_user_error(proc, "missing.pt does not exist")
+    (tmp_path / "folder").mkdir()
+    assert_user_error(run_cli("inspect-cache", tmp_path / "folder", entry=entry), "no cache at", "dump-teacher")

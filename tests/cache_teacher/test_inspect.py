@@ -6,7 +6,7 @@ from PIL import Image
 
 from cache_teacher.inspect import summarize, verify
 from cache_teacher.reader import TeacherCache
-from tests.test_cli import assert_user_error, run_cli
+from tests.cli_runner import assert_user_error, run_cli
 
 
 def test_summary_counts_what_was_dumped(tiny_cache):

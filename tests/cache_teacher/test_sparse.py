@@ -12,7 +12,7 @@ from distill.config import LossConfig
 from distill.criterion import compute_losses
 from distill.teachers import CacheTeacher
 from tests.conftest import TINY_MODEL, dump_tiny_cache
-from tests.test_cli import assert_user_error, run_cli
+from tests.cli_runner import assert_user_error, run_cli
 
 
 def _dump(tiny, teacher, out, **kw):

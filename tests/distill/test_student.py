@@ -22,7 +22,7 @@ from distill.criterion import compute_losses
 from distill.engine import run_train
 from distill.teachers import CacheTeacher, OnlineTeacher
 from tests.conftest import ROOT, TINY_MODEL, TINY_MODEL_FLAGS
-from tests.test_cli import assert_user_error, run_cli
+from tests.cli_runner import assert_user_error, run_cli
 
 
 def test_offline_losses_equal_online_losses_on_equal_canvases(tiny_coco, tiny_teacher, tiny_cache):

@@ -13,7 +13,7 @@ from PIL import Image
 from detector.errors import UserError
 from distill.sweep import parse_grid, point_name
 from tests.conftest import ROOT, TINY_MODEL_FLAGS
-from tests.test_cli import run_cli
+from tests.cli_runner import run_cli
 
 
 def test_parse_grid_is_a_cartesian_product_of_known_options():
