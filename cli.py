@@ -290,13 +290,12 @@ def train_student_cmd(
         need_cls = LossConfig(**loss_fields).kd_weight > 0
         source = CacheTeacher(source, need_cls=need_cls)
     else:
-        from cache_teacher.dump import load_teacher
-        from detector.checkpoint import file_sha256
-        from distill.engine import resolve_device
+        from detector.checkpoint import file_sha256, load_model
+        from detector.runtime import resolve_device
         from distill.teachers import OnlineTeacher
 
         dev = resolve_device(train_fields.get("device", "auto"))
-        model, teacher_cfg = load_teacher(str(teacher), _given(gn_groups=teacher_gn_groups), dev)
+        model, teacher_cfg = load_model(teacher, _given(gn_groups=teacher_gn_groups), dev, role="teacher checkpoint")
         source = OnlineTeacher(model, teacher_cfg, file_sha256(teacher), amp=train_fields.get("amp", "auto"))
     _run_training(data, model_fields, train_fields, loss_fields, out, resume, teacher=source, what="LD student")
 
@@ -319,8 +318,8 @@ def evaluate_cmd(
     from detector.evaluation import format_metrics_table, save_results
     from detector.inference import evaluate_model
     from detector.model import build_detector
+    from detector.runtime import resolve_device
     from detector.views import DEFAULT_IMG_SCALE, ViewSpec
-    from distill.engine import resolve_device
 
     ckpt = read_checkpoint(checkpoint)
     model_cfg = resolve_model_config(ckpt, depth=depth, base_width=base_width, fpn_channels=fpn_channels,
@@ -496,7 +495,7 @@ def inspect_cache_cmd(
     from cache_teacher.inspect import format_summary, format_verify, render_png, summarize
     from cache_teacher.inspect import verify as run_verify
     from cache_teacher.reader import TeacherCache
-    from distill.engine import resolve_device
+    from detector.runtime import resolve_device
 
     cache = TeacherCache(store, _storage_options(storage_options))
     report = {"summary": summarize(cache)}

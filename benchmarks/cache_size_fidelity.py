@@ -36,12 +36,13 @@ import common  # noqa: E402  (puts the repository root on sys.path)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cache_teacher.dump import DumpConfig, _rows, load_teacher, run_dump  # noqa: E402
+from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
+from detector.checkpoint import load_model  # noqa: E402
+from detector.rows import flatten_rows  # noqa: E402
 from cache_teacher.fidelity import edge_kl  # noqa: E402
 from cache_teacher.inspect import summarize  # noqa: E402
 from cache_teacher.reader import TeacherCache  # noqa: E402
 from detector.coco import collate  # noqa: E402
-from detector.inference import autocast_for  # noqa: E402
 
 SCRIPT = "cache_size_fidelity"
 # name -> (box dtype, cls dtype or None, compressor)
@@ -92,8 +93,9 @@ def compare(teacher, dataset, keys, caches: dict[str, TeacherCache], device, reg
     for views, batch in zip(keys, loader):
         cls_maps, box_maps = teacher(batch.images.to(device))
         n = len(views)
-        fresh_box = _rows(box_maps).float().cpu().reshape(n, -1, box_maps[0].shape[1])  # [B, rows, 4(n+1)]
-        fresh_cls = _rows(cls_maps).float().cpu().reshape(n, -1, cls_maps[0].shape[1])  # [B, rows, C]
+        level_hw = [r.level_hw for r in batch.records]  # equal canvases: the maps' own sizes
+        fresh_box = flatten_rows(box_maps, level_hw).float().cpu().reshape(n, -1, box_maps[0].shape[1])  # [B, rows, 4(n+1)]
+        fresh_cls = flatten_rows(cls_maps, level_hw).float().cpu().reshape(n, -1, cls_maps[0].shape[1])  # [B, rows, C]
         for i, (image_index, spec_index) in enumerate(views):
             for name, cache in caches.items():
                 stored = cache.read_view(cache.view_index(image_index, spec_index))
@@ -145,7 +147,7 @@ def main(argv=None) -> None:
             caches[name] = TeacherCache(store)
             print(f"dumped {name} in {dump_seconds[name]:.1f} s", file=sys.stderr)
 
-        teacher, _ = load_teacher(teacher_path, {}, device)
+        teacher, _ = load_model(teacher_path, {}, device)
         dataset = common.build_dataset(images, ann, args, teacher_cfg.strides)
         keys, _ = common.dump_batches(dataset, teacher_cfg, "float16", "float16", args.shard_mb, args.batch_size)
         num_views = sum(len(k) for k in keys)

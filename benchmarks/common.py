@@ -14,7 +14,6 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
@@ -96,7 +95,7 @@ def add_run_args(parser: argparse.ArgumentParser, script: str) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    from distill.engine import resolve_device as resolve  # the project's one device rule
+    from detector.runtime import resolve_device as resolve  # the project's one device rule
 
     return resolve(name)
 

@@ -30,10 +30,11 @@ import common  # noqa: E402  (puts the repository root on sys.path)
 
 import torch  # noqa: E402
 
-from cache_teacher.dump import DumpConfig, load_teacher, run_dump  # noqa: E402
+from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
+from detector.checkpoint import load_model  # noqa: E402
 from cache_teacher.reader import TeacherCache  # noqa: E402
 from detector.coco import collate  # noqa: E402
-from detector.inference import autocast_for  # noqa: E402
+from detector.runtime import autocast_for  # noqa: E402
 
 SCRIPT = "dump_throughput"
 MB = 2**20
@@ -86,7 +87,7 @@ def main(argv=None) -> None:
         images, ann = common.prepare_data(args, workdir)
         teacher_path, teacher_cfg, random_weights = common.prepare_teacher(args, common.num_classes_of(ann), workdir)
         teacher_info = common.teacher_summary(teacher_path, teacher_cfg, random_weights)
-        teacher, _ = load_teacher(teacher_path, {}, device)
+        teacher, _ = load_model(teacher_path, {}, device)
         dataset = common.build_dataset(images, ann, args, teacher_cfg.strides)
         keys, layout = common.dump_batches(dataset, teacher_cfg, box_dtypes[0], cls_dtype, args.shard_mb, args.batch_size)
         num_views = sum(len(k) for k in keys)

@@ -55,13 +55,14 @@ import common  # noqa: E402  (puts the repository root on sys.path)
 
 import torch  # noqa: E402
 
-from cache_teacher.dump import DumpConfig, load_teacher, run_dump  # noqa: E402
+from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
+from detector.checkpoint import load_model  # noqa: E402
 from cache_teacher.reader import TeacherCache  # noqa: E402
 from detector.checkpoint import file_sha256  # noqa: E402
 from detector.coco import collate  # noqa: E402
 from detector.config import ModelConfig  # noqa: E402
 from detector.errors import UserError  # noqa: E402
-from detector.inference import autocast_for  # noqa: E402
+from detector.runtime import autocast_for  # noqa: E402
 from detector.model import build_detector  # noqa: E402
 from distill.config import LossConfig, TrainConfig, config_to_dict  # noqa: E402
 from distill.criterion import compute_losses  # noqa: E402
@@ -309,7 +310,7 @@ def run(args, device: torch.device, workdir: Path) -> None:
     if "cache-mem" in args.variants:
         teachers["cache-mem"] = InMemoryCacheTeacher(cache, need_cls=loss.kd_weight > 0)
     if "online" in args.variants:
-        model, online_cfg = load_teacher(teacher_path, {}, torch.device("cpu"))  # moved to the device when used
+        model, online_cfg = load_model(teacher_path, {}, torch.device("cpu"))  # moved to the device when used
         teachers["online"] = OnlineTeacher(model, online_cfg, file_sha256(teacher_path), amp=args.amp)
     for teacher in teachers.values():
         teacher.validate(dataset, cfg, loss)

@@ -26,13 +26,13 @@ from cache_teacher import schema
 from cache_teacher.codec import all_finite, encode_rows
 from cache_teacher.reader import is_url, open_group
 from cache_teacher.writer import COMPRESSORS, CacheWriter
-from detector.checkpoint import file_sha256, load_state_dict_strict, read_checkpoint, resolve_model_config
+from detector.checkpoint import file_sha256, load_model
 from detector.coco import CocoDetection, collate
 from detector.distributed import barrier, init_from_env, run_on_main
 from detector.errors import UserError
-from detector.inference import autocast_for
-from detector.model import build_detector
 from detector.regions import distillation_rows
+from detector.rows import flatten_rows
+from detector.runtime import autocast_for, resolve_device
 from detector.views import parse_views
 
 
@@ -203,25 +203,13 @@ def _writer_loop(work: queue.Queue, assembler: ShardAssembler, layout: schema.La
             errors.append(err)
 
 
-def load_teacher(path: str, arch: dict, device: torch.device):
-    ckpt = read_checkpoint(path)
-    config = resolve_model_config(ckpt, **arch)
-    model = build_detector(config)
-    load_state_dict_strict(model, ckpt["state_dict"], source=f"teacher checkpoint {path}")
-    return model.to(device).eval(), config
-
-
 def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
     """Under torchrun every rank owns whole shards (shard s belongs to rank s % world size), rank 0
     creates or resumes the store before the others open it and finalises it after all finished."""
-    from distill.engine import resolve_device  # one device rule for every command
-
     dist_info = init_from_env(cfg.device)
-    device = resolve_device(cfg.device)
-    if dist_info.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
+    device = resolve_device(cfg.device, dist_info.local_rank if dist_info.enabled else None)
     progress = progress and dist_info.is_main
-    teacher, teacher_cfg = load_teacher(cfg.teacher, cfg.arch, device)
+    teacher, teacher_cfg = load_model(cfg.teacher, cfg.arch, device, role="teacher checkpoint")
     specs = parse_views(cfg.views, cfg.img_scale, cfg.extra_scales)
     dataset = CocoDetection(cfg.images, cfg.ann, views=specs, strides=teacher_cfg.strides, train=True)
     if dataset.num_classes != teacher_cfg.num_classes:
@@ -284,7 +272,8 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
                     break
                 with autocast_for(device, cfg.amp):
                     cls_maps, box_maps = teacher(batch.images.to(device, non_blocking=True))
-                box_rows, cls_rows = _rows(box_maps), _rows(cls_maps)  # [B * n, K]
+                level_hw = [layout.records[v].level_hw for v in views]  # equal canvases: the maps' own sizes
+                box_rows, cls_rows = flatten_rows(box_maps, level_hw), flatten_rows(cls_maps, level_hw)  # [B * n, K]
                 if sparse:  # keep only the rows the distillation losses read
                     picks = [region_rows[layout.image_index[v]][layout.spec_index[v]] for v in views]
                     n = layout.records[views[0]].num_rows  # equal canvases: equal dense rows
@@ -351,13 +340,6 @@ def plan_region_rows(dataset: CocoDetection, min_vlr_gamma: float, vlr_iou: str,
                                          num_workers=workers, collate_fn=_as_is)
     return [rows for rows in tqdm(loader, total=len(dataset), desc="plan regions", unit="img", disable=not progress,
                                   leave=False)]
-
-
-def _rows(maps_per_level: list[torch.Tensor]) -> torch.Tensor:
-    """Per-level maps [B, K, H, W] of equal-canvas views -> rows [B * n, K] (view-major, then
-    level, y, x): every location of the canvas is the view's own."""
-    b, k = maps_per_level[0].shape[:2]
-    return torch.cat([m.permute(0, 2, 3, 1).reshape(b, -1, k) for m in maps_per_level], dim=1).reshape(-1, k)
 
 
 def _to_pinned(t: torch.Tensor) -> torch.Tensor:

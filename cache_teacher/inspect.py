@@ -13,10 +13,11 @@ from cache_teacher import schema
 from cache_teacher.codec import all_finite
 from cache_teacher.fidelity import edge_kl
 from cache_teacher.reader import TeacherCache
-from detector.checkpoint import file_sha256
+from detector.checkpoint import file_sha256, load_model
 from detector.coco import CocoDetection
 from detector.errors import UserError
 from detector.postprocess import postprocess
+from detector.rows import flatten_rows, row_index, row_location, view_maps
 from detector.views import PIXEL_MEAN, PIXEL_STD
 
 
@@ -165,10 +166,8 @@ def verify(cache: TeacherCache, teacher: str | None = None, images=None, ann=Non
 def fidelity(cache: TeacherCache, teacher: str, dataset: CocoDetection, num_views: int, seed: int, device: str) -> dict:
     """KL(T=10) of stored box distributions against the teacher's fresh fp32 forward on N random
     views, each alone on its own canvas (the cache's definition of a view's maps)."""
-    from cache_teacher.dump import load_teacher
-
     dev = torch.device(device)
-    model, config = load_teacher(teacher, {}, dev)
+    model, config = load_model(teacher, {}, dev, role="teacher checkpoint")
     gen = np.random.default_rng(seed)
     chosen = gen.choice(len(cache.records), size=min(num_views, len(cache.records)), replace=False)
     kls, cls_err = [], 0.0
@@ -178,12 +177,12 @@ def fidelity(cache: TeacherCache, teacher: str, dataset: CocoDetection, num_view
         sample = dataset[(image_index, spec_index)]
         cls_maps, box_maps = model(sample.image[None].to(dev))
         rows = cached.location.long() if cached.location is not None else slice(None)  # sparse: stored rows only
-        fresh_box = torch.cat([m[0].permute(1, 2, 0).reshape(-1, m.shape[1]) for m in box_maps]).float().cpu()[rows]
+        fresh_box = flatten_rows(box_maps, [cached.record.level_hw]).float().cpu()[rows]
         if len(fresh_box) == 0:
             continue
         kls.append(edge_kl(fresh_box, cached.box, 10.0, config.reg_max + 1))
         if cached.cls is not None:
-            fresh_cls = torch.cat([m[0].permute(1, 2, 0).reshape(-1, m.shape[1]) for m in cls_maps]).float().cpu()[rows]
+            fresh_cls = flatten_rows(cls_maps, [cached.record.level_hw]).float().cpu()[rows]
             cls_err = max(cls_err, float((fresh_cls - cached.cls).abs().max()))
     kl = torch.cat(kls)
     return {"views": len(chosen), "kl_t10_mean": float(kl.mean()), "kl_t10_p99": float(kl.quantile(0.99)),
@@ -222,13 +221,13 @@ def render_png(cache: TeacherCache, view: int, out: Path, images=None, ann=None,
     mean, std = torch.tensor(PIXEL_MEAN)[:, None, None], torch.tensor(PIXEL_STD)[:, None, None]
     image = (sample.image[:, :h, :w] * std + mean).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
     cached = cache.read_view(view).dense()  # a sparse cache shows only what it stores
-    box_maps = [m[None] for m in cached.per_level(cached.box)]
+    box_maps = [m[None] for m in view_maps(cached.box, record.level_hw)]
     strides, reg_max = tuple(cache.meta["strides"]), cache.meta["reg_max"]
     frame = dataclasses.replace(record, orig_hw=record.resized_hw, flip=False)  # decode in the view's own pixels
     empty = np.zeros((0, 4))
     det_boxes, det_scores, det_labels = empty, np.zeros(0), np.zeros(0, dtype=int)
     if cached.cls is not None:
-        cls_maps = [m[None] for m in cached.per_level(cached.cls)]
+        cls_maps = [m[None] for m in view_maps(cached.cls, record.level_hw)]
         det = postprocess(cls_maps, box_maps, [frame], strides, reg_max)[0]
         keep = (det.scores >= PICTURE_MIN_SCORE).nonzero().squeeze(1)[:PICTURE_MAX_DETECTIONS]  # a readable picture
         det_boxes, det_scores, det_labels = det.boxes[keep].numpy(), det.scores[keep].numpy(), det.labels[keep].numpy()
@@ -244,18 +243,8 @@ def render_png(cache: TeacherCache, view: int, out: Path, images=None, ann=None,
                        edge_logits, edge_box, names, title=title, temperature=temperature)
 
 
-def _level_of_row(record, row: int) -> tuple[int, int, int]:
-    start = 0
-    for level, (h, w) in enumerate(record.level_hw):
-        if row < start + h * w:
-            y, x = divmod(row - start, w)
-            return level, y, x
-        start += h * w
-    raise IndexError(row)
-
-
 def _decode_row(record, row: int, box_logits: torch.Tensor, strides, reg_max: int) -> np.ndarray:
-    level, y, x = _level_of_row(record, row)
+    level, y, x = row_location(record.level_hw, row)
     s = strides[level]
     dist = (box_logits.reshape(4, reg_max + 1).softmax(-1) @ torch.arange(reg_max + 1, dtype=torch.float32)) * s
     cx, cy = x * s, y * s
@@ -269,10 +258,8 @@ def _row_near_largest_gt(record, gt_boxes: torch.Tensor, strides) -> int:
     box = gt_boxes[int(areas.argmax())]
     cx, cy = float(box[0] + box[2]) / 2, float(box[1] + box[3]) / 2
     side = float(max(box[2] - box[0], box[3] - box[1]))
-    start = 0
-    for (h, w), s in zip(record.level_hw, strides):
+    for level, ((h, w), s) in enumerate(zip(record.level_hw, strides)):
         if side <= 8 * s * 2 or s == strides[-1]:  # the first level whose anchors (8 x stride) fit the box
-            return start + min(h - 1, round(cy / s)) * w + min(w - 1, round(cx / s))
-        start += h * w
+            return row_index(record.level_hw, level, min(h - 1, round(cy / s)), min(w - 1, round(cx / s)))
     return 0
 

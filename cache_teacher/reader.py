@@ -89,14 +89,6 @@ class CachedView:
             cls = self.cls.new_full((n, self.cls.shape[1]), -1e4).index_copy(0, loc, self.cls)
         return CachedView(self.record, box, cls)
 
-    def per_level(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """Rows [n, K] -> per-level maps [K, H_l, W_l] (P3 first)."""
-        maps, start = [], 0
-        for h, w in self.record.level_hw:
-            maps.append(rows[start:start + h * w].reshape(h, w, -1).permute(2, 0, 1))
-            start += h * w
-        return maps
-
 
 class TeacherCache:
     def __init__(self, location, storage_options: dict | None = None):

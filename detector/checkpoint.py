@@ -18,6 +18,7 @@ from torch import nn
 
 from detector.config import ModelConfig
 from detector.errors import UserError
+from detector.model import build_detector
 
 FORMAT = "ldcache.detector"
 FORMAT_VERSION = 1
@@ -124,6 +125,17 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "ch
         raise UserError(f"{source} does not fit the model{arch}: {'; '.join(parts)}; "
                         "pass the architecture flags it was trained with")
     model.load_state_dict(state_dict, strict=True)
+
+
+def load_model(path, arch: dict | None = None, device: torch.device | str = "cpu",
+               role: str = "checkpoint") -> tuple[nn.Module, ModelConfig]:
+    """A detector built from a checkpoint (ours, or mmdetection's with `arch` flags for what the
+    weights do not show), its weights loaded strictly, on `device`, in eval mode."""
+    ckpt = read_checkpoint(path)
+    config = resolve_model_config(ckpt, **(arch or {}))
+    model = build_detector(config)
+    load_state_dict_strict(model, ckpt["state_dict"], source=f"{role} {path}")
+    return model.to(device).eval(), config
 
 
 def load_checkpoint(model: nn.Module, path, map_location="cpu") -> dict:

@@ -1,9 +1,4 @@
-"""GFL's task losses on a batch: row layout, ATSS targets, QFL, GIoU and DFL.
-
-Row layout (shared with the teacher cache): each image contributes the locations of its OWN padded
-size on every level (not the batch canvas), level-major, then y, then x; images are concatenated
-in batch order. Locations in the batch padding beyond an image's own size are not rows at all,
-which is what mmdetection's valid-flag masking does.
+"""GFL's task losses on a batch: QFL, GIoU and DFL on rows (detector.rows) assigned by ATSS.
 
 Losses are returned unweighted; the criterion applies one weight per key. Normalisation follows
 mmdetection's GFLHead: QFL / number of positives, GIoU and DFL / sum of the positives' weights
@@ -17,74 +12,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from detector.atss import atss_assign
+from detector.atss import BatchAssignment
 from detector.box_ops import aligned_giou, aligned_iou, box_to_distance, distance_to_box
 from detector.distributed import reduce_mean, world_size
-from detector.priors import anchor_centres, image_priors
+from detector.priors import anchor_centres
 
 DFL_EPS = 0.1  # DFL targets live in [0, reg_max - 0.1] so both neighbouring bins exist
-
-
-@dataclass
-class BatchAssignment:
-    anchors: torch.Tensor  # [N, 4] pixels
-    strides: torch.Tensor  # [N] float
-    levels: torch.Tensor  # [N] long, 0 = P3
-    images: torch.Tensor  # [N] long, index in the batch
-    labels: torch.Tensor  # [N] long, num_classes for negatives
-    pos: torch.Tensor  # [P] long, row indices of the ATSS positives
-    pos_gt_boxes: torch.Tensor  # [P, 4] pixels
-    rows_per_image: list[int]
-    gt_boxes_per_image: list[torch.Tensor]  # [G_i, 4] pixels
-    thresholds_per_image: list[torch.Tensor]  # [G_i] ATSS IoU thresholds (VLR needs them)
-    ious_per_image: list[torch.Tensor]  # [N_i, G_i] anchor-GT IoU
-    num_levels: int = 5
-
-    @property
-    def num_rows(self) -> int:
-        return self.anchors.shape[0]
-
-
-def flatten_rows(maps_per_level: list[torch.Tensor], level_hw_per_image: list[tuple]) -> torch.Tensor:
-    """Per-level maps [B, K, H, W] -> rows [N, K] of each image's own locations (module docstring)."""
-    rows = []
-    for i, level_hw in enumerate(level_hw_per_image):
-        for maps, (h, w) in zip(maps_per_level, level_hw):
-            rows.append(maps[i, :, :h, :w].permute(1, 2, 0).reshape(h * w, -1))
-    return torch.cat(rows, dim=0)
-
-
-def assign_batch(level_hw_per_image: list[tuple], gt_boxes_per_image: list[torch.Tensor],
-                 gt_labels_per_image: list[torch.Tensor], strides: tuple[int, ...], num_classes: int) -> BatchAssignment:
-    device = gt_boxes_per_image[0].device
-    parts = {k: [] for k in ("anchors", "strides", "levels", "images", "labels", "pos", "pos_gt")}
-    rows_per_image, thresholds, ious_per_image = [], [], []
-    offset = 0
-    for i, (level_hw, gt_boxes, gt_labels) in enumerate(zip(level_hw_per_image, gt_boxes_per_image, gt_labels_per_image)):
-        anchors, stride_rows, level_rows = image_priors(level_hw, strides, device)
-        result = atss_assign(anchors, [h * w for h, w in level_hw], gt_boxes)
-        n = anchors.shape[0]
-        labels = torch.full((n,), num_classes, dtype=torch.long, device=device)
-        pos = (result.gt_index >= 0).nonzero().squeeze(1)
-        labels[pos] = gt_labels[result.gt_index[pos]]
-        parts["anchors"].append(anchors)
-        parts["strides"].append(stride_rows)
-        parts["levels"].append(level_rows)
-        parts["images"].append(torch.full((n,), i, dtype=torch.long, device=device))
-        parts["labels"].append(labels)
-        parts["pos"].append(pos + offset)
-        parts["pos_gt"].append(gt_boxes[result.gt_index[pos]])
-        rows_per_image.append(n)
-        thresholds.append(result.thresholds)
-        ious_per_image.append(result.ious)
-        offset += n
-    cat = {k: torch.cat(v) for k, v in parts.items()}
-    return BatchAssignment(
-        anchors=cat["anchors"], strides=cat["strides"], levels=cat["levels"], images=cat["images"],
-        labels=cat["labels"], pos=cat["pos"], pos_gt_boxes=cat["pos_gt"].reshape(-1, 4),
-        rows_per_image=rows_per_image, gt_boxes_per_image=list(gt_boxes_per_image),
-        thresholds_per_image=thresholds, ious_per_image=ious_per_image, num_levels=len(strides),
-    )
 
 
 @dataclass
@@ -109,7 +42,7 @@ def pos_geometry(assign: BatchAssignment):
 
 
 def gfl_losses(cls_rows: torch.Tensor, box_rows: torch.Tensor, assign: BatchAssignment, reg_max: int) -> GFLLossOutput:
-    """cls_rows [N, C], box_rows [N, 4(n+1)] (student logits, rows as flatten_rows) -> losses."""
+    """cls_rows [N, C], box_rows [N, 4(n+1)] (student logits, rows as detector.rows.flatten_rows) -> losses."""
     cls_rows, box_rows = cls_rows.float(), box_rows.float()
     pos = assign.pos
     # mmdet counts at least one positive per image (its SamplingResult clamps each image's count),

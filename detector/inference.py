@@ -7,7 +7,6 @@ it would get alone (mmdetection tests one image at a time)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
@@ -15,6 +14,7 @@ from tqdm import tqdm
 from detector.coco import CocoDetection, collate
 from detector.evaluation import coco_evaluate, detections_to_coco
 from detector.postprocess import PostprocessConfig, postprocess
+from detector.runtime import autocast_for
 from detector.views import ViewRecord
 
 
@@ -24,14 +24,6 @@ def canvas_batches(records: list[ViewRecord], batch_size: int) -> list[list[int]
     for i, record in enumerate(records):
         groups[record.padded_hw].append(i)
     return [idx[s:s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
-
-
-def autocast_for(device: torch.device, amp: str):
-    """The autocast context of an amp setting: auto = bf16 on CUDA, nothing on CPU."""
-    if device.type != "cuda" or amp == "off":
-        return nullcontext()
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 @torch.no_grad()

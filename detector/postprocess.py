@@ -11,7 +11,8 @@ import torch
 
 from detector.box_ops import box_area, distance_to_box
 from detector.gfl_head import Integral
-from detector.priors import level_priors, anchor_centres
+from detector.priors import anchor_centres, level_priors
+from detector.rows import image_level_rows
 from detector.views import ViewRecord, boxes_to_original
 
 
@@ -39,8 +40,8 @@ def postprocess(cls_logits_per_level: list[torch.Tensor], box_logits_per_level: 
     for i, record in enumerate(records):
         boxes_all, scores_all, labels_all = [], [], []
         for cls_map, box_map, stride, (h, w) in zip(cls_logits_per_level, box_logits_per_level, strides, record.level_hw):
-            scores = cls_map[i, :, :h, :w].permute(1, 2, 0).reshape(h * w, -1).float().sigmoid()  # [HW, C]
-            box_logits = box_map[i, :, :h, :w].permute(1, 2, 0).reshape(h * w, -1).float()
+            scores = image_level_rows(cls_map, i, (h, w)).float().sigmoid()  # [HW, C]
+            box_logits = image_level_rows(box_map, i, (h, w)).float()  # [HW, 4(n+1)]
             keep = scores > cfg.score_thr
             flat_scores = scores[keep]
             loc_idx, cls_idx = keep.nonzero(as_tuple=True)

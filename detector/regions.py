@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from detector.box_ops import pairwise_diou
-from detector.gfl_loss import BatchAssignment, assign_batch
+from detector.atss import BatchAssignment, assign_batch
 
 
 @dataclass

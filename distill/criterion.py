@@ -13,10 +13,12 @@ import torch
 
 from detector.distributed import reduce_mean
 from detector.errors import UserError
-from detector.gfl_loss import BatchAssignment, GFLLossOutput, assign_batch, flatten_rows, gfl_losses
+from detector.atss import BatchAssignment, assign_batch
+from detector.gfl_loss import GFLLossOutput, gfl_losses
 from distill.config import LossConfig
-from distill.losses import distill_kl, sigmoid_kl
 from detector.regions import vlr_region
+from detector.rows import flatten_rows
+from distill.losses import distill_kl, sigmoid_kl
 
 LOSS_KEYS = ("loss_qfl", "loss_giou", "loss_dfl", "loss_ld", "loss_ld_vlr", "loss_kd")
 

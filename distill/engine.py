@@ -23,8 +23,9 @@ from detector.distributed import barrier, init_from_env, mean_over_ranks, run_on
 from detector.config import ModelConfig
 from detector.errors import UserError
 from detector.evaluation import format_metrics_table, save_results
-from detector.inference import autocast_for, evaluate_model
+from detector.inference import evaluate_model
 from detector.model import build_detector
+from detector.runtime import autocast_for, resolve_device
 from detector.views import ViewSpec, parse_views
 from distill.config import DataConfig, LossConfig, TrainConfig, config_to_dict
 from distill.criterion import compute_losses
@@ -58,17 +59,6 @@ class RunPaths:
     @property
     def results(self) -> Path:
         return self.root / "val_results.json"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 def lr_at(cfg: TrainConfig, base_lr: float, iteration: int, epoch: int) -> float:
@@ -161,9 +151,7 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
     (distill.teachers.CacheTeacher or OnlineTeacher) adds the distillation losses."""
     paths = RunPaths(Path(out))
     dist_info = init_from_env(train.device)  # torchrun: one process per GPU (or CPU worker)
-    device = resolve_device(train.device)
-    if dist_info.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
+    device = resolve_device(train.device, dist_info.local_rank if dist_info.enabled else None)
     main = dist_info.is_main
     progress = progress and main
     dataset = dataset or build_train_dataset(data, model_cfg.strides)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from detector.config import ModelConfig
 from detector.errors import UserError
-from distill.config import DataConfig, LossConfig, TrainConfig
+from distill.config import LossConfig, TrainConfig
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 

@@ -1,7 +1,7 @@
 """Where a student's soft targets come from: a teacher cache (the product) or a live teacher run on
 the student's batch (the way mmdetection does it; for comparison and for users without a cache).
 
-Both give rows aligned with the student's rows (detector.gfl_loss.flatten_rows order). A cached
+Both give rows aligned with the student's rows (detector.rows order). A cached
 view's rows are the teacher's output on that view alone; a live teacher sees the whole batch
 canvas, so the two agree exactly only for batches of equal canvas (GroupNorm)."""
 
@@ -17,8 +17,8 @@ from cache_teacher.schema import BOX, BOX_LO, BOX_SCALE, CLS, LOCATION, transfor
 from detector.coco import Batch, CocoDetection, Sample, collate
 from detector.config import ModelConfig
 from detector.errors import UserError
-from detector.gfl_loss import flatten_rows
-from detector.inference import autocast_for
+from detector.rows import flatten_rows
+from detector.runtime import autocast_for
 from distill.config import LossConfig
 
 

@@ -16,7 +16,6 @@ import zarr
 
 from cache_teacher.dump import DumpConfig, run_dump
 from cache_teacher.reader import TeacherCache
-from cache_teacher.writer import CacheWriter
 from detector import ModelConfig, build_detector, save_checkpoint
 from detector.coco import CocoDetection
 from detector.errors import UserError

@@ -10,7 +10,9 @@ import torch
 from detector import ModelConfig, build_detector, load_checkpoint
 from detector.checkpoint import infer_model_config
 from detector.errors import UserError
-from detector.gfl_loss import assign_batch, flatten_rows, gfl_losses
+from detector.atss import assign_batch
+from detector.gfl_loss import gfl_losses
+from detector.rows import flatten_rows
 from detector.postprocess import postprocess
 from detector.views import ViewRecord, level_sizes
 from tests.conftest import FIXTURES

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from detector.box_ops import pairwise_iou
-from detector.gfl_loss import BatchAssignment, assign_batch, flatten_rows, gfl_losses
+from detector.atss import BatchAssignment, assign_batch
+from detector.gfl_loss import gfl_losses
+from detector.rows import flatten_rows
 from distill.config import LossConfig
 from distill.criterion import distillation_losses
 from distill.losses import distill_kl, sigmoid_kl
