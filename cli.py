@@ -263,7 +263,7 @@ def train_student_cmd(
             views_str, scale, extra = _views_of_cache(source)  # the student sees the cached views by default
             data_toml.update(views=views_str, img_scale=scale, extra_scales=extra)
         if images is None and ann is None and "images" not in data_toml:
-            hint = source.meta["source"]
+            hint = source.meta.source
             if hint.get("ann") and Path(hint["ann"]).is_file() and Path(hint.get("images", "")).is_dir():
                 images, ann = Path(hint["images"]), Path(hint["ann"])
                 synthetic_train = _synthetic_split("train")[1] if "synthetic-v" in str(ann) else None
@@ -284,19 +284,16 @@ def train_student_cmd(
         vlr_iou=vlr_iou, kd_weight=kd_weight, kd_temperature=kd_temperature, kd_mode=kd_mode, dfl_weight=dfl_weight,
         ld_normalization=ld_normalization)}
     if cache is not None:
-        from distill.config import LossConfig
-        from distill.teachers import CacheTeacher
+        from cache_teacher.targets import CacheTeacher
 
-        need_cls = LossConfig(**loss_fields).kd_weight > 0
-        source = CacheTeacher(source, need_cls=need_cls)
+        source = CacheTeacher(source)
     else:
-        from detector.checkpoint import file_sha256, load_model
         from detector.runtime import resolve_device
         from distill.teachers import OnlineTeacher
 
-        dev = resolve_device(train_fields.get("device", "auto"))
-        model, teacher_cfg = load_model(teacher, _given(gn_groups=teacher_gn_groups), dev, role="teacher checkpoint")
-        source = OnlineTeacher(model, teacher_cfg, file_sha256(teacher), amp=train_fields.get("amp", "auto"))
+        source = OnlineTeacher.from_checkpoint(teacher, _given(gn_groups=teacher_gn_groups),
+                                               resolve_device(train_fields.get("device", "auto")),
+                                               amp=train_fields.get("amp", "auto"))
     _run_training(data, model_fields, train_fields, loss_fields, out, resume, teacher=source, what="LD student")
 
 

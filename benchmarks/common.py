@@ -137,15 +137,14 @@ def build_dataset(images: str, ann: str, args, strides) -> CocoDetection:
 def dump_batches(dataset: CocoDetection, teacher_cfg: ModelConfig, box_dtype: str, cls_dtype: str | None,
                  shard_mb: float, batch_size: int):
     """The batches run_dump forms for a fresh store, as [(image index, spec index), ...] per batch,
-    and the layout: views of equal padded canvas, cut at shard boundaries (dump._batches_of_shard)."""
-    from cache_teacher import schema
-    from cache_teacher.dump import _batches_of_shard
+    and the layout: views of equal padded canvas, cut at shard boundaries (Layout.batches_of_shard)."""
+    from cache_teacher.layout import plan_layout
 
     row_bytes = teacher_cfg.box_channels * np.dtype(box_dtype).itemsize + (
         teacher_cfg.num_classes * np.dtype(cls_dtype).itemsize if cls_dtype else 0)
     records = [[dataset.view_record(i, s) for s in range(len(dataset.views))] for i in range(len(dataset))]
-    layout = schema.plan_layout(records, row_bytes=row_bytes, shard_mb=shard_mb)
-    batches = [b for s in range(layout.num_shards) for b in _batches_of_shard(layout, s, batch_size)]
+    layout = plan_layout(records, row_bytes=row_bytes, shard_mb=shard_mb)
+    batches = [b for s in range(layout.num_shards) for b in layout.batches_of_shard(s, batch_size)]
     keys = [[(int(layout.image_index[v]), int(layout.spec_index[v])) for v in b] for b in batches]
     return keys, layout
 

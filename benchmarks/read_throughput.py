@@ -100,11 +100,11 @@ def stored_bytes_per_view(cache: TeacherCache, kinds) -> np.ndarray:
     meta = cache.meta
     per_row = 0
     if "box" in kinds:
-        per_row += meta["box"]["row_width"] * np.dtype(meta["box"]["dtype"]).itemsize
-        if meta["box"]["dtype"] == "uint8":
+        per_row += meta.box_row_width * np.dtype(meta.box_dtype).itemsize
+        if meta.box_dtype == "uint8":
             per_row += 2 * 4 * 2  # box_lo and box_scale: [4] fp16 each
-    if "cls" in kinds and meta["cls"] is not None:
-        per_row += meta["cls"]["row_width"] * np.dtype(meta["cls"]["dtype"]).itemsize
+    if "cls" in kinds and meta.has_cls:
+        per_row += meta.num_classes * np.dtype(meta.cls_dtype).itemsize
     return cache.num_rows * per_row
 
 
@@ -225,16 +225,15 @@ def main(argv=None) -> None:
         columns = [("variant", "variant", ""), ("views_per_s", "views/s", ".1f"), ("mb_per_s", "stored MB/s", ".1f"),
                    ("kb_per_view", "KB/view", ".1f"), ("startup_seconds", "worker start-up s", ".2f")]
         meta = cache.meta
-        print(f"\ncache {location}: {num_views} views, box {meta['box']['dtype']}, cls "
-              f"{(meta['cls'] or {}).get('dtype', 'not stored')}, compressor {meta['layout']['compressor']}; "
+        print(f"\ncache {location}: {num_views} views, box {meta.box_dtype}, cls "
+              f"{meta.cls_dtype or 'not stored'}, compressor {meta.layout.compressor}; "
               f"medians of {args.repeats} alternating rounds of "
               f"{f'{args.num_reads} reads' if args.num_reads else f'{args.seconds:g} s'}; random order (seed "
               f"{args.seed}); warm page cache (one warm-up pass first)\n")
         print(common.markdown_table(rows, columns))
         out = common.write_results(args.out, args, rows, device, teacher=teacher_info,
-                                   cache={"location": location, "views": num_views, "box_dtype": meta["box"]["dtype"],
-                                          "cls_dtype": (meta["cls"] or {}).get("dtype"),
-                                          "compressor": meta["layout"]["compressor"]},
+                                   cache={"location": location, "views": num_views, "box_dtype": meta.box_dtype,
+                                          "cls_dtype": meta.cls_dtype, "compressor": meta.layout.compressor},
                                    notes="warm page cache: every view was read once before measuring; MB/s = encoded "
                                          "bytes of the arrays read; DataLoader start-up excluded from views/s")
         print(f"\nwrote {out}", file=sys.stderr)

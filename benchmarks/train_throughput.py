@@ -68,7 +68,8 @@ from distill.config import LossConfig, TrainConfig, config_to_dict  # noqa: E402
 from distill.criterion import compute_losses  # noqa: E402
 from distill.engine import batch_groups, build_optimizer, lr_at  # noqa: E402
 from distill.sampler import ViewBatchSampler  # noqa: E402
-from distill.teachers import CacheTeacher, OnlineTeacher, TargetSample  # noqa: E402
+from cache_teacher.targets import CacheTeacher, TargetSample  # noqa: E402
+from distill.teachers import OnlineTeacher  # noqa: E402
 
 SCRIPT = "train_throughput"
 MB = 2**20
@@ -157,10 +158,9 @@ class InMemoryTargets(torch.utils.data.Dataset):
     """CachedTargets with every view's stored rows read up front: a step pays no cache read."""
 
     def __init__(self, cached):
-        self.cached, cache = cached, cached.cache
-        self.rows = {(i, s): {name: torch.from_numpy(a) for name, a in
-                              cache.read_rows(cache.view_index(i, cached.spec_of_view[s]), cached.kinds).items()}
-                     for i in range(len(cached.base)) for s in range(len(cached.base.views))}
+        self.cached = cached
+        self.rows = {(i, s): cached.stored_rows((i, s)) for i in range(len(cached.base))
+                     for s in range(len(cached.base.views))}
 
     def __len__(self) -> int:
         return len(self.cached)
@@ -171,8 +171,8 @@ class InMemoryTargets(torch.utils.data.Dataset):
 
 
 class InMemoryCacheTeacher(CacheTeacher):
-    def dataset(self, base):
-        return InMemoryTargets(super().dataset(base))
+    def dataset(self, base, needs):
+        return InMemoryTargets(super().dataset(base, needs))
 
 
 class Bench:
@@ -202,7 +202,7 @@ class Bench:
         scaler = torch.amp.GradScaler("cuda", enabled=cuda and train.amp == "fp16")
         base_lr = train.base_lr()
         sampler = ViewBatchSampler(self.groups, batch_size=train.batch_size, seed=train.seed)
-        data = teacher.dataset(self.dataset) if teacher is not None else self.dataset
+        data = teacher.dataset(self.dataset, self.loss.teacher_needs()) if teacher is not None else self.dataset
         loader = torch.utils.data.DataLoader(data, batch_sampler=EndlessBatches(sampler), num_workers=train.workers,
                                              collate_fn=teacher.collate if teacher is not None else collate,
                                              pin_memory=cuda, persistent_workers=False)
@@ -288,7 +288,7 @@ def run(args, device: torch.device, workdir: Path) -> None:
     num_classes = common.num_classes_of(ann)
     cache = TeacherCache(args.cache) if args.cache else None
     if cache is not None and not args.teacher:  # a random online teacher of the cached teacher's architecture
-        arch = cache.meta["teacher"]["model_config"]
+        arch = cache.meta.teacher_config
         for key in ("depth", "base_width", "fpn_channels", "head_channels", "stacked_convs"):
             setattr(args, key, int(arch[key]))
     teacher_path, teacher_cfg, random_weights = common.prepare_teacher(args, num_classes, workdir)
@@ -306,14 +306,14 @@ def run(args, device: torch.device, workdir: Path) -> None:
     loss = LossConfig()
     teachers: dict = {}
     if "cache" in args.variants:
-        teachers["cache"] = CacheTeacher(cache, need_cls=loss.kd_weight > 0)
+        teachers["cache"] = CacheTeacher(cache)
     if "cache-mem" in args.variants:
-        teachers["cache-mem"] = InMemoryCacheTeacher(cache, need_cls=loss.kd_weight > 0)
+        teachers["cache-mem"] = InMemoryCacheTeacher(cache)
     if "online" in args.variants:
         model, online_cfg = load_model(teacher_path, {}, torch.device("cpu"))  # moved to the device when used
         teachers["online"] = OnlineTeacher(model, online_cfg, file_sha256(teacher_path), amp=args.amp)
     for teacher in teachers.values():
-        teacher.validate(dataset, cfg, loss)
+        teacher.validate(dataset, cfg, loss.teacher_needs())
 
     bench = Bench(args, device, dataset, cfg, teachers)
     num_views = len(dataset) * len(dataset.views)
@@ -387,8 +387,7 @@ def run(args, device: torch.device, workdir: Path) -> None:
         data={"images": images, "ann": ann, "num_images": len(dataset), "num_views": num_views},
         cache=None if meta is None else {
             "location": cache.location if args.cache else None, "reused": bool(args.cache), "dump_seconds": dump_seconds,
-            "box_dtype": meta["box"]["dtype"], "cls_dtype": (meta["cls"] or {}).get("dtype"),
-            "compressor": meta["layout"]["compressor"], "mb_on_disk": sum(cache.bytes_on_disk().values()) / MB},
+            "box_dtype": meta.box_dtype, "cls_dtype": meta.cls_dtype, "compressor": meta.layout.compressor, "mb_on_disk": sum(cache.bytes_on_disk().values()) / MB},
         notes="a step = the engine's step incl. waiting for the DataLoader, the finite-loss check and the per-step "
               "loss read-out; worker start-up is in the untimed warm-up; each (variant, round) uses a fresh student "
               "from the same seed and a fresh DataLoader over the same seeded batches")

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from cache_teacher import schema
 from cache_teacher.codec import all_finite, encode_rows
+from cache_teacher.layout import Layout, plan_layout
 from cache_teacher.reader import is_url, open_group
 from cache_teacher.writer import COMPRESSORS, CacheWriter
 from detector.checkpoint import file_sha256, load_model
@@ -87,12 +88,7 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def _identity(meta: dict) -> dict:
-    """What makes two dumps the same cache (not when or by which version they were made)."""
-    return {k: v for k, v in meta.items() if k not in ("created", "complete", "package_version", "source")}
-
-
-def _open_store(cfg: DumpConfig, meta: dict, layout, dataset, num_specs: int) -> CacheWriter:
+def _open_store(cfg: DumpConfig, meta: schema.CacheMetadata, layout: Layout, dataset, num_specs: int) -> CacheWriter:
     """Resume a store of the same identity; create a new one; refuse to replace anything else."""
     existing = None
     try:
@@ -103,15 +99,19 @@ def _open_store(cfg: DumpConfig, meta: dict, layout, dataset, num_specs: int) ->
     except UserError:
         group = None  # nothing there yet
     if group is not None:
-        same = existing.get("format") == schema.FORMAT_NAME and _identity(existing) == _identity(meta)
-        if same:
+        diffs = None
+        if schema.is_cache_document(existing):
+            try:
+                diffs = schema.CacheMetadata.from_json(existing, cfg.out).identity_differences(meta)
+            except UserError:  # another format version, or damaged: not ours to resume
+                diffs = ["format"]
+        if diffs == []:
             writer = CacheWriter.resume(cfg.out, cfg.storage_options)
             if writer is not None:
                 return writer
             group = None  # killed while being created: nothing was written, create it again
         elif not cfg.overwrite:
-            if existing.get("format") == schema.FORMAT_NAME:
-                diffs = [k for k in _identity(meta) if _identity(existing).get(k) != _identity(meta).get(k)]
+            if diffs is not None:
                 raise UserError(f"{cfg.out} holds a cache of another identity (differs in {', '.join(diffs)}); "
                                 "pass --overwrite to replace it or choose another --out")
             raise UserError(f"{cfg.out} exists and is not an ldcache cache; choose another --out or pass --overwrite")
@@ -132,25 +132,11 @@ def _check_writable(path: str) -> None:
         raise UserError(f"cannot write {path}: {parent} is not a writable folder; choose a writable --out")
 
 
-def _batches_of_shard(layout: schema.Layout, shard: int, batch_size: int) -> list[list[int]]:
-    """Consecutive views of a shard in runs of equal canvas, cut into batches (fixed for a shard,
-    so a resumed shard is computed with exactly the batches of an uninterrupted run)."""
-    batches, current = [], []
-    for v in layout.views_of_shard(shard):
-        if current and (len(current) == batch_size or layout.records[v].padded_hw != layout.records[current[0]].padded_hw):
-            batches.append(current)
-            current = []
-        current.append(v)
-    if current:
-        batches.append(current)
-    return batches
-
-
 class ShardAssembler:
     """Runs in the writer thread: copies encoded view rows into whole-shard buffers and stores a
     shard as soon as all its views arrived."""
 
-    def __init__(self, writer: CacheWriter, layout: schema.Layout, names: dict[str, str]):
+    def __init__(self, writer: CacheWriter, layout: Layout, names: dict[str, str]):
         self.writer, self.layout, self.names = writer, layout, names  # names: encoded key -> array name
         self.buffers: dict[int, dict[str, np.ndarray]] = {}
         self.missing: dict[int, int] = {}
@@ -178,7 +164,7 @@ class ShardAssembler:
                 self.bytes_written += sum(b.nbytes for b in buffers.values())
 
 
-def _writer_loop(work: queue.Queue, assembler: ShardAssembler, layout: schema.Layout, errors: list) -> None:
+def _writer_loop(work: queue.Queue, assembler: ShardAssembler, layout: Layout, errors: list) -> None:
     while True:
         item = work.get()
         if item is None:
@@ -221,17 +207,16 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
         teacher_cfg.num_classes * np.dtype(cfg.cls_dtype).itemsize if cfg.cls_dtype else 0)
     sparse = cfg.store_regions != "dense"
     region_rows = plan_region_rows(dataset, cfg.min_vlr_gamma, cfg.vlr_iou, cfg.workers, progress) if sparse else None  # [image][spec] -> dense row indices
-    layout = schema.plan_layout([[dataset.view_record(i, s) for s in range(len(specs))] for i in range(len(dataset))],
+    layout = plan_layout([[dataset.view_record(i, s) for s in range(len(specs))] for i in range(len(dataset))],
                                 row_bytes=row_bytes + (4 if sparse else 0), shard_mb=cfg.shard_mb,
                                 rows_per_view=[[len(r) for r in rows] for rows in region_rows] if sparse else None)
-    regions = {"kind": "dense"}
+    regions = schema.Regions()
     if sparse:
-        regions = {"kind": cfg.store_regions, "min_vlr_gamma": cfg.min_vlr_gamma, "vlr_iou": cfg.vlr_iou,
-                   "assigner": "atss-topk9", "rows_stored": int(layout.num_rows.sum()),
-                   "rows_dense": int(sum(r.num_rows for r in layout.records))}
+        regions = schema.Regions(cfg.store_regions, cfg.min_vlr_gamma, cfg.vlr_iou, "atss-topk9",
+                                 int(layout.num_rows.sum()), int(sum(r.num_rows for r in layout.records)))
     meta = schema.build_metadata(
         teacher_config=teacher_cfg.to_dict(), teacher_sha256=file_sha256(cfg.teacher), ann_sha256=dataset.ann_sha256,
-        image_ids=dataset.image_ids, num_images=len(dataset), specs=specs, strides=teacher_cfg.strides,
+        image_ids=dataset.image_ids, specs=specs, strides=teacher_cfg.strides,
         reg_max=teacher_cfg.reg_max, num_classes=teacher_cfg.num_classes, box_dtype=cfg.box_dtype,
         cls_dtype=cfg.cls_dtype, layout=layout, compressor=cfg.compressor, package_version=package_version(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -246,7 +231,7 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
     writer = opened.get("writer") or CacheWriter.resume(cfg.out, cfg.storage_options)
     done = writer.shards_done()
     todo = [s for s in range(layout.num_shards) if not done[s] and s % dist_info.world_size == dist_info.rank]
-    batches = [b for s in todo for b in _batches_of_shard(layout, s, cfg.batch_size)]
+    batches = [b for s in todo for b in layout.batches_of_shard(s, cfg.batch_size)]
     num_views = sum(len(b) for b in batches)
 
     names = {"box.data": schema.BOX, "box.lo": schema.BOX_LO, "box.scale": schema.BOX_SCALE, "cls.data": schema.CLS,
@@ -305,8 +290,8 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
         writer.finalize()
     barrier()
     return {"views": num_views, "seconds": seconds, "shards_written": len(todo), "num_shards": layout.num_shards,
-            "complete": bool(writer.meta.get("complete")), "bytes_written": assembler.bytes_written,
-            "already_complete": not todo and bool(writer.meta.get("complete"))}
+            "complete": writer.meta.complete, "bytes_written": assembler.bytes_written,
+            "already_complete": not todo and writer.meta.complete}
 
 
 class _RegionRows(torch.utils.data.Dataset):

@@ -30,11 +30,10 @@ def summarize(cache: TeacherCache) -> dict:
     done = cache.shards_done()
     used_rows = int(cache.num_rows.sum())
     stored = cache.bytes_on_disk()
-    logical = {}
     row_bytes = {  # bytes of one stored row in each array
-        "box": meta["box"]["row_width"] * np.dtype(meta["box"]["dtype"]).itemsize,
+        "box": meta.box_row_width * np.dtype(meta.box_dtype).itemsize,
         "box_lo": 8, "box_scale": 8, "location": 4,
-        "cls": (meta["cls"] or {}).get("row_width", 0) * np.dtype((meta["cls"] or {}).get("dtype", "float16")).itemsize,
+        "cls": meta.num_classes * np.dtype(meta.cls_dtype).itemsize if meta.has_cls else 0,
     }
     logical = {name: used_rows * row_bytes[name] for name in stored}
     canvases = Counter(r.padded_hw for r in cache.records)
@@ -42,23 +41,23 @@ def summarize(cache: TeacherCache) -> dict:
     num_views = len(cache.records)
     return {
         "location": cache.location,
-        "format_version": meta["format_version"],
-        "created": meta["created"],
-        "package_version": meta["package_version"],
-        "complete": bool(meta["complete"] and done.all()),
+        "format_version": schema.FORMAT_VERSION,
+        "created": meta.created,
+        "package_version": meta.package_version,
+        "complete": bool(meta.complete and done.all()),
         "shards_done": int(done.sum()),
         "num_shards": len(done),
-        "images": meta["dataset"]["num_images"],
+        "images": meta.num_images,
         "views": num_views,
         "view_specs": [s.name for s in cache.specs],
-        "teacher": {**meta["teacher"]["model_config"], "checkpoint_sha256": meta["teacher"]["checkpoint_sha256"]},
-        "strides": meta["strides"],
-        "reg_max": meta["reg_max"],
-        "num_classes": meta["num_classes"],
-        "regions": meta.get("regions", {"kind": "dense"}),
-        "box_dtype": meta["box"]["dtype"],
-        "cls_dtype": (meta["cls"] or {}).get("dtype"),
-        "compressor": meta["layout"]["compressor"],
+        "teacher": {**meta.teacher_config, "checkpoint_sha256": meta.teacher_sha256},
+        "strides": list(meta.strides),
+        "reg_max": meta.reg_max,
+        "num_classes": meta.num_classes,
+        "regions": meta.regions.to_json(),
+        "box_dtype": meta.box_dtype,
+        "cls_dtype": meta.cls_dtype,
+        "compressor": meta.layout.compressor,
         "rows": used_rows,
         "canvases": [{"padded_hw": list(hw), "views": n,
                       "level_hw": [list(x) for x in next(r.level_hw for r in cache.records if r.padded_hw == hw)]}
@@ -108,11 +107,11 @@ def format_summary(s: dict) -> str:
 
 
 def _dataset_for(cache: TeacherCache, images, ann) -> CocoDetection:
-    images = images or cache.meta["source"].get("images")
-    ann = ann or cache.meta["source"].get("ann")
+    images = images or cache.meta.source.get("images")
+    ann = ann or cache.meta.source.get("ann")
     if not images or not ann:
         raise UserError("this needs the dataset: pass --images and --ann")
-    return CocoDetection(images, ann, views=cache.specs, strides=tuple(cache.meta["strides"]), train=True)
+    return CocoDetection(images, ann, views=cache.specs, strides=cache.meta.strides, train=True)
 
 
 def verify(cache: TeacherCache, teacher: str | None = None, images=None, ann=None, num_views: int = 8, seed: int = 0,
@@ -123,24 +122,20 @@ def verify(cache: TeacherCache, teacher: str | None = None, images=None, ann=Non
     if not done.all() or not cache.complete:
         problems.append(f"incomplete: {int(done.sum())}/{len(done)} shards written")
     bad_rows = 0
-    rows_per_shard = cache.meta["layout"]["rows_per_shard"]
-    group = cache._arrays()
     for shard in np.nonzero(done)[0]:  # whole shards: contiguous reads
-        sl = slice(int(shard) * rows_per_shard, (int(shard) + 1) * rows_per_shard)
-        arrays = {name: group[name][sl] for name in (schema.BOX, schema.BOX_LO, schema.BOX_SCALE, schema.CLS) if name in group}
-        bad_rows += int((~all_finite(arrays)).sum())
+        bad_rows += int((~all_finite(cache.read_shard(int(shard)))).sum())
         if progress:
             progress()
     if bad_rows:
         problems.append(f"{bad_rows} rows hold NaN or inf")
-    if cache.meta["transform"] != schema.transform_spec():
+    if cache.meta.transform != schema.transform_spec():
         problems.append("the cache was made with another input transform than this ldcache builds")
     result = {"complete": bool(done.all() and cache.complete), "nonfinite_rows": bad_rows}
     dataset = None
-    if ann or images or cache.meta["source"].get("ann"):
+    if ann or images or cache.meta.source.get("ann"):
         try:
             dataset = _dataset_for(cache, images, ann)
-            mismatch = schema.identity_mismatches(cache.meta, {"ann_sha256": dataset.ann_sha256, "image_ids": dataset.image_ids})
+            mismatch = cache.meta.mismatches(ann_sha256=dataset.ann_sha256, image_ids=dataset.image_ids)
             problems += mismatch
             result["dataset_matches"] = not mismatch
         except UserError as err:
@@ -150,10 +145,10 @@ def verify(cache: TeacherCache, teacher: str | None = None, images=None, ann=Non
             problems.append(f"dataset not checked ({err})")
     if teacher is not None:
         sha = file_sha256(teacher)
-        result["teacher_matches"] = sha == cache.meta["teacher"]["checkpoint_sha256"]
+        result["teacher_matches"] = sha == cache.meta.teacher_sha256
         if not result["teacher_matches"]:
             problems.append(f"teacher checkpoint sha256 {sha[:12]} differs from the cache's "
-                            f"{cache.meta['teacher']['checkpoint_sha256'][:12]}")
+                            f"{cache.meta.teacher_sha256[:12]}")
         if dataset is None:
             dataset = _dataset_for(cache, images, ann)
         result["fidelity"] = fidelity(cache, teacher, dataset, num_views, seed, device)
@@ -222,7 +217,7 @@ def render_png(cache: TeacherCache, view: int, out: Path, images=None, ann=None,
     image = (sample.image[:, :h, :w] * std + mean).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
     cached = cache.read_view(view).dense()  # a sparse cache shows only what it stores
     box_maps = [m[None] for m in view_maps(cached.box, record.level_hw)]
-    strides, reg_max = tuple(cache.meta["strides"]), cache.meta["reg_max"]
+    strides, reg_max = cache.meta.strides, cache.meta.reg_max
     frame = dataclasses.replace(record, orig_hw=record.resized_hw, flip=False)  # decode in the view's own pixels
     empty = np.zeros((0, 4))
     det_boxes, det_scores, det_labels = empty, np.zeros(0), np.zeros(0, dtype=int)

@@ -6,13 +6,18 @@ handle on first use. A view's rows come from ONE contiguous slice per array (zar
 is an order of magnitude slower). For a complete cache in the plain uncompressed layout, on a
 local disk or an fsspec URL, the slices are read straight from the shard files (rawshards.py):
 a fraction of zarr-python's per-read overhead, and one ranged request per array and view on
-object storage; anything else reads through zarr."""
+object storage; anything else reads through zarr.
+
+Rows leave the reader encoded (read_rows: what is stored, small to ship from a loader worker) and
+are decoded by decode() where they are needed (on the training device): nothing outside this
+package touches the codec or the array names."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +26,7 @@ import zarr
 
 from cache_teacher import schema
 from cache_teacher.codec import decode_rows
+from cache_teacher.layout import VIEW_FIELDS, records_from_table
 from cache_teacher.rawshards import open_raw
 from detector.errors import UserError
 from detector.views import ViewRecord, ViewSpec
@@ -62,12 +68,20 @@ def _read_slices(arrays, names, rows: slice) -> dict[str, np.ndarray]:
         from zarr.core.sync import sync
 
         async def gather():
-            return await asyncio.gather(*(a._async_array.getitem(rows) for a in arrays))
+            return await asyncio.gather(*(a.async_array.getitem(rows) for a in arrays))
 
         values = sync(gather())
     except (ImportError, AttributeError):  # another zarr-python layout: plain sequential reads
         values = [a[rows] for a in arrays]
     return dict(zip(names, values))
+
+
+class DecodedRows(NamedTuple):
+    """A view's (or a batch's) teacher rows as float32 logits."""
+
+    box: torch.Tensor  # [n, 4(reg_max+1)]
+    cls: torch.Tensor | None  # [n, C]; None without class logits (a --no-cls cache, or not asked for)
+    location: torch.Tensor | None  # region-sparse caches: each row's index among the dense rows
 
 
 @dataclass
@@ -95,13 +109,11 @@ class TeacherCache:
         self.location = str(location)
         self.storage_options = storage_options
         group = open_group(self.location, "r", storage_options)
-        meta = dict(group.attrs.get(schema.ATTRS_KEY, {}))
-        schema.check_format(meta, self.location)
-        self.meta = meta
-        self.specs: list[ViewSpec] = schema.specs_from_json(meta["views"]["specs"])
-        table = {name: group["views"][name][:] for name in schema.VIEW_FIELDS}
+        self.meta = schema.CacheMetadata.from_json(dict(group.attrs.get(schema.ATTRS_KEY, {})), self.location)
+        self.specs: list[ViewSpec] = list(self.meta.specs)
+        table = {name: group["views"][name][:] for name in VIEW_FIELDS}
         self.view_table = table
-        self.records: list[ViewRecord] = schema.records_from_table(table)
+        self.records: list[ViewRecord] = records_from_table(table)
         self.row_offset = table["row_offset"].astype(np.int64)
         self.num_rows = table["num_rows"].astype(np.int64)
         self.lookup = group["dataset"]["lookup"][:]
@@ -147,15 +159,20 @@ class TeacherCache:
     # -- what the cache holds -------------------------------------------------------------------
     @property
     def complete(self) -> bool:
-        return bool(self.meta.get("complete"))
+        return self.meta.complete
 
     @property
     def has_cls(self) -> bool:
-        return self.meta["cls"] is not None
+        return self.meta.has_cls
 
     @property
     def sparse(self) -> bool:
-        return self.meta.get("regions", {"kind": "dense"})["kind"] != "dense"
+        return self.meta.regions.sparse
+
+    def array_names(self) -> list[str]:
+        """The row arrays this cache holds (box, box_lo, box_scale, cls, location)."""
+        group = self._arrays()
+        return [name for name in schema.ROW_ARRAYS if name in group]
 
     def shards_done(self) -> np.ndarray:
         return self._arrays()[schema.PROGRESS][:].astype(bool)  # not cached: it changes during a dump
@@ -174,34 +191,49 @@ class TeacherCache:
 
     def validate(self, **expected) -> None:
         """Refuse a cache that does not fit the run; the error names every mismatch."""
-        problems = schema.identity_mismatches(self.meta, expected)
+        problems = self.meta.mismatches(**expected)
         if problems:
             raise UserError(f"cache {self.location} does not match this run: " + "; ".join(problems))
 
     # -- rows -----------------------------------------------------------------------------------
-    def read_rows(self, v: int, kinds=("box", "cls")) -> dict[str, np.ndarray]:
-        """The stored (encoded) rows of view v, one contiguous slice per array."""
+    def read_rows(self, v: int, kinds=("box", "cls"), direct: bool = True) -> dict[str, np.ndarray]:
+        """The stored (encoded) rows of view v, one contiguous slice per array: straight from the
+        shard files where the layout allows (direct=False: always through zarr)."""
         start, stop = int(self.row_offset[v]), int(self.row_offset[v] + self.num_rows[v])
         names = []
         if "box" in kinds:
             names.append(schema.BOX)
-            if self.meta["box"]["dtype"] == "uint8":
+            if self.meta.box_dtype == "uint8":
                 names += [schema.BOX_LO, schema.BOX_SCALE]
         if "cls" in kinds and self.has_cls:
             names.append(schema.CLS)
         if self.sparse:
             names.append(schema.LOCATION)
-        raw = [self.raw(name) for name in names]
+        raw = [self.raw(name) for name in names] if direct else [None]
         if all(r is not None for r in raw):
             return {name: r.read(start, stop) for name, r in zip(names, raw)}
         return _read_slices([self.array(name) for name in names], names, slice(start, stop))
 
+    @staticmethod
+    def decode(stored: dict, device=None) -> DecodedRows:
+        """Rows as read_rows returns them (numpy or torch, one view or several concatenated) ->
+        float32 logits on `device`. Only the stored bytes travel; the decode runs on the device."""
+        box = decode_rows(stored[schema.BOX], stored.get(schema.BOX_LO), stored.get(schema.BOX_SCALE), device)
+        cls = decode_rows(stored[schema.CLS], device=device) if schema.CLS in stored else None
+        location = stored.get(schema.LOCATION)
+        if location is not None:
+            location = torch.as_tensor(location).to(device, non_blocking=True).long()
+        return DecodedRows(box, cls, location)
+
     def read_view(self, v: int, kinds=("box", "cls")) -> CachedView:
-        raw = self.read_rows(v, kinds)
-        box = decode_rows(raw[schema.BOX], raw.get(schema.BOX_LO), raw.get(schema.BOX_SCALE)) if schema.BOX in raw else None
-        cls = decode_rows(raw[schema.CLS]) if schema.CLS in raw else None
-        location = torch.from_numpy(raw[schema.LOCATION]) if schema.LOCATION in raw else None
+        box, cls, location = self.decode(self.read_rows(v, kinds))
         return CachedView(self.records[v], box, cls, location)
+
+    def read_shard(self, shard: int) -> dict[str, np.ndarray]:
+        """The stored logits of one whole shard (box, box_lo, box_scale, cls): contiguous reads."""
+        rows = self.meta.layout.rows_per_shard
+        names = [n for n in (schema.BOX, schema.BOX_LO, schema.BOX_SCALE, schema.CLS) if n in self.array_names()]
+        return {name: self.array(name)[shard * rows:(shard + 1) * rows] for name in names}
 
     def bytes_on_disk(self) -> dict[str, int]:
         """Stored bytes per array (local stores and fsspec stores that can list sizes)."""

@@ -1,34 +1,32 @@
-"""The teacher cache contract (format v1): names, layout rules and validation. The single source
-of truth for what a cache holds; docs/cache-format.md describes the same thing for other readers.
+"""The teacher cache contract (format v1): array names and the metadata, parsed and validated once.
+The single source of truth for what a cache holds; docs/cache-format.md describes the same thing
+for other readers, and cache_teacher/layout.py where the rows of each view lie.
 
 A cache is one Zarr v3 group:
-- attrs["ldcache"]: the metadata dict built by `build_metadata` (identity, transform, dtypes...).
+- attrs["ldcache"]: CacheMetadata.to_json() (identity, transform, dtypes, layout, state).
 - box [R, 4(n+1)] and cls [R, C] (cls absent with --no-cls): teacher logits, one row per prior
-  location; a view's rows are contiguous, level-major (P3 first), then y, then x.
+  location; a view's rows are contiguous, in the order of detector.rows.
 - box_lo, box_scale [R, 4] (uint8 box only): per row and edge, logit = lo + q * scale.
-- views/*: the view table, one entry per view in physical (row) order.
+- views/*: the view table (layout.VIEW_FIELDS), one entry per view in physical (row) order.
 - dataset/image_ids [N]: the dataset's ordered image ids; dataset/lookup [N, S]: the view index of
   (image index, view spec index).
 - progress [num_shards] uint8: 1 once a shard's write has returned (one chunk per shard, so writers
   never share an object).
 - location [R] int32 (region-sparse caches only): the row's index among its view's dense rows; a
-  sparse view stores only the rows its distillation losses read (attrs["ldcache"]["regions"]).
-
-Layout: views are ordered by padded canvas, then image, then view spec, so a dump can batch equal
-canvases (GroupNorm makes a view's maps depend on its canvas); they are packed into shards of
-rows_per_shard rows without straddling a shard boundary; each shard is written whole by one writer,
-and the unused tail of a shard is fill value (nothing on disk when a whole inner chunk is unused).
+  sparse view stores only the rows its distillation losses read (CacheMetadata.regions).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from cache_teacher.layout import Layout
 from detector.errors import UserError
-from detector.views import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISOR, ViewRecord, ViewSpec
+from detector.views import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISOR, ViewSpec
 
 FORMAT_NAME = "ldcache.teacher_cache"
 FORMAT_VERSION = 1
@@ -38,109 +36,14 @@ RESIZE_METHOD = "bilinear-half-pixel-round-v1"  # detector.views.bilinear_resize
 BOX, CLS, BOX_LO, BOX_SCALE = "box", "cls", "box_lo", "box_scale"
 LOCATION = "location"  # region-sparse caches: each stored row's index among its view's dense rows
 ROW_ARRAYS = (BOX, BOX_LO, BOX_SCALE, CLS, LOCATION)
-REGION_KINDS = ("dense", "main+vlr")
 PROGRESS = "progress"
-VIEW_FIELDS = ("image_id", "image_index", "spec_index", "flip", "img_scale", "orig_hw", "resized_hw",
-               "padded_hw", "level_hw", "row_offset", "num_rows")
+REGION_KINDS = ("dense", "main+vlr")
 BOX_DTYPES = ("float16", "uint8", "float32")
 CLS_DTYPES = ("float16", "float32")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where every view's rows live. Arrays are in physical view order."""
-
-    records: list[ViewRecord]
-    image_index: np.ndarray  # [V] dataset index of each view's image
-    spec_index: np.ndarray  # [V] index into the view specs
-    row_offset: np.ndarray  # [V] int64
-    num_rows: np.ndarray  # [V] int64
-    shard_of_view: np.ndarray  # [V] int64
-    rows_per_shard: int
-    chunk_rows: int
-    num_shards: int
-
-    @property
-    def total_rows(self) -> int:
-        return self.num_shards * self.rows_per_shard
-
-    def views_of_shard(self, shard: int) -> range:
-        idx = np.nonzero(self.shard_of_view == shard)[0]
-        return range(int(idx[0]), int(idx[-1]) + 1) if len(idx) else range(0)
-
-    def lookup(self, num_images: int, num_specs: int) -> np.ndarray:
-        table = np.full((num_images, num_specs), -1, dtype=np.int64)
-        table[self.image_index, self.spec_index] = np.arange(len(self.records))
-        return table
-
-
-def _pow2_floor(x: int) -> int:
-    return 1 << max(0, int(x).bit_length() - 1)
-
-
-def plan_layout(records_per_image: list[list[ViewRecord]], row_bytes: int, shard_mb: float = 64.0,
-                chunk_rows: int | None = None, rows_per_view: list[list[int]] | None = None) -> Layout:
-    """records_per_image[i][s] = view s of image i -> the physical layout (pure arithmetic).
-    rows_per_view[i][s] overrides a view's row count (region-sparse caches store fewer rows)."""
-    entries = [(rec.padded_hw, i, s, rec) for i, recs in enumerate(records_per_image) for s, rec in enumerate(recs)]
-    entries.sort(key=lambda e: (e[0], e[1], e[2]))
-    count = (lambda e: rows_per_view[e[1]][e[2]]) if rows_per_view is not None else (lambda e: e[3].num_rows)
-    rows = np.array([count(e) for e in entries], dtype=np.int64)
-    if len(rows) == 0:
-        raise UserError("the dataset has no images to cache; check the annotation file")
-    if chunk_rows is None:
-        # Small enough that reading one view over-reads little, large enough to keep the shard index small.
-        typical = int(np.median(rows[rows > 0])) if (rows > 0).any() else 1
-        chunk_rows = min(16384, max(128, _pow2_floor(typical // 2)))
-    max_rows = int(rows.max())
-    target = int(shard_mb * 2**20 / max(row_bytes, 1))
-    rows_per_shard = max(target, max_rows)
-    rows_per_shard = -(-rows_per_shard // chunk_rows) * chunk_rows  # whole inner chunks
-    offsets, shards = np.zeros_like(rows), np.zeros_like(rows)
-    shard, used = 0, 0
-    for v, n in enumerate(rows):
-        if used + n > rows_per_shard:  # a view never straddles two shards
-            shard, used = shard + 1, 0
-        offsets[v], shards[v] = shard * rows_per_shard + used, shard
-        used += n
-    return Layout(
-        records=[e[3] for e in entries],
-        image_index=np.array([e[1] for e in entries], dtype=np.int64),
-        spec_index=np.array([e[2] for e in entries], dtype=np.int64),
-        row_offset=offsets, num_rows=rows, shard_of_view=shards,
-        rows_per_shard=rows_per_shard, chunk_rows=chunk_rows, num_shards=shard + 1,
-    )
-
-
-def view_table(layout: Layout) -> dict[str, np.ndarray]:
-    """The views/* arrays of a layout."""
-    recs = layout.records
-    return {
-        "image_id": np.array([r.image_id for r in recs], dtype=np.int64),
-        "image_index": layout.image_index,
-        "spec_index": layout.spec_index,
-        "flip": np.array([r.flip for r in recs], dtype=np.uint8),
-        "img_scale": np.array([r.img_scale for r in recs], dtype=np.int32).reshape(-1, 2),
-        "orig_hw": np.array([r.orig_hw for r in recs], dtype=np.int32).reshape(-1, 2),
-        "resized_hw": np.array([r.resized_hw for r in recs], dtype=np.int32).reshape(-1, 2),
-        "padded_hw": np.array([r.padded_hw for r in recs], dtype=np.int32).reshape(-1, 2),
-        "level_hw": np.array([r.level_hw for r in recs], dtype=np.int32),
-        "row_offset": layout.row_offset,
-        "num_rows": layout.num_rows,
-    }
-
-
-def records_from_table(table: dict[str, np.ndarray]) -> list[ViewRecord]:
-    return [
-        ViewRecord(
-            image_id=int(table["image_id"][v]), flip=bool(table["flip"][v]),
-            img_scale=tuple(int(x) for x in table["img_scale"][v]), orig_hw=tuple(int(x) for x in table["orig_hw"][v]),
-            resized_hw=tuple(int(x) for x in table["resized_hw"][v]),
-            padded_hw=tuple(int(x) for x in table["padded_hw"][v]),
-            level_hw=tuple(tuple(int(x) for x in hw) for hw in table["level_hw"][v]),
-        )
-        for v in range(len(table["image_id"]))
-    ]
+UINT8_QUANTIZATION = {"kind": "affine-per-row-edge", "formula": "logit = box_lo + q * box_scale",
+                      "params_dtype": "float16", "arrays": [BOX_LO, BOX_SCALE]}
+# What records a cache's history rather than what it holds: not part of its identity.
+NOT_IDENTITY = ("created", "complete", "package_version", "source")
 
 
 def image_ids_sha256(image_ids) -> str:
@@ -153,94 +56,201 @@ def transform_spec() -> dict:
             "pixel_std": list(PIXEL_STD), "pad_value": 0.0, "flip": "horizontal-after-resize"}
 
 
-def specs_to_json(specs: list[ViewSpec]) -> list[dict]:
-    return [{"flip": s.flip, "img_scale": list(s.img_scale)} for s in specs]
+@dataclass(frozen=True)
+class Regions:
+    """Which rows a cache stores: every prior location (dense), or main+vlr: the ATSS positives
+    and the VLR band for every gamma >= min_vlr_gamma, selected with vlr_iou."""
+
+    kind: str = "dense"
+    min_vlr_gamma: float | None = None
+    vlr_iou: str | None = None
+    assigner: str | None = None
+    rows_stored: int | None = None
+    rows_dense: int | None = None
+
+    @property
+    def sparse(self) -> bool:
+        return self.kind != "dense"
+
+    def to_json(self) -> dict:
+        if not self.sparse:
+            return {"kind": "dense"}
+        return dataclasses.asdict(self)
 
 
-def specs_from_json(items: list[dict]) -> list[ViewSpec]:
-    return [ViewSpec(flip=bool(d["flip"]), img_scale=tuple(d["img_scale"])) for d in items]
+@dataclass(frozen=True)
+class CacheLayout:
+    """The shard geometry of the row arrays (numbers only; layout.Layout has the views' places)."""
+
+    rows_per_shard: int
+    chunk_rows: int
+    num_shards: int
+    total_rows: int
+    compressor: str = "none"
+    order: str = "padded_hw,image,spec"
 
 
-def build_metadata(*, teacher_config: dict, teacher_sha256: str, ann_sha256: str, image_ids, num_images: int,
-                   specs: list[ViewSpec], strides, reg_max: int, num_classes: int, box_dtype: str,
-                   cls_dtype: str | None, layout: Layout, compressor: str, package_version: str,
-                   created: str, source: dict | None = None, regions: dict | None = None) -> dict:
-    if box_dtype not in BOX_DTYPES:
-        raise UserError(f"box dtype must be one of {BOX_DTYPES}, got {box_dtype!r}")
-    if cls_dtype is not None and cls_dtype not in CLS_DTYPES:
-        raise UserError(f"cls dtype must be one of {CLS_DTYPES} or none, got {cls_dtype!r}")
-    quant = None
-    if box_dtype == "uint8":
-        quant = {"kind": "affine-per-row-edge", "formula": "logit = box_lo + q * box_scale",
-                 "params_dtype": "float16", "arrays": [BOX_LO, BOX_SCALE]}
-    return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "package_version": package_version,
-        "created": created,
-        "complete": False,
-        # Where the inputs were found when dumping: hints for inspect-cache, not part of the identity.
-        "source": source or {},
-        "teacher": {"model_config": teacher_config, "checkpoint_sha256": teacher_sha256},
-        "dataset": {"ann_sha256": ann_sha256, "num_images": int(num_images), "image_ids_sha256": image_ids_sha256(image_ids)},
-        "transform": transform_spec(),
-        "views": {"specs": specs_to_json(specs), "num_views": len(layout.records)},
-        "regions": regions or {"kind": "dense"},
-        "strides": [int(s) for s in strides],
-        "reg_max": int(reg_max),
-        "num_classes": int(num_classes),
-        "box": {"dtype": box_dtype, "quantization": quant, "row_width": 4 * (reg_max + 1)},
-        "cls": None if cls_dtype is None else {"dtype": cls_dtype, "row_width": int(num_classes)},
-        "layout": {"rows_per_shard": layout.rows_per_shard, "chunk_rows": layout.chunk_rows,
-                   "num_shards": layout.num_shards, "total_rows": layout.total_rows, "order": "padded_hw,image,spec",
-                   "compressor": compressor},
-    }
+@dataclass(frozen=True)
+class CacheMetadata:
+    """attrs["ldcache"] of a cache, typed. from_json validates a stored document once; to_json
+    writes the format-v1 document byte for byte as earlier versions of ldcache did."""
 
+    teacher_config: dict  # the teacher's detector.config.ModelConfig as a dict
+    teacher_sha256: str  # of the checkpoint file
+    ann_sha256: str  # of the annotation file's bytes
+    num_images: int
+    image_ids_sha256: str  # of the ordered image ids (int64)
+    specs: tuple[ViewSpec, ...]
+    num_views: int
+    strides: tuple[int, ...]
+    reg_max: int
+    num_classes: int
+    box_dtype: str
+    cls_dtype: str | None  # None: no class logits (--no-cls)
+    layout: CacheLayout
+    regions: Regions = Regions()
+    transform: dict = field(default_factory=transform_spec)
+    package_version: str = "0+unknown"
+    created: str = ""
+    complete: bool = False
+    source: dict = field(default_factory=dict)  # where the dump found its inputs: hints, not identity
 
-def check_format(meta: dict, where: str) -> None:
-    if meta.get("format") != FORMAT_NAME:
-        raise UserError(f"{where} is not an ldcache teacher cache (no '{ATTRS_KEY}' metadata); pass a store made by dump-teacher")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{where} has cache format v{meta.get('format_version')} but this ldcache reads v{FORMAT_VERSION}; "
-                        "dump the teacher again or use the matching ldcache version")
+    def __post_init__(self):
+        problems = []
+        if self.box_dtype not in BOX_DTYPES:
+            problems.append(f"box dtype must be one of {BOX_DTYPES}, got {self.box_dtype!r}")
+        if self.cls_dtype is not None and self.cls_dtype not in CLS_DTYPES:
+            problems.append(f"cls dtype must be one of {CLS_DTYPES} or none, got {self.cls_dtype!r}")
+        if self.regions.kind not in REGION_KINDS:
+            problems.append(f"regions must be one of {REGION_KINDS}, got {self.regions.kind!r}")
+        if problems:
+            raise UserError("invalid cache metadata: " + "; ".join(problems))
 
+    @property
+    def box_row_width(self) -> int:
+        return 4 * (self.reg_max + 1)
 
-def identity_mismatches(meta: dict, expected: dict) -> list[str]:
-    """Compare a cache's metadata with what a run needs. `expected` may hold any of: teacher_sha256,
-    teacher_config, ann_sha256, image_ids, num_classes, strides, reg_max, transform, specs (list of
-    ViewSpec that must all be cached). Returns one readable line per mismatch."""
-    out = []
+    @property
+    def has_cls(self) -> bool:
+        return self.cls_dtype is not None
 
-    def differ(name, have, want):
-        if have != want:
-            out.append(f"{name}: cache has {have!r}, run needs {want!r}")
+    def completed(self) -> "CacheMetadata":
+        return dataclasses.replace(self, complete=True)
 
-    if "teacher_sha256" in expected:
-        differ("teacher checkpoint sha256", meta["teacher"]["checkpoint_sha256"][:12], expected["teacher_sha256"][:12])
-    if "teacher_config" in expected:
-        have = meta["teacher"]["model_config"]
-        diffs = [k for k in sorted(set(have) | set(expected["teacher_config"])) if have.get(k) != expected["teacher_config"].get(k)]
-        if diffs:
-            out.append(f"teacher architecture differs in {', '.join(diffs)}")
-    if "ann_sha256" in expected:
-        differ("annotation file sha256", meta["dataset"]["ann_sha256"][:12], expected["ann_sha256"][:12])
-    if "image_ids" in expected:
-        if meta["dataset"]["image_ids_sha256"] != image_ids_sha256(expected["image_ids"]):
-            out.append(f"image ids: cache has {meta['dataset']['num_images']} images in another set or order than the "
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "package_version": self.package_version,
+            "created": self.created,
+            "complete": self.complete,
+            "source": dict(self.source),
+            "teacher": {"model_config": self.teacher_config, "checkpoint_sha256": self.teacher_sha256},
+            "dataset": {"ann_sha256": self.ann_sha256, "num_images": self.num_images,
+                        "image_ids_sha256": self.image_ids_sha256},
+            "transform": self.transform,
+            "views": {"specs": [{"flip": s.flip, "img_scale": list(s.img_scale)} for s in self.specs],
+                      "num_views": self.num_views},
+            "regions": self.regions.to_json(),
+            "strides": list(self.strides),
+            "reg_max": self.reg_max,
+            "num_classes": self.num_classes,
+            "box": {"dtype": self.box_dtype, "quantization": UINT8_QUANTIZATION if self.box_dtype == "uint8" else None,
+                    "row_width": self.box_row_width},
+            "cls": None if self.cls_dtype is None else {"dtype": self.cls_dtype, "row_width": self.num_classes},
+            "layout": {"rows_per_shard": self.layout.rows_per_shard, "chunk_rows": self.layout.chunk_rows,
+                       "num_shards": self.layout.num_shards, "total_rows": self.layout.total_rows,
+                       "order": self.layout.order, "compressor": self.layout.compressor},
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict, where: str) -> "CacheMetadata":
+        """The stored document -> CacheMetadata; UserError naming `where` for anything else."""
+        if not is_cache_document(doc):
+            raise UserError(f"{where} is not an ldcache teacher cache (no '{ATTRS_KEY}' metadata); pass a store "
+                            "made by dump-teacher")
+        if doc.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{where} has cache format v{doc.get('format_version')} but this ldcache reads "
+                            f"v{FORMAT_VERSION}; dump the teacher again or use the matching ldcache version")
+        try:
+            return cls(
+                teacher_config=dict(doc["teacher"]["model_config"]), teacher_sha256=doc["teacher"]["checkpoint_sha256"],
+                ann_sha256=doc["dataset"]["ann_sha256"], num_images=int(doc["dataset"]["num_images"]),
+                image_ids_sha256=doc["dataset"]["image_ids_sha256"],
+                specs=tuple(ViewSpec(bool(s["flip"]), tuple(s["img_scale"])) for s in doc["views"]["specs"]),
+                num_views=int(doc["views"]["num_views"]), strides=tuple(int(s) for s in doc["strides"]),
+                reg_max=int(doc["reg_max"]), num_classes=int(doc["num_classes"]), box_dtype=doc["box"]["dtype"],
+                cls_dtype=(doc["cls"] or {}).get("dtype"), layout=CacheLayout(**doc["layout"]),
+                regions=Regions(**doc.get("regions", {"kind": "dense"})), transform=dict(doc["transform"]),
+                package_version=doc.get("package_version", "0+unknown"), created=doc.get("created", ""),
+                complete=bool(doc.get("complete")), source=dict(doc.get("source") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{where} has damaged ldcache metadata ({type(err).__name__}: {err}); dump the "
+                            "teacher again") from None
+
+    def identity(self) -> dict:
+        """What makes two dumps the same cache (not when, by which version or from which paths)."""
+        return {k: v for k, v in self.to_json().items() if k not in NOT_IDENTITY}
+
+    def identity_differences(self, other: "CacheMetadata") -> list[str]:
+        """Top-level identity entries in which two caches differ (the dump's overwrite refusal)."""
+        mine, theirs = self.identity(), other.identity()
+        return [k for k in mine if mine[k] != theirs.get(k)]
+
+    def mismatches(self, **expected) -> list[str]:
+        """What a run needs against what the cache holds, one readable line per mismatch. `expected`
+        may hold any of: teacher_sha256, teacher_config, ann_sha256, image_ids, num_classes,
+        strides, reg_max, transform, specs (view specs that must all be cached)."""
+        out = []
+
+        def differ(name, have, want):
+            if have != want:
+                out.append(f"{name}: cache has {have!r}, run needs {want!r}")
+
+        if "teacher_sha256" in expected:
+            differ("teacher checkpoint sha256", self.teacher_sha256[:12], expected["teacher_sha256"][:12])
+        if "teacher_config" in expected:
+            want = expected["teacher_config"]
+            diffs = [k for k in sorted(set(self.teacher_config) | set(want)) if self.teacher_config.get(k) != want.get(k)]
+            if diffs:
+                out.append(f"teacher architecture differs in {', '.join(diffs)}")
+        if "ann_sha256" in expected:
+            differ("annotation file sha256", self.ann_sha256[:12], expected["ann_sha256"][:12])
+        if "image_ids" in expected and self.image_ids_sha256 != image_ids_sha256(expected["image_ids"]):
+            out.append(f"image ids: cache has {self.num_images} images in another set or order than the "
                        f"run's {len(expected['image_ids'])}")
-    for key in ("num_classes", "reg_max"):
-        if key in expected:
-            differ(key, meta[key], int(expected[key]))
-    if "strides" in expected:
-        differ("strides", meta["strides"], [int(s) for s in expected["strides"]])
-    if "transform" in expected:
-        have, want = meta["transform"], expected["transform"]
-        for k in sorted(set(have) | set(want)):
-            if have.get(k) != want.get(k):
-                out.append(f"transform {k}: cache has {have.get(k)!r}, run needs {want.get(k)!r}")
-    if "specs" in expected:
-        cached = specs_from_json(meta["views"]["specs"])
-        missing = [s.name for s in expected["specs"] if s not in cached]
-        if missing:
-            out.append(f"views {missing} are not cached (cache has {[s.name for s in cached]})")
-    return out
+        for key in ("num_classes", "reg_max"):
+            if key in expected:
+                differ(key, getattr(self, key), int(expected[key]))
+        if "strides" in expected:
+            differ("strides", list(self.strides), [int(s) for s in expected["strides"]])
+        if "transform" in expected:
+            have, want = self.transform, expected["transform"]
+            for k in sorted(set(have) | set(want)):
+                if have.get(k) != want.get(k):
+                    out.append(f"transform {k}: cache has {have.get(k)!r}, run needs {want.get(k)!r}")
+        if "specs" in expected:
+            missing = [s.name for s in expected["specs"] if s not in self.specs]
+            if missing:
+                out.append(f"views {missing} are not cached (cache has {[s.name for s in self.specs]})")
+        return out
+
+
+def is_cache_document(doc: dict) -> bool:
+    return isinstance(doc, dict) and doc.get("format") == FORMAT_NAME
+
+
+def build_metadata(*, teacher_config: dict, teacher_sha256: str, ann_sha256: str, image_ids, specs: list[ViewSpec],
+                   strides, reg_max: int, num_classes: int, box_dtype: str, cls_dtype: str | None, layout: Layout,
+                   compressor: str, package_version: str, created: str, source: dict | None = None,
+                   regions: Regions = Regions()) -> CacheMetadata:
+    """The metadata of a cache about to be dumped (not complete yet)."""
+    return CacheMetadata(
+        teacher_config=teacher_config, teacher_sha256=teacher_sha256, ann_sha256=ann_sha256,
+        num_images=len(image_ids), image_ids_sha256=image_ids_sha256(image_ids), specs=tuple(specs),
+        num_views=len(layout.records), strides=tuple(int(s) for s in strides), reg_max=int(reg_max),
+        num_classes=int(num_classes), box_dtype=box_dtype, cls_dtype=cls_dtype,
+        layout=CacheLayout(layout.rows_per_shard, layout.chunk_rows, layout.num_shards, layout.total_rows, compressor),
+        regions=regions, package_version=package_version, created=created, source=dict(source or {}),
+    )

@@ -8,11 +8,14 @@ torn shard whose flag is still 0, and resuming rewrites it whole.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import zarr
 
 from cache_teacher import schema
-from cache_teacher.reader import open_group
+from cache_teacher.layout import Layout, view_table
+from cache_teacher.reader import is_url, open_group
 from detector.errors import UserError
 
 COMPRESSORS = ("none", "zstd", "lz4")
@@ -29,42 +32,42 @@ def _compressors(name: str):
 
 
 class CacheWriter:
-    def __init__(self, group, meta: dict):
+    def __init__(self, group, meta: schema.CacheMetadata):
         self.group = group
         self.meta = meta
-        layout = meta["layout"]
-        self.rows_per_shard = layout["rows_per_shard"]
-        self.num_shards = layout["num_shards"]
+        self.rows_per_shard = meta.layout.rows_per_shard
+        self.num_shards = meta.layout.num_shards
         self._progress = group[schema.PROGRESS]
         self._arrays = {name: group[name] for name in schema.ROW_ARRAYS if name in group}
 
     @classmethod
-    def create(cls, url: str, meta: dict, layout: schema.Layout, image_ids, num_specs: int,
+    def create(cls, url: str, meta: schema.CacheMetadata, layout: Layout, image_ids, num_specs: int,
                storage_options: dict | None = None) -> "CacheWriter":
         """A new, empty cache (the caller decides whether an existing store may be replaced)."""
         # Identity first, in the group's own metadata document: a dump killed while creating the
         # arrays leaves a store that a re-run recognises as its own and creates again.
-        group = open_group(url, mode="w", storage_options=storage_options, attributes={schema.ATTRS_KEY: meta})
+        group = open_group(url, mode="w", storage_options=storage_options,
+                           attributes={schema.ATTRS_KEY: meta.to_json()})
         total, chunk, shard = layout.total_rows, layout.chunk_rows, layout.rows_per_shard
-        compressors = _compressors(meta["layout"]["compressor"])
-        box = meta["box"]
-        group.create_array(schema.BOX, shape=(total, box["row_width"]), chunks=(chunk, box["row_width"]),
-                           shards=(shard, box["row_width"]), dtype=box["dtype"], fill_value=0, compressors=compressors)
-        if box["dtype"] == "uint8":
+        compressors = _compressors(meta.layout.compressor)
+        width = meta.box_row_width
+        group.create_array(schema.BOX, shape=(total, width), chunks=(chunk, width), shards=(shard, width),
+                           dtype=meta.box_dtype, fill_value=0, compressors=compressors)
+        if meta.box_dtype == "uint8":
             for name in (schema.BOX_LO, schema.BOX_SCALE):
                 group.create_array(name, shape=(total, 4), chunks=(chunk, 4), shards=(shard, 4), dtype="float16",
                                    fill_value=0, compressors=None)
-        if meta["regions"]["kind"] != "dense":
+        if meta.regions.sparse:
             group.create_array(schema.LOCATION, shape=(total,), chunks=(chunk,), shards=(shard,), dtype="int32",
                                fill_value=-1, compressors=None)
-        if meta["cls"] is not None:
-            width = meta["cls"]["row_width"]
+        if meta.has_cls:
+            width = meta.num_classes
             group.create_array(schema.CLS, shape=(total, width), chunks=(chunk, width), shards=(shard, width),
-                               dtype=meta["cls"]["dtype"], fill_value=0, compressors=compressors)
+                               dtype=meta.cls_dtype, fill_value=0, compressors=compressors)
         # One chunk per flag: ranks of a distributed dump never write the same object.
         group.create_array(schema.PROGRESS, shape=(layout.num_shards,), chunks=(1,), dtype="uint8", fill_value=0)
         views = group.create_group("views")
-        for name, values in schema.view_table(layout).items():
+        for name, values in view_table(layout).items():
             views.create_array(name, data=np.ascontiguousarray(values))
         dataset = group.create_group("dataset")
         dataset.create_array("image_ids", data=np.asarray(image_ids, dtype=np.int64))
@@ -76,8 +79,7 @@ class CacheWriter:
         """The writer of an existing cache, or None if its creation never finished."""
         _remove_partial_writes(url)
         group = open_group(url, mode="r+", storage_options=storage_options)
-        meta = dict(group.attrs.get(schema.ATTRS_KEY, {}))
-        schema.check_format(meta, url)
+        meta = schema.CacheMetadata.from_json(dict(group.attrs.get(schema.ATTRS_KEY, {})), url)
         try:
             writer = cls(group, meta)
             writer.shards_done()
@@ -102,8 +104,8 @@ class CacheWriter:
         if not self.shards_done().all():
             missing = int((~self.shards_done()).sum())
             raise RuntimeError(f"cannot finalize: {missing} shards are not written")
-        self.meta = {**self.meta, "complete": True}
-        self.group.attrs[schema.ATTRS_KEY] = self.meta
+        self.meta = self.meta.completed()
+        self.group.attrs[schema.ATTRS_KEY] = self.meta.to_json()
 
     def array_names(self) -> list[str]:
         return list(self._arrays)
@@ -113,10 +115,6 @@ def _remove_partial_writes(url: str) -> None:
     """A local store writes each object to a temporary `*.partial` file and renames it; a killed
     write leaves that file behind (up to a shard's size). The object itself was never replaced, so
     the leftover is garbage: remove it before resuming."""
-    from pathlib import Path
-
-    from cache_teacher.reader import is_url
-
     if is_url(url) and not str(url).startswith("file://"):
         return
     root = Path(str(url).removeprefix("file://"))

@@ -62,3 +62,14 @@ def distillation_rows(level_hw: tuple, gt_boxes: torch.Tensor, strides: tuple[in
     assign = assign_batch([level_hw], [gt_boxes], [labels], strides, num_classes=1)
     vlr = vlr_region(assign, min_vlr_gamma, vlr_iou)
     return torch.unique(torch.cat([assign.pos, vlr.rows]))  # sorted
+
+
+@dataclass(frozen=True)
+class TeacherNeeds:
+    """What the distillation terms of a run read from its teacher, so that a teacher source can
+    refuse before step 1 what it cannot serve (a cache without class logits, a region-sparse
+    cache dumped for another VLR)."""
+
+    class_logits: bool  # Main KD reads the teacher's class logits
+    vlr_gamma: float | None  # VLR LD's band [gamma x thr, thr); None: no VLR LD
+    vlr_iou: str = "official"

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from detector.errors import UserError
+from detector.regions import TeacherNeeds
 from detector.views import DEFAULT_IMG_SCALE
 
 
@@ -138,6 +139,11 @@ class LossConfig:
         if self.ld_normalization not in LD_NORMALIZATIONS:
             problems.append(f"ld_normalization must be one of {LD_NORMALIZATIONS}, got {self.ld_normalization!r}")
         _check(problems, "loss configuration")
+
+    def teacher_needs(self) -> TeacherNeeds:
+        """What these losses read from a teacher (a term whose weight is 0 reads nothing)."""
+        return TeacherNeeds(class_logits=self.kd_weight > 0, vlr_gamma=self.vlr_gamma if self.vlr_weight > 0 else None,
+                            vlr_iou=self.vlr_iou)
 
 
 def config_to_dict(config) -> dict:

@@ -15,11 +15,11 @@ from pathlib import Path
 from cache_teacher.dump import DumpConfig, run_dump
 from cache_teacher.inspect import format_summary, render_png, summarize
 from cache_teacher.reader import TeacherCache
+from cache_teacher.targets import CacheTeacher
 from detector.config import ModelConfig
 from detector.synthetic import make_synthetic
 from distill.config import DataConfig, LossConfig, TrainConfig
 from distill.engine import build_train_dataset, run_train
-from distill.teachers import CacheTeacher
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def run_demo(workdir: Path, quick: bool = False, device: str = "auto", workers: 
 
     echo(f"[6/{steps}] LD student from the cache: Main LD + VLR LD + Main KD, same schedule and seed")
     ld_eval = _train("student-ld", workdir, plan, data, plan.student, plan.student_epochs, device, workers,
-                     teacher=CacheTeacher(cache, need_cls=True), echo=echo)
+                     teacher=CacheTeacher(cache), echo=echo)
 
     images_seen = plan.student_epochs * summary["images"]
     rows = [

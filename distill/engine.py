@@ -148,7 +148,7 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
               teacher=None) -> dict:
     """Train, checkpoint, evaluate. Returns {"metrics": COCO metrics or None, "iter", "train_seconds"}.
     `dataset` may be passed when the caller already built the training set from `data`. `teacher`
-    (distill.teachers.CacheTeacher or OnlineTeacher) adds the distillation losses."""
+    (a distill.teachers.TeacherSource: a cache or an online teacher) adds the distillation losses."""
     paths = RunPaths(Path(out))
     dist_info = init_from_env(train.device)  # torchrun: one process per GPU (or CPU worker)
     device = resolve_device(train.device, dist_info.local_rank if dist_info.enabled else None)
@@ -165,8 +165,8 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
     extra_config = dict(extra_config or {})
     collate_fn, train_dataset = collate, dataset
     if teacher is not None:
-        teacher.validate(dataset, model_cfg, loss)  # before step 1, not at step 1000
-        collate_fn, train_dataset = teacher.collate, teacher.dataset(dataset)
+        teacher.validate(dataset, model_cfg, loss.teacher_needs())  # before step 1, not at step 1000
+        collate_fn, train_dataset = teacher.collate, teacher.dataset(dataset, loss.teacher_needs())
         extra_config["teacher"] = teacher.describe()
     config = _resolved_config(data, model_cfg, train, loss, dataset, extra_config)
     config["world_size"] = dist_info.world_size  # the global batch is batch_size x world_size

@@ -5,12 +5,12 @@ import torch
 
 from cache_teacher.inspect import summarize
 from cache_teacher.reader import TeacherCache
+from cache_teacher.targets import CacheTeacher
 from detector import ModelConfig, build_detector
 from detector.coco import CocoDetection
 from detector.errors import UserError
 from distill.config import LossConfig
 from distill.criterion import compute_losses
-from distill.teachers import CacheTeacher
 from tests.conftest import TINY_MODEL, dump_tiny_cache
 from tests.cli_runner import assert_user_error, run_cli
 
@@ -37,9 +37,9 @@ def test_sparse_cache_is_smaller_and_says_so(caches):
 
 def _losses(tiny, cache, cfg, keys):
     dataset = CocoDetection(tiny["images"], tiny["ann"], views=cache.specs, train=True)
-    teacher = CacheTeacher(cache, need_cls=True)
-    teacher.validate(dataset, ModelConfig(num_classes=5, **TINY_MODEL), cfg)
-    batch, stored = teacher.collate([teacher.dataset(dataset)[k] for k in keys])
+    teacher = CacheTeacher(cache)
+    teacher.validate(dataset, ModelConfig(num_classes=5, **TINY_MODEL), cfg.teacher_needs())
+    batch, stored = teacher.collate([teacher.dataset(dataset, cfg.teacher_needs())[k] for k in keys])
     torch.manual_seed(0)
     student = build_detector(ModelConfig(num_classes=5, **TINY_MODEL)).train()
     cls_out, box_out = student(batch.images)

@@ -14,13 +14,14 @@ import pytest
 import torch
 
 from cache_teacher.reader import TeacherCache
+from cache_teacher.targets import CacheTeacher
 from detector import ModelConfig
 from detector.coco import CocoDetection
 from detector.synthetic import make_synthetic
 from distill.config import DataConfig, LossConfig, TrainConfig
 from distill.criterion import compute_losses
 from distill.engine import run_train
-from distill.teachers import CacheTeacher, OnlineTeacher
+from distill.teachers import OnlineTeacher
 from tests.conftest import ROOT, TINY_MODEL, TINY_MODEL_FLAGS
 from tests.cli_runner import assert_user_error, run_cli
 
@@ -34,8 +35,8 @@ def test_offline_losses_equal_online_losses_on_equal_canvases(tiny_coco, tiny_te
             by_canvas[dataset.view_record(i, s).padded_hw].append((i, s))
     keys = max(by_canvas.values(), key=len)[:6]
     assert {s for _, s in keys} == {0, 1}  # the batch mixes original and flipped views
-    offline, online = CacheTeacher(cache, need_cls=True), OnlineTeacher(tiny_teacher["model"], tiny_teacher["config"], "x")
-    batch, stored = offline.collate([offline.dataset(dataset)[k] for k in keys])
+    offline, online = CacheTeacher(cache), OnlineTeacher(tiny_teacher["model"], tiny_teacher["config"], "x")
+    batch, stored = offline.collate([offline.dataset(dataset, LossConfig().teacher_needs())[k] for k in keys])
     torch.manual_seed(0)
     student = __import__("detector").build_detector(ModelConfig(num_classes=5, **TINY_MODEL)).train()
     cls_out, box_out = student(batch.images)
@@ -76,7 +77,7 @@ def _train_student(tiny, cache, out, **kw):
     train = TrainConfig(**{**dict(epochs=1, batch_size=4, workers=0, log_every=1, warmup_iters=2, lr=0.01,
                                   max_iters=3), **kw})
     return run_train(data, ModelConfig(num_classes=5, **TINY_MODEL), train, LossConfig(), out, progress=False,
-                     teacher=CacheTeacher(TeacherCache(cache), need_cls=True))
+                     teacher=CacheTeacher(TeacherCache(cache)))
 
 
 def _records(run):

@@ -1,0 +1,108 @@
+"""A teacher cache as the soft-target source of a student run (the TeacherSource that
+distill.teachers describes): each view is served with its cached rows, decoded on the device.
+
+The rows of a view are read in the DataLoader worker with one contiguous slice per array and
+shipped encoded (fp16, or uint8 with its affine), which keeps the inter-process copies small;
+`rows` decodes them on the training device. A region-sparse cache holds only the rows the
+distillation losses read: the others come back as NaN, which the criterion refuses to read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cache_teacher.reader import TeacherCache
+from cache_teacher.schema import LOCATION, transform_spec
+from detector.coco import Batch, CocoDetection, Sample, collate
+from detector.config import ModelConfig
+from detector.errors import UserError
+from detector.regions import TeacherNeeds
+from detector.rows import TeacherRows
+
+
+@dataclass
+class TargetSample:
+    sample: Sample
+    stored: dict[str, torch.Tensor]  # the view's rows as stored, decoded on the device
+
+
+class CachedTargets(torch.utils.data.Dataset):
+    """A dataset that returns each view together with its cached teacher rows."""
+
+    def __init__(self, base: CocoDetection, cache: TeacherCache, kinds: tuple[str, ...]):
+        self.base, self.cache, self.kinds = base, cache, kinds
+        self.spec_of_view = [cache.specs.index(spec) for spec in base.views]  # validated beforehand
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def stored_rows(self, key) -> dict[str, torch.Tensor]:
+        """The stored rows of (image index, view index) of the base dataset."""
+        index, view_index = key
+        v = self.cache.view_index(index, self.spec_of_view[view_index])
+        return {name: torch.from_numpy(array) for name, array in self.cache.read_rows(v, self.kinds).items()}
+
+    def __getitem__(self, key) -> TargetSample:
+        sample = self.base[key]
+        cached = self.cache.records[self.cache.view_index(key[0], self.spec_of_view[key[1]])]
+        if cached != sample.record:
+            raise UserError(f"image {sample.record.image_id}: the student's view {sample.record} differs from the "
+                            f"cached one {cached}; the feature maps would not line up (dump the cache again)")
+        return TargetSample(sample, self.stored_rows(key))
+
+
+def collate_with_targets(items: list[TargetSample]) -> tuple[Batch, dict[str, torch.Tensor]]:
+    batch = collate([item.sample for item in items])
+    stored = [dict(item.stored) for item in items]
+    if LOCATION in stored[0]:  # sparse: locations become row indices of the whole batch
+        offset = 0
+        for item, rows in zip(items, stored):
+            rows[LOCATION] = rows[LOCATION].long() + offset
+            offset += item.sample.record.num_rows
+    return batch, {name: torch.cat([rows[name] for rows in stored]) for name in stored[0]}
+
+
+class CacheTeacher:
+    """Soft targets read from a teacher cache."""
+
+    def __init__(self, cache: TeacherCache):
+        self.cache = cache
+
+    def describe(self) -> dict:
+        return {"kind": "cache", "location": self.cache.location, "teacher_sha256": self.cache.meta.teacher_sha256,
+                "teacher_config": self.cache.meta.teacher_config}
+
+    def validate(self, dataset: CocoDetection, student: ModelConfig, needs: TeacherNeeds) -> None:
+        """Refuse a cache that does not fit the run, before the first step."""
+        cache, meta = self.cache, self.cache.meta
+        cache.require_complete()
+        cache.validate(num_classes=student.num_classes, strides=student.strides, reg_max=student.reg_max,
+                       transform=transform_spec(), ann_sha256=dataset.ann_sha256, image_ids=dataset.image_ids,
+                       specs=dataset.views)
+        if needs.class_logits and not cache.has_cls:
+            raise UserError(f"cache {cache.location} holds no class logits (dumped with --no-cls) but Main KD "
+                            "needs them; pass --kd-weight 0 or dump the teacher with class logits")
+        if meta.regions.sparse and needs.vlr_gamma is not None:
+            if needs.vlr_gamma < meta.regions.min_vlr_gamma:
+                raise UserError(f"cache {cache.location} stores the VLR for gamma >= {meta.regions.min_vlr_gamma} "
+                                f"only; --vlr-gamma {needs.vlr_gamma} needs more rows (dump with a smaller "
+                                "--min-vlr-gamma, or a dense cache)")
+            if needs.vlr_iou != meta.regions.vlr_iou:
+                raise UserError(f"cache {cache.location} selected its VLR with --vlr-iou {meta.regions.vlr_iou}; "
+                                f"pass --vlr-iou {meta.regions.vlr_iou} or dump a cache for {needs.vlr_iou}")
+
+    def dataset(self, base: CocoDetection, needs: TeacherNeeds) -> CachedTargets:
+        # A run without Main KD reads only the box bytes.
+        return CachedTargets(base, self.cache, ("box", "cls") if needs.class_logits else ("box",))
+
+    collate = staticmethod(collate_with_targets)
+
+    def rows(self, batch: Batch, stored: dict, device: torch.device) -> TeacherRows:
+        box, cls, location = self.cache.decode(stored, device)
+        if location is not None:  # sparse: NaN marks rows the cache does not hold (the criterion checks)
+            n = sum(r.num_rows for r in batch.records)
+            box = box.new_full((n, box.shape[1]), float("nan")).index_copy(0, location, box)
+            if cls is not None:
+                cls = cls.new_full((n, cls.shape[1]), float("nan")).index_copy(0, location, cls)
+        return TeacherRows(box, cls)
