@@ -6,28 +6,10 @@
         --student-depth 18 --teacher-depth 101 --full-width --batch-size 8 --workers 8 \\
         --num-images 64 --steps 40 --warmup 5 --rounds 3
 
-Four variants, same data (the same seeded batches of ViewBatchSampler, one view per image per
-epoch, endless over epochs), same batch and the same freshly built student (seeded) each time:
-- plain:  GFL losses only (QFL + GIoU + DFL), no teacher;
-- cache:  CacheTeacher: the DataLoader workers read each view's cached rows (one contiguous slice
-          per array) beside the image; the rows are decoded on the device; + Main LD, VLR LD, Main KD;
-- cache-mem: the cache variant with every view's rows read once beforehand and served from
-          memory: the same losses without the reads, so cache vs cache-mem is the cost of reading
-          and cache-mem vs plain the cost of the distillation terms;
-- online: OnlineTeacher: the teacher's forward (eval, no grad, the same autocast) on every batch;
-          the same losses.
-Each step is the engine's step (distill.engine.run_train): teacher.rows, the student forward under
-autocast_for, compute_losses, the finite-loss check and the per-step loss read-out (both sync the
-device, as the engine does), zero_grad, backward, optimizer step with the engine's learning rate.
-Checkpoints, metrics files and evaluation are not part of it. A step's time includes waiting for
-the DataLoader, so a reader that cannot keep up shows (and is reported apart: the time spent
-waiting in next(loader), "data wait"; the engine's per-step loss read-out keeps the host in step
-with the device, so this is waiting for data, not for the GPU). Each (variant, round) builds its own student,
-optimizer and DataLoader; its iterator stays alive through --warmup untimed steps (worker start-up,
-first reads, allocator warm-up) and the --steps timed steps. Variants alternate plain, cache,
-online, plain, ... for --rounds rounds; the table gives medians, "x plain" the median of per-round
-ratios. On CUDA: peak memory (torch.cuda.max_memory_allocated, reset before each variant; only that
-variant's student, optimizer and, for online, teacher are on the device).
+Variants (benchmarks/student_steps.py): plain, cache, cache-mem, online, each the engine's
+train_step on a fresh seeded student over the engine's seeded batches; the step's time includes
+waiting for the DataLoader (reported apart as "data wait"). Variants alternate for --rounds rounds;
+the table gives medians, "x plain" the median of per-round ratios. On CUDA: peak memory.
 
 Without --cache, a cache of the used images (--num-images) is dumped first with run_dump into a
 temporary folder (not timed as training). --cache STORE reuses one: it must have been dumped from
@@ -43,32 +25,22 @@ Goal: cache >= 0.95 x plain steps/s, and clearly faster than online.
 from __future__ import annotations
 
 import argparse
-import gc
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the repository root on sys.path)
+import student_steps  # noqa: E402
 
 import torch  # noqa: E402
 
-from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
-from detector.checkpoint import load_model  # noqa: E402
 from cache_teacher.reader import TeacherCache  # noqa: E402
-from detector.checkpoint import file_sha256  # noqa: E402
-from detector.coco import collate  # noqa: E402
+from cache_teacher.targets import CacheTeacher  # noqa: E402
 from detector.config import ModelConfig  # noqa: E402
 from detector.errors import UserError  # noqa: E402
-from detector.runtime import autocast_for  # noqa: E402
-from detector.model import build_detector  # noqa: E402
-from distill.config import LossConfig, TrainConfig, config_to_dict  # noqa: E402
-from distill.criterion import compute_losses  # noqa: E402
-from distill.engine import batch_groups, build_optimizer, lr_at  # noqa: E402
-from distill.sampler import ViewBatchSampler  # noqa: E402
-from cache_teacher.targets import CacheTeacher, TargetSample  # noqa: E402
+from distill.config import LossConfig, config_to_dict  # noqa: E402
 from distill.teachers import OnlineTeacher  # noqa: E402
 
 SCRIPT = "train_throughput"
@@ -139,143 +111,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-class EndlessBatches:
-    """ViewBatchSampler's batches, epoch after epoch (a run shorter or longer than an epoch sees the
-    engine's batches in the engine's order)."""
-
-    def __init__(self, sampler: ViewBatchSampler):
-        self.sampler = sampler
-
-    def __iter__(self):
-        epoch = 0
-        while True:
-            self.sampler.set_epoch(epoch)
-            yield from self.sampler
-            epoch += 1
-
-
-class InMemoryTargets(torch.utils.data.Dataset):
-    """CachedTargets with every view's stored rows read up front: a step pays no cache read."""
-
-    def __init__(self, cached):
-        self.cached = cached
-        self.rows = {(i, s): cached.stored_rows((i, s)) for i in range(len(cached.base))
-                     for s in range(len(cached.base.views))}
-
-    def __len__(self) -> int:
-        return len(self.cached)
-
-    def __getitem__(self, key):
-        key = tuple(key)
-        return TargetSample(self.cached.base[key], dict(self.rows[key]))  # collate may replace entries
-
-
-class InMemoryCacheTeacher(CacheTeacher):
-    def dataset(self, base, needs):
-        return InMemoryTargets(super().dataset(base, needs))
-
-
-class Bench:
-    """What every (variant, round) shares: data, configs, teachers."""
-
-    def __init__(self, args, device, dataset, student_cfg: ModelConfig, teachers: dict):
-        self.args, self.device, self.dataset, self.student_cfg, self.teachers = args, device, dataset, student_cfg, teachers
-        self.train = TrainConfig(batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
-                                 device=str(device), amp=args.amp, workers=args.workers)
-        self.loss = LossConfig()  # the paper's full recipe: Main LD + VLR LD + Main KD
-        self.groups = batch_groups(dataset, "orientation")
-
-    def run(self, variant: str) -> dict:
-        args, device, train, cfg = self.args, self.device, self.train, self.student_cfg
-        cuda = device.type == "cuda"
-        teacher = self.teachers.get(variant)
-        if cuda:
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        if isinstance(teacher, OnlineTeacher):
-            teacher.model.to(device)
-
-        torch.manual_seed(train.seed)
-        model = build_detector(cfg).to(device)
-        optimizer = build_optimizer(train, [p for p in model.parameters() if p.requires_grad])
-        scaler = torch.amp.GradScaler("cuda", enabled=cuda and train.amp == "fp16")
-        base_lr = train.base_lr()
-        sampler = ViewBatchSampler(self.groups, batch_size=train.batch_size, seed=train.seed)
-        data = teacher.dataset(self.dataset, self.loss.teacher_needs()) if teacher is not None else self.dataset
-        loader = torch.utils.data.DataLoader(data, batch_sampler=EndlessBatches(sampler), num_workers=train.workers,
-                                             collate_fn=teacher.collate if teacher is not None else collate,
-                                             pin_memory=cuda, persistent_workers=False)
-        model.train()
-        it = iter(loader)
-        window: dict[str, float] = {}
-        waited = [0.0]  # seconds spent in next(it): the loader not keeping up
-
-        def step(iteration: int) -> int:
-            """One engine step (distill.engine.run_train); returns the images in the batch."""
-            t0 = time.perf_counter()
-            item = next(it)
-            waited[0] += time.perf_counter() - t0
-            batch, stored = item if isinstance(item, tuple) else (item, None)
-            lr = lr_at(train, base_lr, iteration, 0)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            teacher_rows = teacher.rows(batch, stored, device) if teacher is not None else None
-            with autocast_for(device, train.amp):
-                cls_out, box_out = model(batch.images.to(device, non_blocking=True))
-            losses = compute_losses(
-                cls_out, box_out, [r.level_hw for r in batch.records],
-                [b.to(device) for b in batch.boxes], [lab.to(device) for lab in batch.labels],
-                self.loss, cfg.num_classes, cfg.reg_max, cfg.strides, teacher_rows,
-            )
-            if not torch.isfinite(losses["loss"]):
-                raise UserError(f"{variant}: the loss became {float(losses['loss'])} at step {iteration + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            for k, v in losses.items():  # the engine reads every loss out each step (metrics window)
-                window[k] = float(v.detach())
-            return len(batch.records)
-
-        try:
-            launch = time.perf_counter()
-            for i in range(args.warmup):
-                step(i)
-            common.sync(device)
-            waited[0] = 0.0
-            start = time.perf_counter()
-            images = sum(step(args.warmup + i) for i in range(args.steps))
-            common.sync(device)
-            seconds = time.perf_counter() - start
-        finally:
-            del it, loader  # shuts the workers down
-            if isinstance(teacher, OnlineTeacher):
-                teacher.model.to("cpu")
-        peak = torch.cuda.max_memory_allocated(device) / MB if cuda else None
-        del model, optimizer
-        return {"steps": args.steps, "images": images, "seconds": seconds, "steps_per_s": args.steps / seconds,
-                "images_per_s": images / seconds, "warmup_seconds": start - launch,
-                "data_wait_ms_per_step": 1000 * waited[0] / args.steps, "peak_gpu_mb": peak,
-                "last_losses": dict(window)}
-
-
-def make_cache(args, images: str, ann: str, teacher_path: str, workdir: Path) -> tuple[str, float]:
-    """Dump the teacher over the used images; restore the cuDNN flags run_dump sets (a student run
-    is a separate process with the defaults)."""
-    flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
-    store = workdir / "train-bench.zarr"
-    cfg = DumpConfig(teacher=teacher_path, images=images, ann=ann, out=str(store), views=args.views,
-                     img_scale=args.img_scale, batch_size=args.batch_size, device=args.device, workers=args.workers,
-                     amp=args.amp, box_dtype=args.box_dtype, cls_dtype="float16", shard_mb=args.shard_mb)
-    start = time.perf_counter()
-    try:
-        run_dump(cfg, progress=False)
-    finally:
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags
-    return str(store), time.perf_counter() - start
-
-
 def student_config(args, num_classes: int) -> ModelConfig:
     return ModelConfig(depth=args.student_depth, num_classes=num_classes, base_width=args.student_base_width,
                        fpn_channels=args.student_fpn_channels, head_channels=args.student_head_channels,
@@ -299,7 +134,10 @@ def run(args, device: torch.device, workdir: Path) -> None:
 
     dump_seconds = None
     if {"cache", "cache-mem"} & set(args.variants) and cache is None:
-        location, dump_seconds = make_cache(args, images, ann, teacher_path, workdir)
+        location = workdir / "train-bench.zarr"
+        dump_seconds = student_steps.make_cache(teacher_path, images, ann, location, args.views, args.img_scale,
+                                                args.batch_size, args.device, args.workers, args.amp, args.box_dtype,
+                                                args.shard_mb)
         cache = TeacherCache(location)
         print(f"dumped {location} in {dump_seconds:.1f} s (not part of the comparison)", file=sys.stderr)
 
@@ -308,14 +146,15 @@ def run(args, device: torch.device, workdir: Path) -> None:
     if "cache" in args.variants:
         teachers["cache"] = CacheTeacher(cache)
     if "cache-mem" in args.variants:
-        teachers["cache-mem"] = InMemoryCacheTeacher(cache)
+        teachers["cache-mem"] = student_steps.InMemoryCacheTeacher(cache)
     if "online" in args.variants:
-        model, online_cfg = load_model(teacher_path, {}, torch.device("cpu"))  # moved to the device when used
-        teachers["online"] = OnlineTeacher(model, online_cfg, file_sha256(teacher_path), amp=args.amp)
+        # on the CPU until its variant runs
+        teachers["online"] = OnlineTeacher.from_checkpoint(teacher_path, {}, torch.device("cpu"), amp=args.amp)
     for teacher in teachers.values():
         teacher.validate(dataset, cfg, loss.teacher_needs())
 
-    bench = Bench(args, device, dataset, cfg, teachers)
+    bench = student_steps.StepBench(dataset, cfg, teachers, device, args.batch_size, args.workers, args.amp,
+                                    args.optimizer, args.lr, args.seed, loss)
     num_views = len(dataset) * len(dataset.views)
     print(f"student GFL R-{cfg.depth} width {cfg.base_width}, fpn {cfg.fpn_channels}, head {cfg.head_channels}x"
           f"{cfg.stacked_convs}; {common.describe_teacher(teacher_info)}\n{len(dataset)} images ({num_views} views), "
@@ -325,7 +164,7 @@ def run(args, device: torch.device, workdir: Path) -> None:
     runs: dict[str, list[dict]] = {v: [] for v in args.variants}
     for rnd in range(args.rounds):
         for variant in args.variants:
-            result = bench.run(variant)
+            result = bench.run(variant, args.steps, args.warmup)
             runs[variant].append(result)
             mem = f", peak {result['peak_gpu_mb']:.0f} MB" if result["peak_gpu_mb"] is not None else ""
             print(f"[{rnd}] {variant:9s} {result['steps_per_s']:7.3f} steps/s {result['images_per_s']:8.2f} images/s "

@@ -1,0 +1,98 @@
+"""A run folder and its resume rules.
+
+A run lives in one folder: config.json (the resolved configuration), metrics.jsonl (one JSON
+object per logged step and per evaluation), checkpoints/last.pt (model, optimizer and position,
+written atomically), eval.json and val_results.json after training. A folder that holds a run is
+never overwritten; --resume continues it when its configuration is the same up to the settings
+that change how, not what, is trained."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from detector.checkpoint import read_checkpoint
+from detector.errors import UserError
+
+# Settings that may differ when a run is resumed: they change how, not what, is trained.
+RESUMABLE_CHANGES = {"max_iters", "workers", "device", "amp", "log_every", "checkpoint_every", "eval_batch_size",
+                     "eval_every"}
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def last(self) -> Path:
+        return self.root / "checkpoints" / "last.pt"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval.json"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "val_results.json"
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, except the RESUMABLE_CHANGES."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b and key not in RESUMABLE_CHANGES:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def prepare_run_dir(paths: RunPaths, config: dict, resume: bool) -> bool:
+    """Refuse to overwrite a run; on resume check the configuration. Writes config.json and
+    returns whether there is a checkpoint to resume from."""
+    if paths.last.exists() and not resume:
+        raise UserError(f"{paths.root} already holds a training run; pass --resume to continue it or choose another --out")
+    resuming = resume and paths.last.exists()
+    if resuming:
+        old = json.loads(paths.config.read_text()) if paths.config.exists() else {}
+        diffs = config_differences(old, config)
+        if diffs:
+            raise UserError(f"cannot resume {paths.root}: its configuration differs ({'; '.join(diffs[:4])}); "
+                            "use the original options or another --out")
+        read_checkpoint(paths.last)  # a damaged checkpoint is refused here, before any rank starts
+    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.config.write_text(json.dumps(config, indent=2) + "\n")
+    return resuming
+
+
+def truncate_metrics(path: Path, last_iter: int) -> None:
+    """Drop records beyond the resumed position so a resumed run does not log steps twice."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["iter"] <= last_iter]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class MetricsLog:
+    """metrics.jsonl, appended by the main process only (other ranks write nowhere)."""
+
+    def __init__(self, path: Path, main: bool):
+        self.file = path.open("a") if main else open(os.devnull, "w")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()

@@ -1,0 +1,60 @@
+"""One optimisation step, as the training loop and the throughput benchmark take it.
+
+teacher rows (cache or live teacher) -> student forward under autocast -> every loss of the
+batch (distill.criterion) -> backward -> optimizer step. The step reads the losses back to the
+host once, as one tensor: that is its only device synchronisation, and the finite-loss check
+uses the values read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from detector.config import ModelConfig
+from detector.errors import UserError
+from detector.runtime import autocast_for
+from distill.config import LossConfig
+from distill.criterion import compute_losses
+from distill.teachers import TeacherSource
+
+
+@dataclass
+class Learner:
+    """What a step trains with: the (possibly DDP-wrapped) network, its optimizer and grad scaler,
+    the configs of the model and the losses, and the teacher source (None: plain training)."""
+
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    model_cfg: ModelConfig
+    loss_cfg: LossConfig
+    device: torch.device
+    amp: str = "auto"
+    teacher: TeacherSource | None = None
+
+
+def train_step(learner: Learner, item, lr: float, iteration: int) -> dict[str, float]:
+    """One step on a DataLoader item (a Batch, or (Batch, stored rows) from a cache) at learning
+    rate lr; returns the weighted losses as floats (keys of distill.criterion, and "loss")."""
+    batch, stored = item if isinstance(item, tuple) else (item, None)
+    device, cfg = learner.device, learner.model_cfg
+    for group in learner.optimizer.param_groups:
+        group["lr"] = lr
+    teacher_rows = learner.teacher.rows(batch, stored, device) if learner.teacher is not None else None
+    with autocast_for(device, learner.amp):
+        cls_out, box_out = learner.net(batch.images.to(device, non_blocking=True))
+    losses = compute_losses(
+        cls_out, box_out, [r.level_hw for r in batch.records],
+        [b.to(device) for b in batch.boxes], [lab.to(device) for lab in batch.labels],
+        learner.loss_cfg, cfg.num_classes, cfg.reg_max, cfg.strides, teacher_rows,
+    )
+    learner.optimizer.zero_grad(set_to_none=True)
+    learner.scaler.scale(losses["loss"]).backward()
+    values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+    if not torch.isfinite(torch.tensor(values["loss"])):
+        raise UserError(f"the loss became {values['loss']} at step {iteration + 1} "
+                        f"({', '.join(f'{k}={v:.4g}' for k, v in values.items())}); lower --lr")
+    learner.scaler.step(learner.optimizer)
+    learner.scaler.update()
+    return values
