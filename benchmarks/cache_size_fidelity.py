@@ -139,7 +139,7 @@ def main(argv=None) -> None:
             shutil.rmtree(store, ignore_errors=True)
             cfg = DumpConfig(teacher=teacher_path, images=images, ann=ann, out=str(store), views=args.views,
                              img_scale=args.img_scale, batch_size=args.batch_size, device=args.device,
-                             workers=args.workers, amp=args.amp, box_dtype=box_dtype, cls_dtype=cls_dtype,
+                             workers=args.workers, amp=args.amp, box_dtype=box_dtype, cls=cls_dtype is not None,
                              compressor=compressor, shard_mb=args.shard_mb)
             start = time.perf_counter()
             run_dump(cfg, progress=False)

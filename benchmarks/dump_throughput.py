@@ -103,7 +103,7 @@ def main(argv=None) -> None:
                 store = workdir / f"dump-{box_dtype}-{rep}.zarr"
                 cfg = DumpConfig(teacher=teacher_path, images=images, ann=ann, out=str(store), views=args.views,
                                  img_scale=args.img_scale, batch_size=args.batch_size, device=args.device,
-                                 workers=args.workers, amp=args.amp, box_dtype=box_dtype, cls_dtype=cls_dtype,
+                                 workers=args.workers, amp=args.amp, box_dtype=box_dtype, cls=cls_dtype is not None,
                                  compressor=args.compressor, shard_mb=args.shard_mb)
                 wall_start = time.perf_counter()
                 result = run_dump(cfg, progress=False)

@@ -161,7 +161,7 @@ def make_cache(args, workdir: Path) -> tuple[str, dict]:
     store = workdir / "read-bench.zarr"
     cfg = DumpConfig(teacher=teacher_path, images=images, ann=ann, out=str(store), views=args.views,
                      img_scale=args.img_scale, batch_size=args.batch_size, device=args.device, workers=args.dump_workers,
-                     box_dtype=args.box_dtype, cls_dtype=None if args.no_cls else "float16",
+                     box_dtype=args.box_dtype, cls=not args.no_cls,
                      compressor=args.compressor, shard_mb=args.shard_mb)
     start = time.perf_counter()
     run_dump(cfg, progress=False)

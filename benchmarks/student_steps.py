@@ -72,7 +72,7 @@ def make_cache(teacher_path: str, images: str, ann: str, store, views: str, img_
     flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     cfg = DumpConfig(teacher=teacher_path, images=images, ann=ann, out=str(store), views=views, img_scale=img_scale,
                      batch_size=batch_size, device=device, workers=workers, amp=amp, box_dtype=box_dtype,
-                     cls_dtype="float16", shard_mb=shard_mb)
+                     shard_mb=shard_mb)
     start = time.perf_counter()
     try:
         run_dump(cfg, progress=False)

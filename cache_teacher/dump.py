@@ -13,9 +13,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +22,10 @@ from tqdm import tqdm
 
 from cache_teacher import schema
 from cache_teacher.codec import all_finite, encode_rows
+from cache_teacher.dump_config import DumpConfig, package_version, resolve_dump
 from cache_teacher.layout import Layout, plan_layout
 from cache_teacher.reader import is_url, open_group
-from cache_teacher.writer import COMPRESSORS, CacheWriter
+from cache_teacher.writer import CacheWriter
 from detector.checkpoint import file_sha256, load_model
 from detector.coco import CocoDetection, collate
 from detector.distributed import barrier, init_from_env, run_on_main
@@ -35,57 +34,6 @@ from detector.regions import distillation_rows
 from detector.rows import flatten_rows
 from detector.runtime import autocast_for, resolve_device
 from detector.views import parse_views
-
-
-@dataclass(frozen=True)
-class DumpConfig:
-    teacher: str  # checkpoint (ours or mmdetection's)
-    images: str
-    ann: str
-    out: str  # local path or fsspec URL of the Zarr store
-    views: str = "orig,hflip"
-    img_scale: tuple[int, int] = (1333, 800)
-    extra_scales: tuple[tuple[int, int], ...] = ()
-    batch_size: int = 8
-    device: str = "auto"
-    workers: int = 2
-    amp: str = "auto"
-    box_dtype: str = "float16"  # float16 | uint8 | float32
-    cls_dtype: str | None = "float16"  # None: --no-cls
-    compressor: str = "none"
-    shard_mb: float = 64.0  # target size of one shard of rows
-    overwrite: bool = False
-    arch: dict = field(default_factory=dict)  # architecture flags for checkpoints without a config
-    storage_options: dict | None = None
-    store_regions: str = "dense"  # dense, or main+vlr: only the rows the distillation losses read
-    min_vlr_gamma: float = 0.25  # main+vlr: the smallest VLR gamma a student may use with this cache
-    vlr_iou: str = "official"  # main+vlr: the DIoU variant selecting the VLR (students must match)
-
-    def __post_init__(self):
-        problems = []
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.box_dtype not in schema.BOX_DTYPES:
-            problems.append(f"box dtype must be one of {schema.BOX_DTYPES}, got {self.box_dtype!r}")
-        if self.compressor not in COMPRESSORS:
-            problems.append(f"compressor must be one of {COMPRESSORS}, got {self.compressor!r}")
-        if self.shard_mb <= 0:
-            problems.append("shard_mb must be > 0")
-        if self.store_regions not in schema.REGION_KINDS:
-            problems.append(f"store_regions must be one of {schema.REGION_KINDS}, got {self.store_regions!r}")
-        if not 0 <= self.min_vlr_gamma <= 1:
-            problems.append(f"min_vlr_gamma must be in [0, 1], got {self.min_vlr_gamma}")
-        if self.vlr_iou not in ("official", "diou"):
-            problems.append(f"vlr_iou must be official or diou, got {self.vlr_iou!r}")
-        if problems:
-            raise UserError("invalid dump configuration: " + "; ".join(problems))
-
-
-def package_version() -> str:
-    try:
-        return importlib_metadata.version("ldcache")
-    except importlib_metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def _open_store(cfg: DumpConfig, meta: schema.CacheMetadata, layout: Layout, dataset, num_specs: int) -> CacheWriter:
@@ -192,6 +140,7 @@ def _writer_loop(work: queue.Queue, assembler: ShardAssembler, layout: Layout, e
 def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
     """Under torchrun every rank owns whole shards (shard s belongs to rank s % world size), rank 0
     creates or resumes the store before the others open it and finalises it after all finished."""
+    cfg = resolve_dump(cfg)
     dist_info = init_from_env(cfg.device)
     device = resolve_device(cfg.device, dist_info.local_rank if dist_info.enabled else None)
     progress = progress and dist_info.is_main

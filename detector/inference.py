@@ -1,4 +1,5 @@
-"""Run a detector over a dataset and score it with COCO metrics.
+"""Run a detector over a dataset and score it with COCO metrics (`ldcache evaluate`: EvalConfig,
+run_evaluate).
 
 Images are batched only with others of the same padded canvas, because GroupNorm in the head
 normalises over the whole canvas: a batch of equal canvases gives every image exactly the result
@@ -6,16 +7,24 @@ it would get alone (mmdetection tests one image at a time)."""
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from detector.checkpoint import load_state_dict_strict, read_checkpoint, resolve_model_config
 from detector.coco import CocoDetection, collate
-from detector.evaluation import coco_evaluate, detections_to_coco
+from detector.config import check, param, parse_pair
+from detector.errors import UserError
+from detector.evaluation import coco_evaluate, detections_to_coco, save_results
+from detector.model import build_detector
 from detector.postprocess import PostprocessConfig, postprocess
-from detector.runtime import autocast_for
-from detector.views import ViewRecord
+from detector.runtime import AMP_MODES, autocast_for, resolve_device
+from detector.synthetic import SYNTHETIC_IMG_SCALE, synthetic_split
+from detector.views import DEFAULT_IMG_SCALE, ViewRecord, ViewSpec
 
 
 def canvas_batches(records: list[ViewRecord], batch_size: int) -> list[list[int]]:
@@ -56,3 +65,58 @@ def evaluate_model(model, dataset: CocoDetection, device, batch_size: int = 1, w
     results = predict_dataset(model, dataset, device, batch_size, workers, amp, progress=progress)
     metrics = coco_evaluate(dataset.ann_file, results, image_ids=dataset.image_ids)
     return metrics, results
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    checkpoint: str = param(None, "our checkpoint or an mmdetection GFL checkpoint", shown="required")
+    out: str = param("results.json", "COCO results json to write; the metrics go beside it as OUT.metrics.json")
+    images: str | None = param(None, "image folder", shown="synthetic val")
+    ann: str | None = param(None, "COCO annotation json", shown="synthetic val")
+    img_scale: tuple[int, int] | None = param(None, "keep-ratio resize target LONG,SHORT",
+                                              shown="the checkpoint's training scale, else 1333,800; 256,256 on the "
+                                                    "synthetic data", parse=lambda t: parse_pair(t, "--img-scale"))
+    batch_size: int = param(1, "images per forward (equal canvases only, so results do not change)")
+    device: str = param("auto", "auto (cuda when available), cpu, cuda or cuda:N")
+    workers: int = param(2, "DataLoader worker processes")
+    amp: str = param("auto", "auto (bf16 on CUDA), off, bf16 or fp16")
+    arch: dict = param(help="architecture flags for checkpoints without a config", factory=dict, cli=False)
+
+    def __post_init__(self):
+        problems = []
+        if not self.checkpoint:
+            problems.append("--checkpoint is required")
+        if (self.images is None) != (self.ann is None):
+            problems.append("give both --images and --ann (or neither, for the synthetic validation set)")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.amp not in AMP_MODES:
+            problems.append(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        check(problems, "evaluation configuration")
+
+
+def run_evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
+    """COCO AP of a checkpoint on a dataset: writes cfg.out (results) and OUT.metrics.json.
+    -> {"metrics", "detections", "images", "metrics_path"}."""
+    ckpt = read_checkpoint(cfg.checkpoint)
+    model_cfg = resolve_model_config(ckpt, **cfg.arch)
+    trained_scale = ckpt.get("run_config", {}).get("data", {}).get("img_scale")
+    images, ann = cfg.images, cfg.ann
+    if images is None:
+        images, ann = synthetic_split("val")
+    scale = cfg.img_scale or trained_scale or (SYNTHETIC_IMG_SCALE if cfg.images is None else DEFAULT_IMG_SCALE)
+    dataset = CocoDetection(images, ann, views=[ViewSpec(False, tuple(scale))], strides=model_cfg.strides, train=False)
+    if dataset.num_classes != model_cfg.num_classes:
+        raise UserError(f"the checkpoint predicts {model_cfg.num_classes} classes but {ann} has {dataset.num_classes}; "
+                        "evaluate on the dataset it was trained for")
+    device = resolve_device(cfg.device)
+    model = build_detector(model_cfg)
+    load_state_dict_strict(model, ckpt["state_dict"], source=f"checkpoint {cfg.checkpoint}")
+    model.to(device)
+    metrics, results = evaluate_model(model, dataset, device, cfg.batch_size, cfg.workers, cfg.amp, progress)
+    out = Path(cfg.out)
+    save_results(out, results)
+    metrics_path = out.with_suffix(".metrics.json")
+    metrics_path.write_text(json.dumps({"metrics": metrics, "checkpoint": str(cfg.checkpoint), "ann": str(ann),
+                                        "img_scale": list(scale), "model": model_cfg.to_dict()}, indent=2) + "\n")
+    return {"metrics": metrics, "detections": len(results), "images": len(dataset), "metrics_path": metrics_path}

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from detector.box_ops import pairwise_diou
 from detector.atss import BatchAssignment, assign_batch
+from detector.box_ops import pairwise_diou
+
+VLR_IOUS = ("official", "diou")  # the authors' DIoU variant (intersection / anchor area), true DIoU
 
 
 @dataclass
@@ -27,7 +29,7 @@ class Region:
 def vlr_region(assign: BatchAssignment, gamma: float, iou: str = "official") -> Region:
     if not 0 <= gamma <= 1:
         raise ValueError(f"vlr gamma must be in [0, 1], got {gamma}")
-    if iou not in ("official", "diou"):
+    if iou not in VLR_IOUS:
         raise ValueError(f"vlr iou must be official or diou, got {iou!r}")
     rows, weights = [], []
     start = 0

@@ -1,30 +1,35 @@
 """Configs of a training run, as data: what to train on (DataConfig), how (TrainConfig) and with
-which losses (LossConfig). Frozen dataclasses validated at construction; the resolved values are
-saved as JSON beside every run."""
+which losses (LossConfig). Frozen dataclasses validated at construction (detector.config's rules);
+the resolved values are saved as JSON beside every run."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 
+from detector.config import build_config, check, config_to_dict, param, parse_ints, parse_pair, parse_pairs
 from detector.errors import UserError
-from detector.regions import TeacherNeeds
+from detector.regions import VLR_IOUS, TeacherNeeds
+from detector.runtime import AMP_MODES
+from detector.synthetic import SYNTHETIC_IMG_SCALE, synthetic_split
 from detector.views import DEFAULT_IMG_SCALE
 
-
-def _check(problems: list[str], what: str) -> None:
-    if problems:
-        raise UserError(f"invalid {what}: " + "; ".join(problems))
+__all__ = ["DataConfig", "LossConfig", "TrainConfig", "config_to_dict", "resolve_data"]
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    images: str  # folder of training images
-    ann: str  # COCO annotation json of the training images
-    val_images: str | None = None  # evaluated after training when given
-    val_ann: str | None = None
-    img_scale: tuple[int, int] = DEFAULT_IMG_SCALE  # (long, short) keep-ratio fit
-    views: str = "orig,hflip"  # views an image may be shown as; one is drawn per image per epoch
-    extra_scales: tuple[tuple[int, int], ...] = ()  # more (long, short) scales, each with the views above
+    images: str = param(MISSING, "training image folder", shown="the synthetic dataset's")
+    ann: str = param(MISSING, "COCO annotation json of the training images", shown="the synthetic dataset's")
+    val_images: str | None = param(None, "validation images, evaluated after training", shown="synthetic val")
+    val_ann: str | None = param(None, "validation annotations", shown="synthetic val")
+    img_scale: tuple[int, int] = param(DEFAULT_IMG_SCALE, "keep-ratio resize target LONG,SHORT",
+                                       shown="1333,800; 256,256 on the synthetic data; a cache's own",
+                                       parse=lambda t: parse_pair(t, "--img-scale"))
+    views: str = param("orig,hflip", "views an image may be shown as (one drawn per image each epoch)",
+                       shown="orig,hflip; a cache's own")
+    extra_scales: tuple[tuple[int, int], ...] = param((), "more scales 'L1,S1;L2,S2', each with the views above",
+                                                      shown="none; a cache's own",
+                                                      parse=lambda t: parse_pairs(t, "--extra-scales"))
 
     def __post_init__(self):
         object.__setattr__(self, "img_scale", tuple(int(v) for v in self.img_scale))
@@ -34,31 +39,51 @@ class DataConfig:
             problems.append(f"img_scale must be LONG,SHORT with LONG >= SHORT > 0, got {self.img_scale}")
         if (self.val_images is None) != (self.val_ann is None):
             problems.append("give both val_images and val_ann, or neither")
-        _check(problems, "data configuration")
+        check(problems, "data configuration")
+
+
+def resolve_data(fields_given: dict) -> DataConfig:
+    """DataConfig from the fields given (TOML table and flags); no data at all means the synthetic
+    default: its train split, its val split for evaluation, at its own 256 px scale."""
+    fields_given = dict(fields_given)
+    if ("images" in fields_given) != ("ann" in fields_given):
+        raise UserError("give both --images and --ann (or neither, for the synthetic dataset)")
+    if "images" not in fields_given:
+        fields_given["images"], fields_given["ann"] = synthetic_split("train")
+        if "val_ann" not in fields_given:
+            fields_given["val_images"], fields_given["val_ann"] = synthetic_split("val")
+        fields_given.setdefault("img_scale", SYNTHETIC_IMG_SCALE)
+    return build_config(DataConfig, {k: None if v is None else (str(v) if hasattr(v, "__fspath__") else v)
+                                     for k, v in fields_given.items()}, "data")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 12
-    batch_size: int = 16  # images per step (per process under torchrun)
-    lr: float | None = None  # None: 0.01 x total batch / 16 (SGD), the 1x recipe scaled linearly
-    optimizer: str = "sgd"  # sgd (the paper's recipe) or adamw (faster from scratch on small data)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iters: int = 500  # linear warm-up from warmup_ratio x lr
-    warmup_ratio: float = 0.001
-    lr_steps: tuple[int, ...] | None = None  # epochs after which lr x 0.1; None: 8 and 11 of 12, scaled
-    max_iters: int | None = None  # stop after this many steps (tests, smoke runs)
-    seed: int = 0
-    device: str = "auto"  # auto = cuda when available
-    amp: str = "auto"  # auto = bf16 autocast on CUDA, off on CPU; or off, bf16, fp16
-    workers: int = 2  # DataLoader worker processes
-    log_every: int = 10  # steps between metrics.jsonl records
-    checkpoint_every: int | None = None  # also save last.pt every N steps (long epochs)
-    eval_batch_size: int = 1
-    eval_every: int | None = None  # also evaluate every N epochs (AP curves in metrics.jsonl)
-    group_by: str = "orientation"  # batch images of one orientation (mmdet) or of one padded canvas
-    backbone_weights: str | None = None  # torchvision ResNet (ImageNet) weights to start the backbone from
+    epochs: int = param(12, "epochs")
+    batch_size: int = param(16, "images per step (per process under torchrun)")
+    lr: float | None = param(None, "learning rate", shown="0.01 x batch / 16 for sgd, 1e-4 x batch / 16 for adamw")
+    optimizer: str = param("sgd", "sgd (the paper's recipe) or adamw (faster from scratch on small data)")
+    momentum: float = param(0.9, "SGD momentum")
+    weight_decay: float = param(1e-4, "weight decay")
+    warmup_iters: int = param(500, "linear warm-up steps from warmup_ratio x lr")
+    warmup_ratio: float = param(0.001, "learning rate at step 0 as a fraction of lr")
+    lr_steps: tuple[int, ...] | None = param(None, "epochs after which lr x0.1, e.g. 8,11",
+                                             shown="8/12 and 11/12 of --epochs",
+                                             parse=lambda t: parse_ints(t, "--lr-steps"))
+    max_iters: int | None = param(None, "stop after this many steps", shown="all epochs")
+    seed: int = param(0, "seed of the model init and of the batches")
+    device: str = param("auto", "auto (cuda when available), cpu, cuda or cuda:N")
+    amp: str = param("auto", "auto (bf16 on CUDA), off, bf16 or fp16")
+    workers: int = param(2, "DataLoader worker processes")
+    log_every: int = param(10, "steps per metrics.jsonl record")
+    checkpoint_every: int | None = param(None, "also checkpoint every N steps", shown="each epoch only")
+    eval_batch_size: int = param(1, "images per forward when evaluating (equal canvases only)")
+    eval_every: int | None = param(None, "also evaluate every N epochs: AP curves in metrics.jsonl",
+                                   shown="at the end only")
+    group_by: str = param("orientation", "batch images of one orientation (mmdet) or of one padded canvas "
+                                         "(students see views exactly as the cached teacher did)")
+    backbone_weights: str | None = param(None, "torchvision ResNet ImageNet weights (.pth) to start the "
+                                               "backbone from (COCO recipes)")
 
     def __post_init__(self):
         if self.lr_steps is not None:
@@ -79,13 +104,13 @@ class TrainConfig:
             problems.append(f"group_by must be orientation or canvas, got {self.group_by!r}")
         if self.optimizer not in ("sgd", "adamw"):
             problems.append(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
-        if self.amp not in ("auto", "off", "bf16", "fp16"):
+        if self.amp not in AMP_MODES:
             problems.append(f"amp must be auto, off, bf16 or fp16, got {self.amp!r}")
         if self.eval_every is not None and self.eval_every < 1:
             problems.append(f"eval_every must be >= 1, got {self.eval_every}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             problems.append(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        _check(problems, "training configuration")
+        check(problems, "training configuration")
 
     def base_lr(self, world_size: int = 1) -> float:
         if self.lr is not None:
@@ -109,20 +134,21 @@ class LossConfig:
     """One weight per loss key, applied in one place (distill.criterion). Distillation terms only
     apply when a teacher (cache or online) is given; the defaults are the paper's full recipe."""
 
-    qfl_weight: float = 1.0
-    giou_weight: float = 2.0
-    dfl_weight: float = 0.25  # the paper notes DFL can be dropped when LD is on
-    ld_weight: float = 0.25  # Main LD: box distributions of the ATSS positives
-    ld_temperature: float = 10.0
-    vlr_weight: float = 0.25  # VLR LD: box distributions of the valuable localization region
-    vlr_gamma: float = 0.25  # band: gamma x thr_g <= DIoU < thr_g
-    vlr_iou: str = "official"  # official (the authors' DIoU variant) or diou
-    kd_weight: float = 10.0  # Main KD: class logits of the ATSS positives
-    kd_temperature: float = 2.0
-    kd_mode: str = "softmax"  # softmax over classes (paper) or sigmoid (per-class binary; one-class data)
+    qfl_weight: float = param(1.0, "QFL weight")
+    giou_weight: float = param(2.0, "GIoU weight")
+    dfl_weight: float = param(0.25, "DFL weight (the paper notes DFL can be dropped when LD is on)")
+    ld_weight: float = param(0.25, "Main LD weight: box distributions of the ATSS positives")
+    ld_temperature: float = param(10.0, "LD temperature (Main and VLR)")
+    vlr_weight: float = param(0.25, "VLR LD weight: box distributions of the valuable localization region")
+    vlr_gamma: float = param(0.25, "VLR band: gamma x thr <= DIoU < thr of a GT's ATSS threshold")
+    vlr_iou: str = param("official", "official (the authors' DIoU variant, intersection / anchor area) or diou")
+    kd_weight: float = param(10.0, "Main KD weight: class logits of the ATSS positives")
+    kd_temperature: float = param(2.0, "KD temperature")
+    kd_mode: str = param("softmax", "softmax over classes (paper) or sigmoid (per-class binary; one-class data)")
     # official: LD terms are sums, as the paper's code (grows with images per process; the authors
     # advise <= 3 per GPU). mean: divided by the GIoU weight sum, independent of the batch size.
-    ld_normalization: str = "official"
+    ld_normalization: str = param("official", "official (paper; grows with images per process) or mean "
+                                              "(batch-size invariant)")
 
     def __post_init__(self):
         problems = [f"{f.name} must be >= 0" for f in fields(self)
@@ -132,22 +158,15 @@ class LossConfig:
                 problems.append(f"{name} must be > 0")
         if not 0 <= self.vlr_gamma <= 1:
             problems.append(f"vlr_gamma must be in [0, 1], got {self.vlr_gamma}")
-        if self.vlr_iou not in ("official", "diou"):
+        if self.vlr_iou not in VLR_IOUS:
             problems.append(f"vlr_iou must be official or diou, got {self.vlr_iou!r}")
         if self.kd_mode not in ("softmax", "sigmoid"):
             problems.append(f"kd_mode must be softmax or sigmoid, got {self.kd_mode!r}")
         if self.ld_normalization not in LD_NORMALIZATIONS:
             problems.append(f"ld_normalization must be one of {LD_NORMALIZATIONS}, got {self.ld_normalization!r}")
-        _check(problems, "loss configuration")
+        check(problems, "loss configuration")
 
     def teacher_needs(self) -> TeacherNeeds:
         """What these losses read from a teacher (a term whose weight is 0 reads nothing)."""
         return TeacherNeeds(class_logits=self.kd_weight > 0, vlr_gamma=self.vlr_gamma if self.vlr_weight > 0 else None,
                             vlr_iou=self.vlr_iou)
-
-
-def config_to_dict(config) -> dict:
-    def plain(v):
-        return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
-
-    return {k: plain(v) for k, v in asdict(config).items()}

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from detector import synthetic
+from detector import synthetic, synthetic_render
 from detector.errors import UserError
 from detector.synthetic import ensure_synthetic_default, make_synthetic
 from detector.synthetic_shapes import SHAPES, rasterise, sample_shape_params, shape_inside
@@ -92,7 +92,7 @@ def test_objects_vary_in_size_aspect_blur_contrast_and_occlusion(tmp_path):
     assert min(a["contrast"] for a in anns) < 0.15  # 15% are low contrast (RGB step 10-28)
     visible = [a["visible"] for a in anns]
     # Later paint may hide an object, but never more than half of it.
-    assert min(visible) < 0.95 and min(visible) >= synthetic.MIN_VISIBLE - 1e-3
+    assert min(visible) < 0.95 and min(visible) >= synthetic_render.MIN_VISIBLE - 1e-3
 
 
 @pytest.mark.parametrize("name", SHAPES)
@@ -140,18 +140,18 @@ def test_refuses_non_empty_folder_unless_overwrite(tmp_path):
         make_synthetic(out, num_train=1, num_val=1, image_size=64)
     assert (out / "notes.txt").exists()  # refused before touching anything
     make_synthetic(out, num_train=1, num_val=1, image_size=64, overwrite=True)
-    assert not (out / "notes.txt").exists() and synthetic._is_dataset(out)
+    assert not (out / "notes.txt").exists() and synthetic.is_dataset(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or old folder left
 
 
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
-    real = synthetic._render_to_file
+    real = synthetic.render_to_file
 
     def fail_on_third(task):
         if task[2] == 2:
             raise KeyboardInterrupt
         return real(task)
-    monkeypatch.setattr(synthetic, "_render_to_file", fail_on_third)
+    monkeypatch.setattr(synthetic, "render_to_file", fail_on_third)
     with pytest.raises(KeyboardInterrupt):
         make_synthetic(tmp_path / "out", num_train=4, num_val=1, image_size=64)
     # Written into a temp sibling, which is removed: no half dataset under any name.
@@ -171,11 +171,11 @@ def test_ensure_default_generates_once_then_reuses(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic, "DEFAULT_SYNTHETIC", dict(
         num_train=2, num_val=1, image_size=64, seed=0, num_classes=6, crowd_prob=0.02))
     calls = []
-    real = synthetic._generate_beside
-    monkeypatch.setattr(synthetic, "_generate_beside", lambda *a, **k: calls.append(1) or real(
+    real = synthetic.generate_beside
+    monkeypatch.setattr(synthetic, "generate_beside", lambda *a, **k: calls.append(1) or real(
         *a, **k))
     first = ensure_synthetic_default(tmp_path)
-    assert first == tmp_path / "synthetic-v1" and synthetic._is_dataset(first)
+    assert first == tmp_path / "synthetic-v1" and synthetic.is_dataset(first)
     assert ensure_synthetic_default(tmp_path) == first and len(calls) == 1  # reused, not redone
     monkeypatch.setenv("LDCACHE_HOME", str(tmp_path))
     assert ensure_synthetic_default() == first and len(calls) == 1  # root from $LDCACHE_HOME
@@ -188,14 +188,14 @@ def test_ensure_default_generates_once_then_reuses(tmp_path, monkeypatch):
 def test_ensure_default_loser_of_a_race_uses_the_winner(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic, "DEFAULT_SYNTHETIC", dict(
         num_train=2, num_val=1, image_size=64, seed=0, num_classes=6, crowd_prob=0.02))
-    real = synthetic._generate_beside
+    real = synthetic.generate_beside
 
     def rival_finishes_first(out, params, workers):
         mine = real(out, params, workers)
         real(out, params, workers).rename(out)  # the other process renames into place first
         return mine
-    monkeypatch.setattr(synthetic, "_generate_beside", rival_finishes_first)
+    monkeypatch.setattr(synthetic, "generate_beside", rival_finishes_first)
     out = ensure_synthetic_default(tmp_path)
     # The loser's rename fails on the non-empty winner; its temp folder is deleted.
-    assert synthetic._is_dataset(out) and sorted(p.name for p in tmp_path.iterdir()) == [
+    assert synthetic.is_dataset(out) and sorted(p.name for p in tmp_path.iterdir()) == [
         "synthetic-v1"]

@@ -16,10 +16,18 @@ from cache_teacher.dump import DumpConfig, run_dump
 from cache_teacher.inspect import format_summary, render_png, summarize
 from cache_teacher.reader import TeacherCache
 from cache_teacher.targets import CacheTeacher
-from detector.config import ModelConfig
+from detector.config import ModelConfig, param
 from detector.synthetic import make_synthetic
 from distill.config import DataConfig, LossConfig, TrainConfig
 from distill.engine import build_train_dataset, run_train
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    workdir: str = param("runs/demo", "every artefact goes here; a second run reuses finished steps")
+    quick: bool = param(False, "a tiny version (under ~2 minutes on 2 CPU cores), for CI")
+    device: str = param("auto", "auto (cuda when available), cpu, cuda or cuda:N")
+    workers: int = param(2, "DataLoader worker processes")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from detector.errors import UserError
-from distill.sweep import parse_grid, point_name
+from workflows.sweep import parse_grid, point_name
 from tests.conftest import ROOT, TINY_MODEL_FLAGS
 from tests.cli_runner import run_cli
 

@@ -1,7 +1,9 @@
 """Student sweeps over one teacher cache: the use the product exists for.
 
 Every grid point is one train-student run in its own folder under the sweep folder, started as a
-separate process (so --jobs N runs N at once) with --resume: a finished point (eval.json present)
+separate process (so --jobs N runs N at once) with --resume. The caller gives the command line of
+train-student (the CLI knows how it was started; nothing here names it); a point adds its
+--out, --resume and its grid values: a finished point (eval.json present)
 is skipped, a killed one continues from its last checkpoint. The teacher never runs; every point
 reads the same cache. Results: sweep.json, sweep.md and sweep.png beside the runs."""
 
@@ -11,16 +13,31 @@ import itertools
 import json
 import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from detector.config import ModelConfig
+from detector.config import ModelConfig, param
 from detector.errors import UserError
 from distill.config import LossConfig, TrainConfig
+from workflows.plots import plot_sweep
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    cache: str = param(None, "the teacher cache every point reads (folder or fsspec URL)", shown="required")
+    grid: tuple[str, ...] = param((), "name=v1,v2,... of a train-student option; repeat for a cartesian product",
+                                  shown="required")
+    out: str = param("runs/sweep", "sweep folder: one run per point, sweep.md, sweep.json, sweep.png")
+    jobs: int = param(1, "points trained at once (each a process)")
+
+    def __post_init__(self):
+        if not self.cache:
+            raise UserError("--cache is required: the teacher cache every point reads")
+        if self.jobs < 1:
+            raise UserError(f"--jobs must be >= 1, got {self.jobs}")
 
 
 def sweepable_options() -> set[str]:
@@ -66,17 +83,17 @@ class PointResult:
     run_dir: str
 
 
-def _run_point(cache: str, overrides: dict, base_args: list[str], run_dir: Path, threads: int) -> PointResult:
+def _run_point(train_student: list[str], overrides: dict, run_dir: Path, threads: int) -> PointResult:
     eval_file = run_dir / "eval.json"
     name = run_dir.name
     if eval_file.exists():
         ev = json.loads(eval_file.read_text())
         return PointResult(name, overrides, "skipped", ev["metrics"], ev.get("train_seconds"), str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "cli", "train-student", "--cache", cache, "--out", str(run_dir), "--resume", *base_args]
+    cmd = [*train_student, "--out", str(run_dir), "--resume"]
     for key, value in overrides.items():
         cmd += [f"--{key.replace('_', '-')}", value]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": _pythonpath()}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with (run_dir / "log.txt").open("a") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0 or not eval_file.exists():
@@ -85,13 +102,10 @@ def _run_point(cache: str, overrides: dict, base_args: list[str], run_dir: Path,
     return PointResult(name, overrides, "done", ev["metrics"], ev.get("train_seconds"), str(run_dir))
 
 
-def _pythonpath() -> str:
-    here = str(Path(__file__).resolve().parents[1])  # a checkout runs without an install too
-    return os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
-
-
-def run_sweep(cache: str, grid: list[dict[str, str]], base_args: list[str], out: Path, jobs: int = 1,
+def run_sweep(cache: str, grid: list[dict[str, str]], train_student: list[str], out: Path, jobs: int = 1,
               on_result=None) -> list[PointResult]:
+    """train_student: the argv that trains a student from `cache` with the sweep's shared options
+    (e.g. [python, cli.py, "train-student", "--cache", STORE, "--epochs", "6"])."""
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
     out.mkdir(parents=True, exist_ok=True)
@@ -99,21 +113,19 @@ def run_sweep(cache: str, grid: list[dict[str, str]], base_args: list[str], out:
     results: list[PointResult | None] = [None] * len(grid)
 
     def one(i: int) -> None:
-        results[i] = _run_point(cache, grid[i], base_args, out / point_name(grid[i]), threads)
+        results[i] = _run_point(train_student, grid[i], out / point_name(grid[i]), threads)
         if on_result:
             on_result(results[i])
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(one, range(len(grid))))
-    write_report(out, cache, base_args, results)
+    write_report(out, cache, train_student, results)
     return results
 
 
-def write_report(out: Path, cache: str, base_args: list[str], results: list[PointResult]) -> None:
-    from distill.plots import plot_sweep
-
+def write_report(out: Path, cache: str, command: list[str], results: list[PointResult]) -> None:
     rows = [r.__dict__ for r in results]
-    (out / "sweep.json").write_text(json.dumps({"cache": cache, "base_args": base_args, "points": rows}, indent=2) + "\n")
+    (out / "sweep.json").write_text(json.dumps({"cache": cache, "command": command, "points": rows}, indent=2) + "\n")
     keys = list(results[0].overrides) if results else []
     header = keys + list(METRICS[:3]) + ["train s", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
