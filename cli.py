@@ -14,7 +14,6 @@ import dataclasses
 import inspect
 import os
 import sys
-import tomllib
 import types
 import typing
 from pathlib import Path
@@ -24,8 +23,9 @@ import typer
 from rich.markup import escape
 
 from cache_teacher.dump_config import DumpConfig
-from detector.config import ARCH_FIELDS, ModelConfig, build_config
-from detector.errors import UserError
+from cache_teacher.inspect import InspectConfig
+from detector.config import ARCH_FIELDS, ModelConfig, build_config, parsed_value, read_toml_tables
+from detector.errors import UserError, one_line
 from detector.inference import EvalConfig
 from detector.synthetic import SyntheticConfig
 from distill.config import DataConfig, LossConfig, TrainConfig
@@ -81,11 +81,17 @@ def _option(f: dataclasses.Field, hint, shown: str | None) -> inspect.Parameter:
                              annotation=Annotated[Optional[kind], option])
 
 
-def command(name: str, *groups: Group, **settings):
-    """Register fn as command `name` with its own parameters plus one option per field of the
-    groups; fn receives typed={table: {field: value actually typed, parsed}}."""
+def command(name: str, *groups: Group, ignored_tables: tuple[str, ...] = (), **settings):
+    """Register fn as command `name` with its own parameters, --config and one option per field of
+    the groups. fn receives fields={table: the TOML table's values overridden by the flags typed}
+    and config (the TOML path, or None); ignored_tables are another command's, skipped."""
+    tables = ", ".join(f"[{g.table}]" for g in groups)
+    config_param = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[Path], typer.Option("--config", help=escape(
+            f"TOML file with {'the ' + tables + ' table' if len(groups) == 1 else tables + ' tables'}; typed flags win"))])
+
     def wrap(fn):
-        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "typed"]
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name not in ("fields", "config")]
         generated = {}
         for g in groups:
             hints = typing.get_type_hints(g.cls)
@@ -101,55 +107,20 @@ def command(name: str, *groups: Group, **settings):
                 value = kw.pop(name_, None)
                 source = ctx.get_parameter_source(name_)
                 if source is not None and source.name in TYPED and value is not None:
-                    typed[table][name_] = _parsed(f, value)
-            return fn(**kw, typed=typed)
+                    typed[table][name_] = parsed_value(f, value)
+            config = kw.pop("config")
+            from_file = read_toml_tables(config, {g.table: g.cls for g in groups}, ignored_tables)
+            fields = {t: {**from_file.get(t, {}), **values} for t, values in typed.items()}
+            return fn(**kw, fields=fields, config=config)
 
         context = inspect.Parameter("click_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
         own_params = [p for p in own if p.name != "ctx"]
-        run.__signature__ = inspect.Signature([*own_params, context, *(param for _, _, param in generated.values())])
-        run.__doc__, run.__name__ = fn.__doc__, fn.__name__
+        run.__signature__ = inspect.Signature([*own_params, context, config_param,
+                                               *(param for _, _, param in generated.values())])
+        run.__doc__, run.__name__ = escape(fn.__doc__ or ""), fn.__name__
         app.command(name, **settings)(run)
         return fn
     return wrap
-
-
-def _parsed(f: dataclasses.Field, value):
-    parse = f.metadata.get("parse")
-    if isinstance(value, list):
-        return tuple(value)
-    return parse(value) if parse and isinstance(value, str) else value
-
-
-def _tables(path: Path | None, groups: tuple[Group, ...], ignored=()) -> dict:
-    """The TOML tables of --config, each checked against the fields of its config."""
-    if path is None:
-        return {}
-    try:
-        tables = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist; pass an existing TOML file") from None
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"config file {path} is not valid TOML ({err}); fix it") from None
-    known = {g.table: g for g in groups}
-    unknown = sorted(set(tables) - set(known) - set(ignored))
-    if unknown:
-        raise UserError(f"config file {path} has unknown tables {unknown}; use {', '.join(f'[{t}]' for t in known)}")
-    out = {}
-    for table, values in tables.items():
-        if table in known:
-            fields = {f.name: f for f in dataclasses.fields(known[table].cls)}
-            out[table] = {k: _parsed(fields[k], v) if k in fields else v for k, v in values.items()}
-    return out
-
-
-def _resolved(groups: tuple[Group, ...], config: Path | None, typed: dict, ignored=()) -> dict:
-    """{table: TOML values overridden by the flags typed}."""
-    tables = _tables(config, groups, ignored)
-    return {g.table: {**tables.get(g.table, {}), **typed.get(g.table, {})} for g in groups}
-
-
-def _config_option(tables: str):
-    return typer.Option("--config", help=escape(f"TOML file with {tables} tables; typed flags win"))
 
 
 def say(message: str, err: bool = False) -> None:
@@ -167,6 +138,7 @@ STUDENT = (*TRAIN, Group("loss", LossConfig))
 ARCH = Group("model", ModelConfig, only=ARCH_FIELDS, shown="the checkpoint's")
 EVALUATE, DUMP = (Group("evaluate", EvalConfig), ARCH), (Group("dump", DumpConfig), ARCH)
 DEMO, SWEEP = (Group("demo", DemoConfig),), (Group("sweep", SweepConfig),)
+INSPECT = (Group("inspect", InspectConfig),)
 Out = Annotated[Path, typer.Option(help="run folder: config.json, metrics.jsonl, checkpoints/, eval.json")]
 Resume = Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")]
 
@@ -174,11 +146,11 @@ Resume = Annotated[bool, typer.Option(help="continue the run in --out from its l
 @command("make-synthetic", *SYNTHETIC)
 def make_synthetic_cmd(out: Annotated[Path, typer.Argument(help="folder to create (train/, val/, annotations/)")],
                        overwrite: Annotated[bool, typer.Option(help="replace a non-empty OUT")] = False,
-                       config: Annotated[Optional[Path], _config_option("[synthetic]")] = None, *, typed):
+                       *, fields, config):
     """Write a seeded synthetic COCO-format detection dataset (no download needed)."""
     from detector.synthetic import make_synthetic
 
-    cfg = build_config(SyntheticConfig, _resolved(SYNTHETIC, config, typed)["synthetic"], "synthetic")
+    cfg = build_config(SyntheticConfig, fields["synthetic"], "synthetic")
     path = make_synthetic(out, **dataclasses.asdict(cfg), overwrite=overwrite, workers=2)
     typer.echo(f"wrote {cfg.num_train} train and {cfg.num_val} val images with annotations to {path}")
 
@@ -203,29 +175,24 @@ def _train(fields: dict, out: Path, resume: bool, teacher=None, what: str = "GFL
 
 
 @command("train-detector", *DETECTOR)
-def train_detector_cmd(out: Out = Path("runs/detector"), resume: Resume = False,
-                       config: Annotated[Optional[Path], _config_option("[model], [data], [train], [loss]")] = None,
-                       *, typed):
+def train_detector_cmd(out: Out = Path("runs/detector"), resume: Resume = False, *, fields, config):
     """Train a GFL detector without distillation (teachers and baselines)."""
-    _train(_resolved(DETECTOR, config, typed), out, resume)
+    _train(fields, out, resume)
 
 
-@command("train-student", *STUDENT)
+@command("train-student", *STUDENT, ignored_tables=("sweep",))
 def train_student_cmd(
     cache: Annotated[Optional[str], typer.Option(help="teacher cache from dump-teacher (folder or fsspec URL)")] = None,
     teacher: Annotated[Optional[Path], typer.Option(help="instead of --cache: run this teacher online on every batch")] = None,
     teacher_gn_groups: Annotated[Optional[int], typer.Option(help="GroupNorm groups of an mmdet --teacher",
                                                              show_default="32")] = None,
     storage_options: Annotated[Optional[str], typer.Option(help="JSON of fsspec storage options for a cache URL")] = None,
-    out: Out = Path("runs/student"), resume: Resume = False,
-    config: Annotated[Optional[Path], _config_option("[model], [data], [train], [loss] (and [sweep], ignored)")] = None,
-    *, typed,
+    out: Out = Path("runs/student"), resume: Resume = False, *, fields, config,
 ):
     """Train a GFL student with the full LD recipe from a teacher cache (or an online teacher)."""
     from cache_teacher.reader import parse_storage_options
     from workflows.student import data_defaults, teacher_source
 
-    fields = _resolved(STUDENT, config, typed, ignored=("sweep",))
     source = teacher_source(cache, str(teacher) if teacher else None, parse_storage_options(storage_options),
                             {"gn_groups": teacher_gn_groups} if teacher_gn_groups else {},
                             fields["train"].get("device", "auto"), fields["train"].get("amp", "auto"))
@@ -234,25 +201,22 @@ def train_student_cmd(
 
 
 @command("evaluate", *EVALUATE)
-def evaluate_cmd(config: Annotated[Optional[Path], _config_option("[evaluate], [model]")] = None, *, typed):
+def evaluate_cmd(*, fields, config):
     """COCO AP of a checkpoint on a dataset, printed as a table and saved as JSON."""
     from detector.evaluation import format_metrics_table
     from detector.inference import run_evaluate
 
-    fields = _resolved(EVALUATE, config, typed)
     result = run_evaluate(build_config(EvalConfig, {**fields["evaluate"], "arch": fields["model"]}, "evaluate"))
     typer.echo(format_metrics_table(result["metrics"]))
-    out = fields["evaluate"].get("out", EvalConfig.out)
-    typer.echo(f"{result['detections']} detections on {result['images']} images -> {out}; "
+    typer.echo(f"{result['detections']} detections on {result['images']} images -> {result['out']}; "
                f"metrics -> {result['metrics_path']}")
 
 
 @command("dump-teacher", *DUMP)
-def dump_teacher_cmd(config: Annotated[Optional[Path], _config_option("[dump], [model]")] = None, *, typed):
+def dump_teacher_cmd(*, fields, config):
     """Run the teacher once over every view of the dataset and write its logits to a Zarr v3 cache."""
     from cache_teacher.dump import run_dump
 
-    fields = _resolved(DUMP, config, typed)
     cfg = build_config(DumpConfig, {**fields["dump"], "arch": fields["model"]}, "dump")
     result = run_dump(cfg)
     if result["already_complete"]:
@@ -264,70 +228,39 @@ def dump_teacher_cmd(config: Annotated[Optional[Path], _config_option("[dump], [
             f"{'complete' if result['complete'] else 'incomplete'}: {cfg.out}")
 
 
-@app.command("inspect-cache")
-def inspect_cache_cmd(
-    store: Annotated[str, typer.Argument(help="cache folder or fsspec URL")],
-    json_out: Annotated[bool, typer.Option("--json", help="print the summary (and verification) as JSON")] = False,
-    verify: Annotated[bool, typer.Option(help="check completeness, finite values, identity (and fidelity with --teacher)")] = False,
-    teacher: Annotated[Optional[Path], typer.Option(help="with --verify: the teacher to re-run on --num-views random views")] = None,
-    num_views: Annotated[int, typer.Option(help="views re-run by --verify --teacher")] = 8,
-    png: Annotated[Optional[Path], typer.Option(help="write a picture of --view: GT, decoded detections, edge distributions")] = None,
-    view: Annotated[int, typer.Option(help="view index for --png")] = 0,
-    images: Annotated[Optional[Path], typer.Option(help="image folder", show_default="where the dump found it")] = None,
-    ann: Annotated[Optional[Path], typer.Option(help="annotation file", show_default="where the dump found it")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
-    storage_options: Annotated[Optional[str], typer.Option(help="JSON of fsspec storage options for a URL")] = None,
-):
+@command("inspect-cache", *INSPECT)
+def inspect_cache_cmd(store: Annotated[str, typer.Argument(help="cache folder or fsspec URL")], *, fields, config):
     """What a cache holds, whether it is whole and faithful (--verify), and a picture (--png)."""
-    import json
+    from cache_teacher.inspect import run_inspect
 
-    from cache_teacher.inspect import format_summary, format_verify, render_png, summarize
-    from cache_teacher.inspect import verify as run_verify
-    from cache_teacher.reader import TeacherCache, parse_storage_options
-    from detector.runtime import resolve_device
-
-    cache = TeacherCache(store, parse_storage_options(storage_options))
-    report = {"summary": summarize(cache)}
-    if verify:
-        report["verify"] = run_verify(cache, str(teacher) if teacher else None, images, ann, num_views,
-                                      device=str(resolve_device(device)))
-    if png is not None:
-        report["png"] = str(render_png(cache, view, png, images, ann))
-    if json_out:
-        typer.echo(json.dumps(report, indent=2))
-    else:
-        typer.echo(format_summary(report["summary"]))
-        if verify:
-            typer.echo(format_verify(report["verify"]))
-        if png is not None:
-            typer.echo(f"picture of view {view} -> {report['png']}")
-    if verify and not report["verify"]["ok"]:
+    report, text = run_inspect(store, build_config(InspectConfig, fields["inspect"], "inspect"))
+    typer.echo(text)
+    if "verify" in report and not report["verify"]["ok"]:
         raise typer.Exit(1)
 
 
 @command("demo", *DEMO)
-def demo_cmd(config: Annotated[Optional[Path], _config_option("[demo]")] = None, *, typed):
+def demo_cmd(*, fields, config):
     """The whole product on the synthetic data: teacher, dump, inspect, plain and LD students, one table."""
     from workflows.demo import run_demo
 
-    cfg = build_config(DemoConfig, _resolved(DEMO, config, typed)["demo"], "demo")
+    cfg = build_config(DemoConfig, fields["demo"], "demo")
     report = run_demo(Path(cfg.workdir), quick=cfg.quick, device=cfg.device, workers=cfg.workers, echo=typer.echo)
     typer.echo("")
     typer.echo(report["table"])
 
 
-@command("sweep", *SWEEP, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def sweep_cmd(ctx: typer.Context, *, typed):
+@command("sweep", *SWEEP, ignored_tables=("model", "data", "train", "loss"),
+         context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sweep_cmd(ctx: typer.Context, *, fields, config):
     """Train one student per grid point from ONE cache; re-running skips finished points and resumes
     killed ones. Further options (e.g. --config recipe.toml --epochs 6) go to every train-student run;
     a [sweep] table in that --config sets the options above."""
     from cache_teacher.reader import TeacherCache, parse_storage_options
     from workflows.sweep import parse_grid, point_name, run_sweep
 
-    args = list(ctx.args)
-    recipe = Path(args[args.index("--config") + 1]) if "--config" in args[:-1] else None
-    fields = _resolved(SWEEP, recipe, typed, ignored=("model", "data", "train", "loss"))["sweep"]
-    cfg = build_config(SweepConfig, fields, "sweep")
+    args = list(ctx.args) + (["--config", str(config)] if config else [])  # the recipe goes to every point too
+    cfg = build_config(SweepConfig, fields["sweep"], "sweep")
     points = parse_grid(list(cfg.grid))
     options = args[args.index("--storage-options") + 1] if "--storage-options" in args[:-1] else None
     TeacherCache(cfg.cache, parse_storage_options(options)).require_complete()  # fail now, not once per point
@@ -358,22 +291,13 @@ def plot_cmd(
     typer.echo(f"wrote {plot_runs(runs, out, smooth)}")
 
 
-def _one_line(err: UserError) -> str:
-    """A UserError raised in a DataLoader worker comes back with the worker's traceback folded into
-    its message; the user needs only the original message, which is its last line."""
-    text = str(err).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(f"{UserError.__name__}: ", 1)[-1]
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def main() -> None:
     from detector.distributed import shutdown
 
     try:
         app()
     except UserError as err:
-        say(f"error: {_one_line(err)}", err=True)
+        say(f"error: {one_line(err)}", err=True)
         sys.exit(2)
     finally:
         shutdown()

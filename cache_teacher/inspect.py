@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cache_teacher import schema
-from cache_teacher.codec import all_finite
-from cache_teacher.fidelity import edge_kl
-from cache_teacher.reader import TeacherCache
-from detector.checkpoint import file_sha256, load_model
-from detector.coco import CocoDetection
+from cache_teacher.reader import TeacherCache, parse_storage_options
+from cache_teacher.verify import dataset_of_cache, format_verify, verify
+from detector.config import param
 from detector.errors import UserError
 from detector.postprocess import postprocess
-from detector.rows import flatten_rows, row_index, row_location, view_maps
+from detector.rows import row_index, row_location, view_maps
+from detector.runtime import resolve_device
 from detector.views import PIXEL_MEAN, PIXEL_STD
 
 
@@ -106,102 +107,6 @@ def format_summary(s: dict) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
-def _dataset_for(cache: TeacherCache, images, ann) -> CocoDetection:
-    images = images or cache.meta.source.get("images")
-    ann = ann or cache.meta.source.get("ann")
-    if not images or not ann:
-        raise UserError("this needs the dataset: pass --images and --ann")
-    return CocoDetection(images, ann, views=cache.specs, strides=cache.meta.strides, train=True)
-
-
-def verify(cache: TeacherCache, teacher: str | None = None, images=None, ann=None, num_views: int = 8, seed: int = 0,
-           device: str = "cpu", progress=None) -> dict:
-    """Completeness, finite values, identity and (with a teacher) fidelity against a fresh fp32 forward."""
-    problems: list[str] = []
-    done = cache.shards_done()
-    if not done.all() or not cache.complete:
-        problems.append(f"incomplete: {int(done.sum())}/{len(done)} shards written")
-    bad_rows = 0
-    for shard in np.nonzero(done)[0]:  # whole shards: contiguous reads
-        bad_rows += int((~all_finite(cache.read_shard(int(shard)))).sum())
-        if progress:
-            progress()
-    if bad_rows:
-        problems.append(f"{bad_rows} rows hold NaN or inf")
-    if cache.meta.transform != schema.transform_spec():
-        problems.append("the cache was made with another input transform than this ldcache builds")
-    result = {"complete": bool(done.all() and cache.complete), "nonfinite_rows": bad_rows}
-    dataset = None
-    if ann or images or cache.meta.source.get("ann"):
-        try:
-            dataset = _dataset_for(cache, images, ann)
-            mismatch = cache.meta.mismatches(ann_sha256=dataset.ann_sha256, image_ids=dataset.image_ids)
-            problems += mismatch
-            result["dataset_matches"] = not mismatch
-        except UserError as err:
-            if ann or images:
-                raise
-            result["dataset_matches"] = None  # the dump's dataset is no longer where it was
-            problems.append(f"dataset not checked ({err})")
-    if teacher is not None:
-        sha = file_sha256(teacher)
-        result["teacher_matches"] = sha == cache.meta.teacher_sha256
-        if not result["teacher_matches"]:
-            problems.append(f"teacher checkpoint sha256 {sha[:12]} differs from the cache's "
-                            f"{cache.meta.teacher_sha256[:12]}")
-        if dataset is None:
-            dataset = _dataset_for(cache, images, ann)
-        result["fidelity"] = fidelity(cache, teacher, dataset, num_views, seed, device)
-    result["problems"] = problems
-    result["ok"] = not problems
-    return result
-
-
-@torch.no_grad()
-def fidelity(cache: TeacherCache, teacher: str, dataset: CocoDetection, num_views: int, seed: int, device: str) -> dict:
-    """KL(T=10) of stored box distributions against the teacher's fresh fp32 forward on N random
-    views, each alone on its own canvas (the cache's definition of a view's maps)."""
-    dev = torch.device(device)
-    model, config = load_model(teacher, {}, dev, role="teacher checkpoint")
-    gen = np.random.default_rng(seed)
-    chosen = gen.choice(len(cache.records), size=min(num_views, len(cache.records)), replace=False)
-    kls, cls_err = [], 0.0
-    for v in chosen:
-        cached = cache.read_view(int(v))
-        image_index, spec_index = int(cache.view_table["image_index"][v]), int(cache.view_table["spec_index"][v])
-        sample = dataset[(image_index, spec_index)]
-        cls_maps, box_maps = model(sample.image[None].to(dev))
-        rows = cached.location.long() if cached.location is not None else slice(None)  # sparse: stored rows only
-        fresh_box = flatten_rows(box_maps, [cached.record.level_hw]).float().cpu()[rows]
-        if len(fresh_box) == 0:
-            continue
-        kls.append(edge_kl(fresh_box, cached.box, 10.0, config.reg_max + 1))
-        if cached.cls is not None:
-            fresh_cls = flatten_rows(cls_maps, [cached.record.level_hw]).float().cpu()[rows]
-            cls_err = max(cls_err, float((fresh_cls - cached.cls).abs().max()))
-    kl = torch.cat(kls)
-    return {"views": len(chosen), "kl_t10_mean": float(kl.mean()), "kl_t10_p99": float(kl.quantile(0.99)),
-            "kl_t10_max": float(kl.max()), "cls_max_abs_err": cls_err if cache.has_cls else None}
-
-
-def format_verify(r: dict) -> str:
-    lines = [f"verify: {'OK' if r['ok'] else 'PROBLEMS'}",
-             f"  complete          {r['complete']}",
-             f"  non-finite rows   {r['nonfinite_rows']}"]
-    if "dataset_matches" in r:
-        lines.append(f"  dataset matches   {r['dataset_matches']}")
-    if "teacher_matches" in r:
-        lines.append(f"  teacher matches   {r['teacher_matches']}")
-    if "fidelity" in r:
-        f = r["fidelity"]
-        lines.append(f"  KL(T=10) on {f['views']} fresh fp32 views: mean {f['kl_t10_mean']:.3g}, p99 {f['kl_t10_p99']:.3g}, "
-                     f"max {f['kl_t10_max']:.3g}")
-        if f["cls_max_abs_err"] is not None:
-            lines.append(f"  class logits max |error| {f['cls_max_abs_err']:.3g}")
-    lines += [f"  problem: {p}" for p in r["problems"]]
-    return "\n".join(lines)
-
-
 def render_png(cache: TeacherCache, view: int, out: Path, images=None, ann=None, temperature: float = 1.0) -> Path:
     """The view with its GT boxes, the teacher's top detections decoded from the cache, and the four
     edge distributions of the top detection's location."""
@@ -209,7 +114,7 @@ def render_png(cache: TeacherCache, view: int, out: Path, images=None, ann=None,
 
     if not 0 <= view < len(cache.records):
         raise UserError(f"--view {view} is out of range: the cache holds views 0..{len(cache.records) - 1}")
-    dataset = _dataset_for(cache, images, ann)
+    dataset = dataset_of_cache(cache, images, ann)
     record = cache.records[view]
     sample = dataset[(int(cache.view_table["image_index"][view]), int(cache.view_table["spec_index"][view]))]
     h, w = record.resized_hw
@@ -258,3 +163,39 @@ def _row_near_largest_gt(record, gt_boxes: torch.Tensor, strides) -> int:
             return row_index(record.level_hw, level, min(h - 1, round(cy / s)), min(w - 1, round(cx / s)))
     return 0
 
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    json: bool = param(False, "print the summary (and verification) as JSON")
+    verify: bool = param(False, "check completeness, finite values, identity (and fidelity with --teacher)")
+    teacher: str | None = param(None, "with --verify: the teacher to re-run on --num-views random views",
+                                shown="none")
+    num_views: int = param(8, "views re-run by --verify --teacher")
+    png: str | None = param(None, "write a picture of --view: GT, decoded detections, edge distributions",
+                            shown="none")
+    view: int = param(0, "view index for --png")
+    images: str | None = param(None, "image folder", shown="where the dump found it")
+    ann: str | None = param(None, "annotation file", shown="where the dump found it")
+    device: str = param("auto", "auto (cuda when available), cpu, cuda or cuda:N")
+    storage_options: dict | None = param(None, "JSON of fsspec storage options for a URL", shown="none",
+                                         parse=parse_storage_options)
+
+
+def run_inspect(store: str, cfg: InspectConfig) -> tuple[dict, str]:
+    """-> (the report: summary, verify, png; the text to print)."""
+    cache = TeacherCache(store, cfg.storage_options)
+    report = {"summary": summarize(cache)}
+    if cfg.verify:
+        report["verify"] = verify(cache, cfg.teacher, cfg.images, cfg.ann, cfg.num_views,
+                                  device=str(resolve_device(cfg.device)))
+    if cfg.png is not None:
+        report["png"] = str(render_png(cache, cfg.view, Path(cfg.png), cfg.images, cfg.ann))
+    if cfg.json:
+        return report, json.dumps(report, indent=2)
+    text = [format_summary(report["summary"])]
+    if cfg.verify:
+        text.append(format_verify(report["verify"]))
+    if cfg.png is not None:
+        text.append(f"picture of view {cfg.view} -> {report['png']}")
+    return report, "\n".join(text)

@@ -14,7 +14,9 @@ state-dict key name, so small and full-size models share one checkpoint format.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import tomllib
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from pathlib import Path
 
 from detector.errors import UserError
 
@@ -42,6 +44,38 @@ def build_config(cls, values: dict, what: str):
     if unknown:
         raise UserError(f"unknown {what} option(s) {unknown}; expected some of {sorted(known)}")
     return cls(**values)
+
+
+def parsed_value(f: Field, value):
+    """A value for field f as a flag or a TOML entry gave it: lists become tuples, text of a field
+    with a parser is parsed ("1333,800" -> (1333, 800))."""
+    parse = f.metadata.get("parse")
+    if isinstance(value, list):
+        return tuple(value)
+    return parse(value) if parse and isinstance(value, str) else value
+
+
+def read_toml_tables(path: Path | None, known: dict[str, type], ignored=()) -> dict[str, dict]:
+    """The tables of a --config TOML file, each for the config class `known` maps its name to;
+    values parsed as their fields expect. An unknown table is an error (tables in `ignored` are
+    another command's, skipped); unknown keys are left for build_config to name."""
+    if path is None:
+        return {}
+    try:
+        tables = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist; pass an existing TOML file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"config file {path} is not valid TOML ({err}); fix it") from None
+    unknown = sorted(set(tables) - set(known) - set(ignored))
+    if unknown:
+        raise UserError(f"config file {path} has unknown tables {unknown}; use {', '.join(f'[{t}]' for t in known)}")
+    out = {}
+    for table, values in tables.items():
+        if table in known:
+            by_name = {f.name: f for f in fields(known[table])}
+            out[table] = {k: parsed_value(by_name[k], v) if k in by_name else v for k, v in values.items()}
+    return out
 
 
 def config_to_dict(config) -> dict:

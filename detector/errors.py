@@ -9,3 +9,12 @@ a bug and keeps its traceback.
 
 class UserError(Exception):
     """Bad input a user can fix; the message is one line naming the problem and the fix."""
+
+
+def one_line(err: UserError) -> str:
+    """The message to print. A UserError raised in a DataLoader worker comes back with the worker's
+    traceback folded into its message; the user needs only the original message, its last line."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(f"{UserError.__name__}: ", 1)[-1]
+    return text.splitlines()[0] if text else type(err).__name__

@@ -97,7 +97,7 @@ class EvalConfig:
 
 def run_evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     """COCO AP of a checkpoint on a dataset: writes cfg.out (results) and OUT.metrics.json.
-    -> {"metrics", "detections", "images", "metrics_path"}."""
+    -> {"metrics", "detections", "images", "out", "metrics_path"}."""
     ckpt = read_checkpoint(cfg.checkpoint)
     model_cfg = resolve_model_config(ckpt, **cfg.arch)
     trained_scale = ckpt.get("run_config", {}).get("data", {}).get("img_scale")
@@ -119,4 +119,5 @@ def run_evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     metrics_path = out.with_suffix(".metrics.json")
     metrics_path.write_text(json.dumps({"metrics": metrics, "checkpoint": str(cfg.checkpoint), "ann": str(ann),
                                         "img_scale": list(scale), "model": model_cfg.to_dict()}, indent=2) + "\n")
-    return {"metrics": metrics, "detections": len(results), "images": len(dataset), "metrics_path": metrics_path}
+    return {"metrics": metrics, "detections": len(results), "images": len(dataset), "out": out,
+            "metrics_path": metrics_path}

@@ -4,7 +4,8 @@ import pytest
 import zarr
 from PIL import Image
 
-from cache_teacher.inspect import summarize, verify
+from cache_teacher.inspect import summarize
+from cache_teacher.verify import verify
 from cache_teacher.reader import TeacherCache
 from tests.cli_runner import assert_user_error, run_cli
 
