@@ -49,7 +49,7 @@ class Group:
     shown: str | None = None  # one default note for every field (e.g. "the checkpoint's")
 
     def fields(self) -> list[dataclasses.Field]:
-        return [f for f in dataclasses.fields(self.cls) if f.metadata.get("cli", True)
+        return [f for f in dataclasses.fields(self.cls) if f.metadata.get("flag", True)
                 and (self.only is None or f.name in self.only)]
 
 
@@ -215,17 +215,10 @@ def evaluate_cmd(*, fields, config):
 @command("dump-teacher", *DUMP)
 def dump_teacher_cmd(*, fields, config):
     """Run the teacher once over every view of the dataset and write its logits to a Zarr v3 cache."""
-    from cache_teacher.dump import run_dump
+    from cache_teacher.dump import format_dump_result, run_dump
 
     cfg = build_config(DumpConfig, {**fields["dump"], "arch": fields["model"]}, "dump")
-    result = run_dump(cfg)
-    if result["already_complete"]:
-        say(f"{cfg.out} is already complete; nothing to do")
-    else:
-        share = " (rank 0's share)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        say(f"wrote {result['views']:,} views{share} ({result['bytes_written'] / 2**20:,.1f} MiB) in "
-            f"{result['seconds']:.1f} s ({result['views'] / max(result['seconds'], 1e-9):.1f} views/s); "
-            f"{'complete' if result['complete'] else 'incomplete'}: {cfg.out}")
+    say(format_dump_result(run_dump(cfg), cfg.out))
 
 
 @command("inspect-cache", *INSPECT)

@@ -243,6 +243,16 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
             "already_complete": not todo and writer.meta.complete}
 
 
+def format_dump_result(result: dict, out: str) -> str:
+    """One line for the user about a finished run_dump."""
+    if result["already_complete"]:
+        return f"{out} is already complete; nothing to do"
+    share = " (rank 0's share)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    return (f"wrote {result['views']:,} views{share} ({result['bytes_written'] / 2**20:,.1f} MiB) in "
+            f"{result['seconds']:.1f} s ({result['views'] / max(result['seconds'], 1e-9):.1f} views/s); "
+            f"{'complete' if result['complete'] else 'incomplete'}: {out}")
+
+
 class _RegionRows(torch.utils.data.Dataset):
     """Image i -> for each of its views, the dense row indices a region-sparse cache stores."""
 

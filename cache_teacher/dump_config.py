@@ -44,7 +44,7 @@ class DumpConfig:
     shard_mb: float = param(64.0, "target shard size in MiB (the unit of writing and of resume)")
     overwrite: bool = param(False, "replace an existing store of another identity")
     arch: dict = param(help="architecture flags for checkpoints without a config (the [model] table / model flags)",
-                       factory=dict, cli=False)
+                       factory=dict, flag=False)
     storage_options: dict | None = param(None, "JSON of fsspec storage options for a URL, e.g. "
                                                "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (credentials also "
                                                "come from the usual environment variables)",

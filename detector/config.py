@@ -21,11 +21,11 @@ from pathlib import Path
 from detector.errors import UserError
 
 
-def param(default=MISSING, help: str = "", *, factory=None, shown: str | None = None, parse=None, cli: bool = True):
+def param(default=MISSING, help: str = "", *, factory=None, shown: str | None = None, parse=None, flag: bool = True):
     """A config field with its help text. shown: the default as the CLI should print it (when the
     value alone would mislead, e.g. None meaning "resolved later"); parse: text -> value for a
-    field whose CLI form is a string (e.g. "1333,800" for a pair); cli=False: not a flag."""
-    metadata = {"help": help, "shown": shown, "parse": parse, "cli": cli}
+    field whose CLI form is a string (e.g. "1333,800" for a pair); flag=False: not a flag."""
+    metadata = {"help": help, "shown": shown, "parse": parse, "flag": flag}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -121,7 +121,7 @@ class ModelConfig:
     stacked_convs: int = param(4, "convs per head tower")
     gn_groups: int = param(32, "GroupNorm groups in the head towers")
     reg_max: int = param(16, "box distributions have reg_max + 1 bins per edge")
-    strides: tuple[int, ...] = param(GFL_STRIDES, "FPN strides P3-P7", cli=False)
+    strides: tuple[int, ...] = param(GFL_STRIDES, "FPN strides P3-P7", flag=False)
     frozen_stages: int = param(1, "stem + this many ResNet stages get no gradient (0 when training from scratch)")
     norm_eval: bool = param(True, "keep backbone BatchNorm in eval mode (pretrained backbones)")
 

@@ -18,3 +18,9 @@ def one_line(err: UserError) -> str:
     if "Original Traceback" in text:
         text = text.splitlines()[-1].split(f"{UserError.__name__}: ", 1)[-1]
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception message (at most 200 characters), for one-line errors."""
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__

@@ -20,7 +20,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detector.coco import labels_to_cat_ids, load_coco
+from detector.coco_json import labels_to_cat_ids, load_coco
 from detector.errors import UserError
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # pycocotools stats[0:6], in this order

@@ -80,7 +80,7 @@ class EvalConfig:
     device: str = param("auto", "auto (cuda when available), cpu, cuda or cuda:N")
     workers: int = param(2, "DataLoader worker processes")
     amp: str = param("auto", "auto (bf16 on CUDA), off, bf16 or fp16")
-    arch: dict = param(help="architecture flags for checkpoints without a config", factory=dict, cli=False)
+    arch: dict = param(help="architecture flags for checkpoints without a config", factory=dict, flag=False)
 
     def __post_init__(self):
         problems = []

@@ -98,7 +98,7 @@ class ResNet(nn.Module):
                 getattr(self, f"layer{i}").eval()
             if self.norm_eval:
                 for m in self.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    if isinstance(m, nn.BatchNorm2d):
                         m.eval()
         return self
 

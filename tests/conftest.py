@@ -66,3 +66,9 @@ def dump_tiny_cache(tiny: dict, teacher, out, img_scale=(96, 96), shard_mb=0.05,
 def tiny_cache(tiny_coco, tiny_teacher, tmp_path_factory):
     """The fp16 cache of tiny_teacher over tiny_coco at 96x96, both views. Shared: read it, never write it."""
     return dump_tiny_cache(tiny_coco, tiny_teacher["path"], tmp_path_factory.mktemp("tiny-cache") / "cache.zarr")
+
+
+def store_array_files(store: Path) -> dict[str, bytes]:
+    """Every stored object except the root metadata (whose attrs carry the creation time)."""
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*"))
+            if p.is_file() and p.relative_to(store) != Path("zarr.json")}

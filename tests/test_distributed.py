@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, TINY_MODEL_FLAGS
-from tests.cache_teacher.test_dump import _array_files
+from tests.conftest import ROOT, TINY_MODEL_FLAGS, store_array_files
 
 
 def _env():
@@ -34,7 +33,7 @@ def test_distributed_dump_is_byte_identical(tiny_coco, tiny_teacher, tmp_path):
     assert single.returncode == 0, single.stderr
     proc = _torchrun(*args, "--out", tmp_path / "multi")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _array_files(tmp_path / "multi") == _array_files(tmp_path / "single")
+    assert store_array_files(tmp_path / "multi") == store_array_files(tmp_path / "single")
     meta = json.loads((tmp_path / "multi" / "zarr.json").read_text())["attributes"]["ldcache"]
     assert meta["complete"]  # rank 0 finalised after both ranks finished
     # Each rank wrote whole shards of its own: resuming the finished dump has nothing to do.

@@ -19,7 +19,7 @@ from cache_teacher.reader import TeacherCache
 from detector import ModelConfig, build_detector, save_checkpoint
 from detector.coco import CocoDetection
 from detector.errors import UserError
-from tests.conftest import ROOT, TINY_MODEL
+from tests.conftest import ROOT, TINY_MODEL, store_array_files
 
 
 def _cfg(tiny, teacher, out, **kw):
@@ -34,12 +34,6 @@ def _teacher_rows(model, image):
         cls_maps, box_maps = model(image[None])
     flat = lambda maps: torch.cat([m[0].permute(1, 2, 0).reshape(-1, m.shape[1]) for m in maps])  # noqa: E731
     return flat(box_maps), flat(cls_maps)
-
-
-def _array_files(store: Path) -> dict[str, bytes]:
-    """Every stored object except the root metadata (whose attrs carry the creation time)."""
-    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*"))
-            if p.is_file() and p.relative_to(store) != Path("zarr.json")}
 
 
 @pytest.mark.parametrize("box_dtype", ["float16", "uint8"])
@@ -88,7 +82,7 @@ def test_plain_zarr_reads_a_view_as_the_docs_show(tiny_coco, tiny_teacher, tmp_p
 def test_identity_refusal_and_overwrite(tiny_coco, tiny_teacher, tmp_path):
     out = tmp_path / "c"
     run_dump(_cfg(tiny_coco, tiny_teacher["path"], out), progress=False)
-    before = _array_files(out)
+    before = store_array_files(out)
     torch.manual_seed(5)
     other = tmp_path / "other.pt"
     config = ModelConfig(num_classes=5, **TINY_MODEL)
@@ -97,17 +91,17 @@ def test_identity_refusal_and_overwrite(tiny_coco, tiny_teacher, tmp_path):
         run_dump(_cfg(tiny_coco, other, out), progress=False)
     with pytest.raises(UserError, match="another identity.*views"):
         run_dump(_cfg(tiny_coco, tiny_teacher["path"], out, views="orig"), progress=False)
-    assert _array_files(out) == before  # nothing already written was lost
+    assert store_array_files(out) == before  # nothing already written was lost
     result = run_dump(_cfg(tiny_coco, tiny_teacher["path"], out), progress=False)
     assert result["already_complete"]  # the same command again has nothing to do
     run_dump(_cfg(tiny_coco, other, out, overwrite=True), progress=False)
-    assert TeacherCache(out).complete and _array_files(out) != before
+    assert TeacherCache(out).complete and store_array_files(out) != before
 
 
 def test_dump_is_deterministic(tiny_coco, tiny_teacher, tmp_path):
     run_dump(_cfg(tiny_coco, tiny_teacher["path"], tmp_path / "a"), progress=False)
     run_dump(_cfg(tiny_coco, tiny_teacher["path"], tmp_path / "b", workers=2), progress=False)
-    assert _array_files(tmp_path / "a") == _array_files(tmp_path / "b")
+    assert store_array_files(tmp_path / "a") == store_array_files(tmp_path / "b")
 
 
 def _dump_cmd(tiny, teacher, out):
@@ -147,7 +141,7 @@ def test_resume_after_sigkill_gives_the_same_bytes(tiny_coco, tiny_teacher, tmp_
     assert _shards_done(out) < total
     resumed = subprocess.run(_dump_cmd(tiny_coco, tiny_teacher["path"], out), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert _array_files(out) == _array_files(reference)  # byte-identical to the uninterrupted dump
+    assert store_array_files(out) == store_array_files(reference)  # byte-identical to the uninterrupted dump
     attrs = lambda p: {k: v for k, v in json.loads((p / "zarr.json").read_text())["attributes"]["ldcache"].items()  # noqa: E731
                        if k != "created"}
     assert attrs(out) == attrs(reference) and attrs(out)["complete"]

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from detector.coco import CocoDetection, collate, labels_to_cat_ids
+from detector.coco import CocoDetection, collate
+from detector.coco_json import labels_to_cat_ids
 from detector.errors import UserError
 from detector.views import ViewSpec, build_view_input
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from detector.coco import load_coco
+from detector.coco_json import load_coco
 from detector.errors import UserError
 from detector.evaluation import (
     METRIC_NAMES,
