@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -123,10 +122,7 @@ def main(argv=None) -> None:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise SystemExit(f"unknown modes {unknown}; choose from {list(MODES)}")
-    owned = args.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="ldcache-bench-")) if owned else Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with common.work_folder(args.workdir) as workdir:
         images, ann = common.prepare_data(args, workdir)
         teacher_path, teacher_cfg, random_weights = common.prepare_teacher(args, common.num_classes_of(ann), workdir)
         teacher_info = common.teacher_summary(teacher_path, teacher_cfg, random_weights)
@@ -179,9 +175,6 @@ def main(argv=None) -> None:
                                    data={"images": images, "ann": ann, "num_images": len(dataset), "num_views": num_views},
                                    notes=note)
         print(f"\nwrote {out}", file=sys.stderr)
-    finally:
-        if owned:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

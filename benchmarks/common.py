@@ -8,12 +8,15 @@ Benchmarks are run from the repository root: `.venv/bin/python benchmarks/<scrip
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
+import tempfile
 import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
@@ -92,6 +95,19 @@ def add_run_args(parser: argparse.ArgumentParser, script: str) -> None:
                              "slow down by an order of magnitude, which makes timings meaningless")
     parser.add_argument("--workdir", help="where temporary stores go (default: a new temp folder, deleted after)")
     parser.add_argument("--out", default=str(RESULTS_DIR / f"{script}.json"), help="result JSON")
+
+
+@contextlib.contextmanager
+def work_folder(path: str | None, keep: bool = False):
+    """The folder temporary stores go to: `path`, or a new temporary folder removed afterwards."""
+    owned = path is None and not keep
+    folder = Path(tempfile.mkdtemp(prefix="ldcache-bench-")) if owned else Path(path or ".")
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    finally:
+        if owned:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -80,10 +79,7 @@ def main(argv=None) -> None:
         torch.backends.cudnn.deterministic = True
     box_dtypes = [d.strip() for d in args.box_dtypes.split(",") if d.strip()]
     cls_dtype = None if args.no_cls else "float16"
-    owned = args.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="ldcache-bench-")) if owned else Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with common.work_folder(args.workdir) as workdir:
         images, ann = common.prepare_data(args, workdir)
         teacher_path, teacher_cfg, random_weights = common.prepare_teacher(args, common.num_classes_of(ann), workdir)
         teacher_info = common.teacher_summary(teacher_path, teacher_cfg, random_weights)
@@ -152,9 +148,6 @@ def main(argv=None) -> None:
                                          "wall = the whole run_dump call incl. teacher load and store creation; "
                                          "written MB/s counts the shard buffers handed to zarr (padding included)")
         print(f"\nwrote {out}", file=sys.stderr)
-    finally:
-        if owned:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

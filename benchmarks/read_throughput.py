@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -175,9 +173,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = common.resolve_device(args.device)
     common.apply_threads(args)
-    owned = args.workdir is None and args.cache is None
-    workdir = Path(tempfile.mkdtemp(prefix="ldcache-bench-")) if owned else Path(args.workdir or ".")
-    try:
+    with common.work_folder(args.workdir, keep=args.cache is not None) as workdir:
         teacher_info = None
         if args.cache:
             location = args.cache
@@ -237,9 +233,6 @@ def main(argv=None) -> None:
                                    notes="warm page cache: every view was read once before measuring; MB/s = encoded "
                                          "bytes of the arrays read; DataLoader start-up excluded from views/s")
         print(f"\nwrote {out}", file=sys.stderr)
-    finally:
-        if owned:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,7 @@ Goal: cache >= 0.95 x plain steps/s, and clearly faster than online.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -237,16 +235,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = common.resolve_device(args.device)
     common.apply_threads(args)
-    owned = args.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="ldcache-bench-")) if owned else Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        run(args, device, workdir)
-    except UserError as err:
-        sys.exit(f"error: {err}")
-    finally:
-        if owned:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with common.work_folder(args.workdir) as workdir:
+        try:
+            run(args, device, workdir)
+        except UserError as err:
+            sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":
