@@ -172,6 +172,8 @@ class InspectConfig:
     teacher: str | None = param(None, "with --verify: the teacher to re-run on --num-views random views",
                                 shown="none")
     num_views: int = param(8, "views re-run by --verify --teacher")
+    ap_images: int = param(1000, "--verify: the teacher's COCO AP from the cache on up to this many cached images "
+                                 "(0: skip)")
     png: str | None = param(None, "write a picture of --view: GT, decoded detections, edge distributions",
                             shown="none")
     view: int = param(0, "view index for --png")
@@ -188,7 +190,7 @@ def run_inspect(store: str, cfg: InspectConfig) -> tuple[dict, str]:
     report = {"summary": summarize(cache)}
     if cfg.verify:
         report["verify"] = verify(cache, cfg.teacher, cfg.images, cfg.ann, cfg.num_views,
-                                  device=str(resolve_device(cfg.device)))
+                                  device=str(resolve_device(cfg.device)), ap_images=cfg.ap_images)
     if cfg.png is not None:
         report["png"] = str(render_png(cache, cfg.view, Path(cfg.png), cfg.images, cfg.ann))
     if cfg.json:

@@ -1,6 +1,7 @@
 """inspect-cache --verify: is a cache whole (every shard written, every row finite), is it the
-cache of this dataset and teacher, and how faithful are its stored distributions (KL at T=10
-against a fresh fp32 forward of the teacher)."""
+cache of this dataset and teacher, how good is the teacher it holds (COCO AP of the cached original
+views, decoded as `evaluate` decodes, with no teacher forward), and how faithful are its stored
+distributions (KL at T=10 against a fresh fp32 forward of the teacher)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from cache_teacher.reader import TeacherCache
 from detector.checkpoint import file_sha256, load_model
 from detector.coco import CocoDetection
 from detector.errors import UserError
-from detector.rows import flatten_rows
+from detector.evaluation import coco_evaluate, detections_to_coco
+from detector.postprocess import postprocess
+from detector.rows import flatten_rows, view_maps
 
 
 def dataset_of_cache(cache: TeacherCache, images, ann) -> CocoDetection:
@@ -26,8 +29,9 @@ def dataset_of_cache(cache: TeacherCache, images, ann) -> CocoDetection:
 
 
 def verify(cache: TeacherCache, teacher: str | None = None, images=None, ann=None, num_views: int = 8, seed: int = 0,
-           device: str = "cpu", progress=None) -> dict:
-    """Completeness, finite values, identity and (with a teacher) fidelity against a fresh fp32 forward."""
+           device: str = "cpu", progress=None, ap_images: int = 1000) -> dict:
+    """Completeness, finite values, identity, the teacher's AP from the cache (on up to ap_images
+    images, 0: skip) and (with a teacher) fidelity against a fresh fp32 forward."""
     problems: list[str] = []
     done = cache.shards_done()
     if not done.all() or not cache.complete:
@@ -54,6 +58,8 @@ def verify(cache: TeacherCache, teacher: str | None = None, images=None, ann=Non
                 raise
             result["dataset_matches"] = None  # the dump's dataset is no longer where it was
             problems.append(f"dataset not checked ({err})")
+    if dataset is not None and result.get("dataset_matches") and ap_images > 0 and cache.has_cls:
+        result["teacher_ap"] = teacher_ap(cache, dataset, ap_images, seed)
     if teacher is not None:
         sha = file_sha256(teacher)
         result["teacher_matches"] = sha == cache.meta.teacher_sha256
@@ -95,6 +101,32 @@ def fidelity(cache: TeacherCache, teacher: str, dataset: CocoDetection, num_view
             "kl_t10_max": float(kl.max()), "cls_max_abs_err": cls_err if cache.has_cls else None}
 
 
+@torch.no_grad()
+def teacher_ap(cache: TeacherCache, dataset: CocoDetection, max_images: int = 1000, seed: int = 0) -> dict:
+    """COCO AP of the cached teacher on (a seeded sample of) the cached images: each image's
+    original view decoded from its stored rows through the post-processing `evaluate` uses, scored
+    against the dataset's annotations. No teacher runs, so a wrong teacher (another dataset's
+    class order, an untrained one) shows here, before any student is trained."""
+    spec = next((s for s, v in enumerate(cache.specs) if not v.flip), 0)
+    chosen = range(len(dataset))
+    if len(dataset) > max_images:
+        chosen = sorted(np.random.default_rng(seed).choice(len(dataset), size=max_images, replace=False).tolist())
+    strides, reg_max = cache.meta.strides, cache.meta.reg_max
+    results = []
+    for i in chosen:
+        v = cache.view_index(int(i), spec)
+        view = cache.read_view(v).dense()  # a region-sparse cache: its stored rows only
+        record = cache.records[v]
+        cls_maps = [m[None] for m in view_maps(view.cls, record.level_hw)]
+        box_maps = [m[None] for m in view_maps(view.box, record.level_hw)]
+        det = postprocess(cls_maps, box_maps, [record], strides, reg_max)[0]
+        results += detections_to_coco(record.image_id, det.boxes, det.scores, det.labels, dataset.label_to_cat_id)
+    image_ids = [dataset.image_ids[int(i)] for i in chosen]
+    metrics = coco_evaluate(dataset.ann_file, results, image_ids=image_ids)
+    return {"images": len(image_ids), "of_images": len(dataset), "view": cache.specs[spec].name,
+            "sparse": cache.sparse, "metrics": metrics}
+
+
 def format_verify(r: dict) -> str:
     lines = [f"verify: {'OK' if r['ok'] else 'PROBLEMS'}",
              f"  complete          {r['complete']}",
@@ -103,6 +135,15 @@ def format_verify(r: dict) -> str:
         lines.append(f"  dataset matches   {r['dataset_matches']}")
     if "teacher_matches" in r:
         lines.append(f"  teacher matches   {r['teacher_matches']}")
+    if "teacher_ap" in r:
+        ap = r["teacher_ap"]
+        m = ap["metrics"]
+        note = ", stored rows only (region-sparse)" if ap["sparse"] else ""
+        lines.append(f"  teacher AP from the cache ({ap['view']} views of {ap['images']:,} of {ap['of_images']:,} cached "
+                     f"images{note}): AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}, AP75 {100 * m['AP75']:.1f}")
+        if m["AP50"] < 0.01:
+            lines.append("  note: the teacher finds almost nothing on its own training images: an untrained "
+                         "teacher, or one of another dataset (class order)?")
     if "fidelity" in r:
         f = r["fidelity"]
         lines.append(f"  KL(T=10) on {f['views']} fresh fp32 views: mean {f['kl_t10_mean']:.3g}, p99 {f['kl_t10_p99']:.3g}, "

@@ -41,8 +41,10 @@ def pos_geometry(assign: BatchAssignment):
     return centres, assign.pos_gt_boxes / pos_strides
 
 
-def gfl_losses(cls_rows: torch.Tensor, box_rows: torch.Tensor, assign: BatchAssignment, reg_max: int) -> GFLLossOutput:
-    """cls_rows [N, C], box_rows [N, 4(n+1)] (student logits, rows as detector.rows.flatten_rows) -> losses."""
+def gfl_losses(cls_rows: torch.Tensor, box_rows: torch.Tensor, assign: BatchAssignment, reg_max: int,
+               weight_sum_clamp: bool = True) -> GFLLossOutput:
+    """cls_rows [N, C], box_rows [N, 4(n+1)] (student logits, rows as detector.rows.flatten_rows) -> losses.
+    weight_sum_clamp=False divides GIoU and DFL by the bare weight sum, as mmdetection's LD head does."""
     cls_rows, box_rows = cls_rows.float(), box_rows.float()
     pos = assign.pos
     # mmdet counts at least one positive per image (its SamplingResult clamps each image's count),
@@ -59,7 +61,7 @@ def gfl_losses(cls_rows: torch.Tensor, box_rows: torch.Tensor, assign: BatchAssi
     loss_qfl = quality_focal_loss(cls_rows, pos, assign.labels[pos], quality).sum() / num_pos
     # Clamped where the global sum would be 1 (mmdet clamps each rank's average at 1, which under
     # torchrun differs from one process while the weights are small; this way N processes = 1).
-    weight_sum = reduce_mean(pos_weights.sum()).clamp(min=1.0 / world_size())
+    weight_sum = reduce_mean(pos_weights.sum()).clamp(min=1.0 / world_size() if weight_sum_clamp else 1e-12)
     if pos.numel() > 0:
         loss_giou = (pos_weights * (1 - aligned_giou(pred_boxes, target_boxes))).sum() / weight_sum
         target_dist = box_to_distance(centres, target_boxes, reg_max, DFL_EPS)  # [P, 4]

@@ -126,47 +126,109 @@ class TrainConfig:
         return tuple(sorted({max(1, round(self.epochs * 8 / 12)), max(1, round(self.epochs * 11 / 12))}))
 
 
-LD_NORMALIZATIONS = ("official", "mean")
+# The paper's weights were set on COCO (80 classes) with 2 images per GPU (its official configs:
+# 8 GPUs x 2 images). The default normalisations carry them to any batch, world size and class count:
+REF_IMAGES_PER_PROCESS = 2  # "image": Main LD and VLR LD are sums per image x 2 = official at 2 images
+REF_NUM_CLASSES = 80  # "coco": Main KD sums its per-class KL and divides by 80 = official at 80 classes
+# "positive" (an option): sums divided by the positives' count (Main LD) or the VLR weight (VLR LD)
+# per image, x the per-image figures of COCO-like annotations at 1333x800 (benchmarks/ld_scale.py).
+REF_POSITIVES_PER_IMAGE = 55.0
+REF_VLR_WEIGHT_PER_IMAGE = 140.0
+LD_NORMALIZATIONS = ("image", "official", "positive", "mean")
+KD_NORMALIZATIONS = ("coco", "official")
+KD_MODES = ("auto", "softmax", "sigmoid")
+# What each recipe sets; a flag typed (or a TOML value) wins over its recipe.
+RECIPES = {
+    "paper": {},  # Main KD + Main LD + VLR LD, the paper's best
+    "mmdet": {"vlr_weight": 0.0, "kd_weight": 0.0, "ld_normalization": "official", "weight_sum_clamp": False},
+    "none": {"ld_weight": 0.0, "vlr_weight": 0.0, "kd_weight": 0.0},
+}
+PAPER = {"ld_weight": 0.25, "vlr_weight": 0.25, "kd_weight": 10.0, "ld_normalization": "image",
+         "weight_sum_clamp": True}
 
 
 @dataclass(frozen=True)
 class LossConfig:
     """One weight per loss key, applied in one place (distill.criterion). Distillation terms only
-    apply when a teacher (cache or online) is given; the defaults are the paper's full recipe."""
+    apply when a teacher (cache or online) is given. A recipe fills the fields left unset."""
 
+    recipe: str = param("paper", "paper (Main KD + Main LD + VLR LD), mmdet (Main LD only, as mmdetection "
+                                 "ships it, its normalisation) or none (plain training)")
     qfl_weight: float = param(1.0, "QFL weight")
     giou_weight: float = param(2.0, "GIoU weight")
     dfl_weight: float = param(0.25, "DFL weight (the paper notes DFL can be dropped when LD is on)")
-    ld_weight: float = param(0.25, "Main LD weight: box distributions of the ATSS positives")
+    ld_weight: float = param(None, "Main LD weight: box distributions of the ATSS positives",
+                             shown="0.25; 0 with --recipe none")
     ld_temperature: float = param(10.0, "LD temperature (Main and VLR)")
-    vlr_weight: float = param(0.25, "VLR LD weight: box distributions of the valuable localization region")
+    vlr_weight: float = param(None, "VLR LD weight: box distributions of the valuable localization region",
+                              shown="0.25; 0 with --recipe mmdet or none")
     vlr_gamma: float = param(0.25, "VLR band: gamma x thr <= DIoU < thr of a GT's ATSS threshold")
     vlr_iou: str = param("official", "official (the authors' DIoU variant, intersection / anchor area) or diou")
-    kd_weight: float = param(10.0, "Main KD weight: class logits of the ATSS positives")
+    kd_weight: float = param(None, "Main KD weight: class logits of the ATSS positives",
+                             shown="10; 0 with --recipe mmdet or none")
     kd_temperature: float = param(2.0, "KD temperature")
-    kd_mode: str = param("softmax", "softmax over classes (paper) or sigmoid (per-class binary; one-class data)")
-    # official: LD terms are sums, as the paper's code (grows with images per process; the authors
-    # advise <= 3 per GPU). mean: divided by the GIoU weight sum, independent of the batch size.
-    ld_normalization: str = param("official", "official (paper; grows with images per process) or mean "
-                                              "(batch-size invariant)")
+    kd_mode: str = param("auto", "softmax over classes (paper), sigmoid (per-class binary KL) or auto (softmax, "
+                                 "sigmoid for one-class data where a softmax is constant)")
+    ld_normalization: str = param(None, "image (per image x 2: the paper's 2 images per GPU at any batch size), "
+                                        "official (sums: grow with images per process), positive (per positive, "
+                                        "x COCO's) or mean (/ the GIoU weight sum)",
+                                  shown="image; official with --recipe mmdet")
+    kd_normalization: str = param("coco", "coco (sum over classes / 80: the paper's strength at any class "
+                                          "count) or official (mean over classes: 80/C x as strong)")
+    weight_sum_clamp: bool = param(None, "GIoU and DFL divide by the positives' weight sum clamped at 1, as GFL "
+                                         "(--no-weight-sum-clamp: unclamped, as mmdetection's LD head)",
+                                   shown="on; off with --recipe mmdet")
 
     def __post_init__(self):
+        if self.recipe in RECIPES:
+            for name, value in {**PAPER, **RECIPES[self.recipe]}.items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, value)
         problems = [f"{f.name} must be >= 0" for f in fields(self)
                     if isinstance(getattr(self, f.name), float) and getattr(self, f.name) < 0]
         for name in ("ld_temperature", "kd_temperature"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
+        if self.recipe not in RECIPES:
+            problems.append(f"recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
         if not 0 <= self.vlr_gamma <= 1:
             problems.append(f"vlr_gamma must be in [0, 1], got {self.vlr_gamma}")
         if self.vlr_iou not in VLR_IOUS:
             problems.append(f"vlr_iou must be official or diou, got {self.vlr_iou!r}")
-        if self.kd_mode not in ("softmax", "sigmoid"):
-            problems.append(f"kd_mode must be softmax or sigmoid, got {self.kd_mode!r}")
+        if self.kd_mode not in KD_MODES:
+            problems.append(f"kd_mode must be one of {KD_MODES}, got {self.kd_mode!r}")
         if self.ld_normalization not in LD_NORMALIZATIONS:
             problems.append(f"ld_normalization must be one of {LD_NORMALIZATIONS}, got {self.ld_normalization!r}")
+        if self.kd_normalization not in KD_NORMALIZATIONS:
+            problems.append(f"kd_normalization must be one of {KD_NORMALIZATIONS}, got {self.kd_normalization!r}")
         check(problems, "loss configuration")
+
+    @property
+    def distills(self) -> bool:
+        return self.ld_weight > 0 or self.vlr_weight > 0 or self.kd_weight > 0
+
+    def kd_mode_for(self, num_classes: int) -> str:
+        """auto: the softmax KD of the paper, but the per-class sigmoid KD for one class."""
+        if self.kd_mode == "auto":
+            return "sigmoid" if num_classes == 1 else "softmax"
+        return self.kd_mode
 
     def teacher_needs(self) -> TeacherNeeds:
         """What these losses read from a teacher (a term whose weight is 0 reads nothing)."""
         return TeacherNeeds(class_logits=self.kd_weight > 0, vlr_gamma=self.vlr_gamma if self.vlr_weight > 0 else None,
                             vlr_iou=self.vlr_iou)
+
+    def strength_warnings(self, images_per_process: int, num_classes: int) -> list[str]:
+        """One line for each setting that puts a distillation term far from the paper's strength."""
+        out = []
+        if self.ld_normalization == "official" and (self.ld_weight or self.vlr_weight) and images_per_process > 3:
+            out.append(f"--ld-normalization official sums Main LD and VLR LD over the {images_per_process} images "
+                       f"of a process: {images_per_process / REF_IMAGES_PER_PROCESS:.1f}x the paper's strength "
+                       "(it used 2 per GPU; its authors advise at most 3); --ld-normalization image keeps it")
+        if self.kd_weight and self.kd_mode_for(num_classes) == "softmax" and num_classes == 1:
+            out.append("softmax Main KD over one class is constant (no signal): use --kd-mode sigmoid (auto does) "
+                       "or --kd-weight 0")
+        elif self.kd_weight and self.kd_normalization == "official" and not 2 / 3 <= REF_NUM_CLASSES / num_classes <= 1.5:
+            out.append(f"--kd-normalization official averages Main KD over {num_classes} classes: "
+                       f"{REF_NUM_CLASSES / num_classes:.1f}x its strength on COCO's 80; --kd-normalization coco keeps it")
+        return out

@@ -15,7 +15,8 @@ from detector.distributed import reduce_mean
 from detector.errors import UserError
 from detector.atss import BatchAssignment, assign_batch
 from detector.gfl_loss import GFLLossOutput, gfl_losses
-from distill.config import LossConfig
+from distill.config import (REF_IMAGES_PER_PROCESS, REF_NUM_CLASSES, REF_POSITIVES_PER_IMAGE,
+                            REF_VLR_WEIGHT_PER_IMAGE, LossConfig)
 from detector.regions import vlr_region
 from detector.rows import flatten_rows
 from distill.losses import distill_kl, sigmoid_kl
@@ -33,7 +34,7 @@ def compute_losses(cls_logits_per_level: list[torch.Tensor], box_logits_per_leve
     cls_rows = flatten_rows(cls_logits_per_level, level_hw_per_image)  # [N, C]
     box_rows = flatten_rows(box_logits_per_level, level_hw_per_image)  # [N, 4(n+1)]
     assign = assign_batch(level_hw_per_image, gt_boxes_per_image, gt_labels_per_image, strides, num_classes)
-    gfl = gfl_losses(cls_rows, box_rows, assign, reg_max)
+    gfl = gfl_losses(cls_rows, box_rows, assign, reg_max, cfg.weight_sum_clamp)
     weighted = {
         "loss_qfl": cfg.qfl_weight * gfl.losses["loss_qfl"],
         "loss_giou": cfg.giou_weight * gfl.losses["loss_giou"],
@@ -44,7 +45,8 @@ def compute_losses(cls_logits_per_level: list[torch.Tensor], box_logits_per_leve
         if teacher_box.shape[0] != box_rows.shape[0]:
             raise UserError(f"teacher rows ({teacher_box.shape[0]}) do not line up with the student's "
                             f"({box_rows.shape[0]}); the cache and the run lay out views differently")
-        terms = distillation_losses(cls_rows, box_rows, teacher_box, teacher_cls, assign, gfl, cfg, reg_max)
+        terms = distillation_losses(cls_rows, box_rows, teacher_box, teacher_cls, assign, gfl, cfg, reg_max,
+                                    num_classes)
         weighted["loss_ld"] = cfg.ld_weight * terms["loss_ld"]
         weighted["loss_ld_vlr"] = cfg.vlr_weight * terms["loss_ld_vlr"]
         weighted["loss_kd"] = cfg.kd_weight * terms["loss_kd"]
@@ -54,33 +56,38 @@ def compute_losses(cls_logits_per_level: list[torch.Tensor], box_logits_per_leve
 
 def distillation_losses(cls_rows: torch.Tensor, box_rows: torch.Tensor, teacher_box: torch.Tensor,
                         teacher_cls: torch.Tensor | None, assign: BatchAssignment, gfl: GFLLossOutput,
-                        cfg: LossConfig, reg_max: int) -> dict[str, torch.Tensor]:
-    """Unweighted Main LD, VLR LD and Main KD (a term whose weight is 0 is not computed)."""
+                        cfg: LossConfig, reg_max: int, num_classes: int | None = None) -> dict[str, torch.Tensor]:
+    """Unweighted Main LD, VLR LD and Main KD (a term whose weight is 0 is not computed), each
+    normalised as cfg says (distill.config: image / official / positive / mean; coco / official)."""
     bins = reg_max + 1
     zero = box_rows.sum() * 0  # keeps every term a graph node, even when empty
     pos = assign.pos
     out = {"loss_ld": zero, "loss_ld_vlr": zero, "loss_kd": zero}
-    # The official code sums these (per edge, / 4 and / 16); "mean" divides by the GIoU weight sum.
-    norm = gfl.weight_sum if cfg.ld_normalization == "mean" else 1.0
+    num_classes = num_classes or cls_rows.shape[1]
+
+    region = vlr_region(assign, cfg.vlr_gamma, cfg.vlr_iou) if cfg.vlr_weight > 0 else None
+    # Every rank computes the normalisers (some average over ranks), positives or not.
+    main_norm = _ld_norm(cfg, assign, gfl, float(pos.numel()), REF_POSITIVES_PER_IMAGE)
+    vlr_norm = _ld_norm(cfg, assign, gfl, region.weights.sum() if region else 0.0, REF_VLR_WEIGHT_PER_IMAGE)
 
     if cfg.ld_weight > 0 and pos.numel():
         kl = distill_kl(box_rows[pos].reshape(-1, bins), _needed(teacher_box[pos], "Main LD").reshape(-1, bins),
                         cfg.ld_temperature)
-        out["loss_ld"] = (kl.reshape(-1, 4).sum(dim=1) * gfl.pos_weights).sum() / 4 / norm
+        out["loss_ld"] = (kl.reshape(-1, 4).sum(dim=1) * gfl.pos_weights).sum() / 4 / main_norm  # official sum / norm
 
-    if cfg.vlr_weight > 0:
-        region = vlr_region(assign, cfg.vlr_gamma, cfg.vlr_iou)
-        if region.rows.numel():
-            kl = distill_kl(box_rows[region.rows].reshape(-1, bins),
-                            _needed(teacher_box[region.rows], "VLR LD").reshape(-1, bins), cfg.ld_temperature)
-            out["loss_ld_vlr"] = (kl.reshape(-1, 4).sum(dim=1) * region.weights).sum() / 16 / norm
+    if region is not None and region.rows.numel():
+        kl = distill_kl(box_rows[region.rows].reshape(-1, bins),
+                        _needed(teacher_box[region.rows], "VLR LD").reshape(-1, bins), cfg.ld_temperature)
+        out["loss_ld_vlr"] = (kl.reshape(-1, 4).sum(dim=1) * region.weights).sum() / 16 / vlr_norm
 
     if cfg.kd_weight > 0:
         if teacher_cls is None:
             raise UserError("Main KD needs the teacher's class logits, which this cache does not hold (dumped "
                             "with --no-cls); pass --kd-weight 0 or dump the teacher with class logits")
-        kd = sigmoid_kl if cfg.kd_mode == "sigmoid" else distill_kl
-        rows = kd(cls_rows[pos], _needed(teacher_cls[pos], "Main KD"), cfg.kd_temperature)  # [P]
+        kd = sigmoid_kl if cfg.kd_mode_for(num_classes) == "sigmoid" else distill_kl
+        rows = kd(cls_rows[pos], _needed(teacher_cls[pos], "Main KD"), cfg.kd_temperature)  # [P]: mean over classes
+        if cfg.kd_normalization == "coco":  # the sum over classes / 80: the official at 80 classes, any C alike
+            rows = rows * (num_classes / REF_NUM_CLASSES)
         # Official normalisation: per FPN level, the mean over that level's positives, summed. Under
         # torchrun the counts are averaged over ranks (every rank takes part, positives or not), so
         # the mean over ranks of this loss, which DDP optimises, is the single-process value.
@@ -89,6 +96,20 @@ def distillation_losses(cls_rows: torch.Tensor, box_rows: torch.Tensor, teacher_
         counts = reduce_mean(torch.bincount(levels, minlength=assign.num_levels).float())
         out["loss_kd"] = (sums[counts > 0] / counts[counts > 0]).sum() + zero
     return out
+
+
+def _ld_norm(cfg: LossConfig, assign: BatchAssignment, gfl: GFLLossOutput, amount, ref_per_image: float):
+    """What an official LD sum is divided by. image: the images of this process / 2, so the
+    official at the paper's 2 images per GPU; positive: `amount` (positives, or VLR weight) averaged
+    over ranks / its COCO-like amount for 2 images; mean: the GIoU weight sum; official: 1."""
+    if cfg.ld_normalization == "image":
+        return len(assign.rows_per_image) / REF_IMAGES_PER_PROCESS
+    if cfg.ld_normalization == "positive":
+        amount = reduce_mean(torch.as_tensor(amount, dtype=torch.float32, device=assign.anchors.device))
+        return amount.clamp(min=1e-6) / (ref_per_image * REF_IMAGES_PER_PROCESS)
+    if cfg.ld_normalization == "mean":
+        return gfl.weight_sum
+    return 1.0
 
 
 def _needed(teacher_rows: torch.Tensor, term: str) -> torch.Tensor:

@@ -9,6 +9,7 @@ resumes from checkpoints/last.pt with --resume and replays exactly the batches i
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,14 @@ def build_training(data, model_cfg, train, loss, out: Path, resume, extra_config
             ds.check_files()
     extra_config = dict(extra_config or {})
     collate_fn, train_dataset = collate, dataset
+    if teacher is not None and not loss.distills:
+        teacher = None  # every distillation weight is 0 (--recipe none): plain training, nothing read
+    warnings = loss.strength_warnings(train.batch_size, model_cfg.num_classes) if teacher is not None else []
+    if dist_info.is_main:
+        for line in warnings:
+            print(f"warning: {line}", file=sys.stderr)
+    if warnings:
+        extra_config["warnings"] = warnings
     if teacher is not None:
         teacher.validate(dataset, model_cfg, loss.teacher_needs())  # before step 1, not at step 1000
         collate_fn, train_dataset = teacher.collate, teacher.dataset(dataset, loss.teacher_needs())

@@ -72,11 +72,15 @@ def test_wrong_cache_is_refused_before_training(tiny_coco, tiny_cache, tmp_path)
     assert not (tmp_path / "b" / "metrics.jsonl").exists()  # refused before the first step
 
 
-def _train_student(tiny, cache, out, **kw):
+# The losses as the paper's code normalises them (the pinned values below were taken with them).
+OFFICIAL = LossConfig(ld_normalization="official", kd_normalization="official")
+
+
+def _train_student(tiny, cache, out, loss=OFFICIAL, **kw):
     data = DataConfig(images=str(tiny["images"]), ann=str(tiny["ann"]), img_scale=(96, 96))
     train = TrainConfig(**{**dict(epochs=1, batch_size=4, workers=0, log_every=1, warmup_iters=2, lr=0.01,
                                   max_iters=3), **kw})
-    return run_train(data, ModelConfig(num_classes=5, **TINY_MODEL), train, LossConfig(), out, progress=False,
+    return run_train(data, ModelConfig(num_classes=5, **TINY_MODEL), train, loss, out, progress=False,
                      teacher=CacheTeacher(TeacherCache(cache)))
 
 
