@@ -16,11 +16,15 @@ SPLITS = {"train": 0, "val": 1}  # the split's code is part of every image's see
 MIN_SIDE = 6.0  # px; a thinner object would be little more than its own blurred edges
 LOW_CONTRAST_PROB = 0.15
 MIN_VISIBLE = 0.5  # later paint may hide at most half of an annotated object
+# Objects per image and their sizes; other datasets of the project (benchmarks/ld_defaults.py) vary them.
+OBJECTS = {"min_objects": 1, "max_objects": 8, "min_object_px": 12.0, "max_object_frac": 0.7}
 
 
 def render_image(seed: int, split: str, index: int, image_size: int, num_classes: int,
-                 crowd_prob: float) -> tuple[np.ndarray, list[dict]]:
-    """One image [H, W, 3] uint8 and its annotations (category_id, bbox, area, iscrowd, ...)."""
+                 crowd_prob: float, objects: dict | None = None) -> tuple[np.ndarray, list[dict]]:
+    """One image [H, W, 3] uint8 and its annotations (category_id, bbox, area, iscrowd, ...).
+    objects: OBJECTS overrides (how many objects an image gets, and their sizes)."""
+    objects = {**OBJECTS, **(objects or {})}
     rng = np.random.default_rng([seed, SPLITS[split], index])
     # Sizes vary per image so batching and padding downstream get exercised.
     width, height = (int(rng.integers(round(0.6 * image_size), image_size + 1)) for _ in range(2))
@@ -32,7 +36,9 @@ def render_image(seed: int, split: str, index: int, image_size: int, num_classes
     if rng.random() < crowd_prob:
         _paint_crowd(rng, canvas, num_classes, shown)
     # Largest first, so that small objects often lie on big ones rather than vanish under them.
-    sizes = [_sample_size(rng, width, height) for _ in range(int(rng.integers(1, 9)))]
+    count = int(rng.integers(objects["min_objects"], objects["max_objects"] + 1))
+    sizes = [_sample_size(rng, width, height, objects["min_object_px"], objects["max_object_frac"])
+             for _ in range(count)]
     for w, h in sorted(sizes, key=lambda wh: -wh[0] * wh[1]):
         _paint_object(rng, canvas, w, h, int(rng.integers(num_classes)), shown)
     for _ in range(int(rng.integers(0, 3))):
@@ -45,9 +51,9 @@ def render_image(seed: int, split: str, index: int, image_size: int, num_classes
     return image, anns
 
 
-def _sample_size(rng, width: int, height: int) -> tuple[float, float]:
-    """Box (w, h): sqrt(area) log-uniform from 12 px to 70% of the short side, w/h in [1/4, 4]."""
-    side = math.exp(rng.uniform(math.log(12.0), math.log(0.7 * min(width, height))))
+def _sample_size(rng, width: int, height: int, min_px: float = 12.0, max_frac: float = 0.7) -> tuple[float, float]:
+    """Box (w, h): sqrt(area) log-uniform from min_px to max_frac of the short side, w/h in [1/4, 4]."""
+    side = math.exp(rng.uniform(math.log(min_px), math.log(max(max_frac * min(width, height), min_px * 1.01))))
     ratio = math.exp(rng.uniform(math.log(0.25), math.log(4.0)))
     w, h = side * math.sqrt(ratio), side / math.sqrt(ratio)
     grow = max(1.0, MIN_SIDE / min(w, h))
