@@ -9,6 +9,7 @@ Shared by train_throughput.py and vs_mmdetection.py."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 
@@ -93,9 +94,11 @@ class StepBench:
         self.loss = loss  # default: the paper's full recipe, Main LD + VLR LD + Main KD
         self.groups = batch_groups(dataset, "orientation")
 
-    def run(self, variant: str, steps: int, warmup: int) -> dict:
+    def run(self, variant: str, steps: int, warmup: int, profile: bool = False) -> dict:
         """A fresh student (same seed), optimizer and DataLoader; `warmup` untimed steps, then
-        `steps` timed ones on the same loader iterator. Data wait = time spent in next(loader)."""
+        `steps` timed ones on the same loader iterator. Data wait = time spent in next(loader).
+        profile: the timed steps run under torch.profiler and "phases_ms" gives ms per step of each
+        phase of distill.step (the profiler's own overhead included)."""
         device, train = self.device, self.train
         cuda = device.type == "cuda"
         teacher = self.teachers.get(variant)
@@ -132,8 +135,9 @@ class StepBench:
                 step(i)
             sync(device)
             waited, start = 0.0, time.perf_counter()
-            images = sum(step(warmup + i) for i in range(steps))
-            sync(device)
+            with profiler(device) if profile else contextlib.nullcontext() as prof:
+                images = sum(step(warmup + i) for i in range(steps))
+                sync(device)
             seconds = time.perf_counter() - start
         finally:
             batches.clear()
@@ -141,9 +145,34 @@ class StepBench:
             if isinstance(teacher, OnlineTeacher):
                 teacher.model.to("cpu")
         peak = torch.cuda.max_memory_allocated(device) / MB if cuda else None
-        return {"steps": steps, "images": images, "seconds": seconds, "steps_per_s": steps / seconds,
-                "images_per_s": images / seconds, "warmup_seconds": start - launch,
-                "data_wait_ms_per_step": 1000 * waited / steps, "peak_gpu_mb": peak, "last_losses": losses}
+        result = {"steps": steps, "images": images, "seconds": seconds, "steps_per_s": steps / seconds,
+                  "images_per_s": images / seconds, "warmup_seconds": start - launch,
+                  "data_wait_ms_per_step": 1000 * waited / steps, "peak_gpu_mb": peak, "last_losses": losses}
+        if profile:
+            result["phases_ms"] = {"data wait": 1000 * waited / steps, **phase_times(prof, steps, cuda)}
+        return result
+
+
+PHASES = ("teacher", "forward", "losses", "assignment", "gfl_losses", "distillation", "backward", "readout",
+          "optimizer")  # the record_function ranges of distill.step and distill.criterion
+
+
+def profiler(device: torch.device):
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+def phase_times(prof, steps: int, cuda: bool) -> dict[str, float]:
+    """ms per step of each phase: wall time on the host (CPU), and on CUDA the device time too."""
+    out = {}
+    for event in prof.key_averages():
+        if event.key in PHASES:
+            out[event.key] = event.cpu_time_total / 1000 / steps
+            if cuda:
+                out[f"{event.key} (gpu)"] = event.device_time_total / 1000 / steps
+    return {k: out[k] for k in sorted(out, key=lambda k: PHASES.index(k.split(" ")[0]))}
 
 
 def sync(device: torch.device) -> None:

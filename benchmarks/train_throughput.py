@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--steps", type=int, default=15, help="timed steps per variant and round")
     r.add_argument("--warmup", type=int, default=3, help="untimed steps before them (same loader iterator)")
     r.add_argument("--rounds", type=int, default=2)
+    r.add_argument("--profile", action="store_true",
+                   help="also break the last round's steps down by phase (torch.profiler): data wait, teacher, "
+                        "forward, assignment, GFL losses, distillation, backward, optimizer")
     d = p.add_argument_group("the dump made when --cache is not given")
     d.add_argument("--box-dtype", default="float16", help="float16 | uint8 | float32")
     d.add_argument("--shard-mb", type=float, default=64.0)
@@ -162,7 +165,7 @@ def run(args, device: torch.device, workdir: Path) -> None:
     runs: dict[str, list[dict]] = {v: [] for v in args.variants}
     for rnd in range(args.rounds):
         for variant in args.variants:
-            result = bench.run(variant, args.steps, args.warmup)
+            result = bench.run(variant, args.steps, args.warmup, profile=args.profile and rnd == args.rounds - 1)
             runs[variant].append(result)
             mem = f", peak {result['peak_gpu_mb']:.0f} MB" if result["peak_gpu_mb"] is not None else ""
             print(f"[{rnd}] {variant:9s} {result['steps_per_s']:7.3f} steps/s {result['images_per_s']:8.2f} images/s "
@@ -209,6 +212,14 @@ def run(args, device: torch.device, workdir: Path) -> None:
           f"{args.rounds} alternating rounds of {args.steps} steps after {args.warmup} warm-up steps; x plain = "
           "median of per-round ratios (goal: cache >= 0.95)\n")
     print(common.markdown_table(rows, columns))
+    phases = {v: runs[v][-1]["phases_ms"] for v in args.variants if "phases_ms" in runs[v][-1]}
+    if phases:
+        order = ["data wait", *student_steps.PHASES]
+        names = sorted(dict.fromkeys(k for p in phases.values() for k in p), key=lambda k: order.index(k.split(" (")[0]))
+        print("\nms per step by phase (last round, under torch.profiler; losses = assignment + gfl_losses + "
+              "distillation)\n")
+        print(common.markdown_table([{"phase": n, **{v: p.get(n) for v, p in phases.items()}} for n in names],
+                                    [("phase", "phase", "")] + [(v, v, ".1f") for v in phases]))
     ratios = [f"{name} {summary[key]:.3f}" for name, key in (("cache/plain", "cache_vs_plain"),
                                                               ("cache-mem/plain", "cache_mem_vs_plain"),
                                                               ("online/plain", "online_vs_plain"),

@@ -100,9 +100,11 @@ class CacheTeacher:
 
     def rows(self, batch: Batch, stored: dict, device: torch.device) -> TeacherRows:
         box, cls, location = self.cache.decode(stored, device)
-        if location is not None:  # sparse: NaN marks rows the cache does not hold (the criterion checks)
-            n = sum(r.num_rows for r in batch.records)
-            box = box.new_full((n, box.shape[1]), float("nan")).index_copy(0, location, box)
-            if cls is not None:
-                cls = cls.new_full((n, cls.shape[1]), float("nan")).index_copy(0, location, cls)
-        return TeacherRows(box, cls)
+        if location is None:
+            return TeacherRows(box, cls)
+        # Sparse: NaN marks rows the cache does not hold (the criterion checks the rows it reads).
+        n = sum(r.num_rows for r in batch.records)
+        box = box.new_full((n, box.shape[1]), float("nan")).index_copy(0, location, box)
+        if cls is not None:
+            cls = cls.new_full((n, cls.shape[1]), float("nan")).index_copy(0, location, cls)
+        return TeacherRows(box, cls, holes=True)

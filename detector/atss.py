@@ -79,6 +79,19 @@ def atss_assign(anchors: torch.Tensor, level_counts: list[int], gt_boxes: torch.
 
 
 @dataclass
+class PaddedBatch:
+    """The batch on its largest grid (assign_batch's working layout), kept for region selection."""
+
+    anchors: torch.Tensor  # [Np, 4] the padded grid's anchors, shared by every image
+    valid: torch.Tensor  # [B, Np] bool: the location is one of the image's own
+    row_of: torch.Tensor  # [B, Np] the batch row of (image, location); -1 where not valid
+    gts: torch.Tensor  # [B, G, 4] GT boxes padded with zeros
+    gt_valid: torch.Tensor  # [B, G] bool
+    ious: torch.Tensor  # [B, Np, G]
+    thresholds: torch.Tensor  # [B, G] ATSS thresholds (0 for padding)
+
+
+@dataclass
 class BatchAssignment:
     anchors: torch.Tensor  # [N, 4] pixels
     strides: torch.Tensor  # [N] float
@@ -92,6 +105,7 @@ class BatchAssignment:
     thresholds_per_image: list[torch.Tensor]  # [G_i] ATSS IoU thresholds (VLR needs them)
     ious_per_image: list[torch.Tensor]  # [N_i, G_i] anchor-GT IoU
     num_levels: int = 5
+    padded: PaddedBatch | None = None  # what assign_batch computed on the padded grid
 
     @property
     def num_rows(self) -> int:
@@ -99,33 +113,106 @@ class BatchAssignment:
 
 
 def assign_batch(level_hw_per_image: list[tuple], gt_boxes_per_image: list[torch.Tensor],
-                 gt_labels_per_image: list[torch.Tensor], strides: tuple[int, ...], num_classes: int) -> BatchAssignment:
+                 gt_labels_per_image: list[torch.Tensor], strides: tuple[int, ...], num_classes: int,
+                 topk: int = TOPK) -> BatchAssignment:
+    """ATSS for every image of a batch at once (no per-image loop), laid out in the batch's rows.
+
+    The images' own feature-map sizes may differ: every level is laid on the batch's largest grid,
+    whose anchors all images share, and locations outside an image's own size are masked (they are
+    no rows of it). The result equals atss_assign run image by image (tests/detector/test_atss.py)."""
     device = gt_boxes_per_image[0].device
-    parts = {k: [] for k in ("anchors", "strides", "levels", "images", "labels", "pos", "pos_gt")}
-    rows_per_image, thresholds, ious_per_image = [], [], []
-    offset = 0
-    for i, (level_hw, gt_boxes, gt_labels) in enumerate(zip(level_hw_per_image, gt_boxes_per_image, gt_labels_per_image)):
-        anchors, stride_rows, level_rows = image_priors(level_hw, strides, device)
-        result = atss_assign(anchors, [h * w for h, w in level_hw], gt_boxes)
-        n = anchors.shape[0]
-        labels = torch.full((n,), num_classes, dtype=torch.long, device=device)
-        pos = (result.gt_index >= 0).nonzero().squeeze(1)
-        labels[pos] = gt_labels[result.gt_index[pos]]
-        parts["anchors"].append(anchors)
-        parts["strides"].append(stride_rows)
-        parts["levels"].append(level_rows)
-        parts["images"].append(torch.full((n,), i, dtype=torch.long, device=device))
-        parts["labels"].append(labels)
-        parts["pos"].append(pos + offset)
-        parts["pos_gt"].append(gt_boxes[result.gt_index[pos]])
-        rows_per_image.append(n)
-        thresholds.append(result.thresholds)
-        ious_per_image.append(result.ious)
-        offset += n
-    cat = {k: torch.cat(v) for k, v in parts.items()}
+    grid = _BatchGrid(level_hw_per_image, strides, device)
+    num_images, num_gts = len(level_hw_per_image), max(1, max(len(g) for g in gt_boxes_per_image))
+    gts = torch.zeros(num_images, num_gts, 4, device=device)  # [B, G, 4], padded
+    gt_valid = torch.zeros(num_images, num_gts, dtype=torch.bool, device=device)
+    labels_padded = torch.full((num_images, num_gts), num_classes, dtype=torch.long, device=device)
+    for i, (g, lab) in enumerate(zip(gt_boxes_per_image, gt_labels_per_image)):
+        gts[i, :len(g)], gt_valid[i, :len(g)], labels_padded[i, :len(g)] = g, True, lab
+    ious = pairwise_iou(grid.anchors, gts.reshape(-1, 4)).reshape(-1, num_images, num_gts).permute(1, 0, 2)
+    distances = (anchor_centres(grid.anchors)[None, :, None, :] - anchor_centres(gts.reshape(-1, 4)).reshape(
+        num_images, 1, num_gts, 2)).pow(2).sum(-1).sqrt()  # [B, Np, G]
+
+    # Candidates per group of images with equal feature-map sizes (usually one or two groups), on
+    # their own grid: the same values in the same layout as image by image, so even exact ties of
+    # distance (topk picks among them by position) resolve as atss_assign resolves them.
+    thresholds = torch.zeros(num_images, num_gts, device=device)
+    hits = []  # (image, gt, padded anchor) of every positive candidate
+    for sizes, members in _groups(level_hw_per_image).items():
+        images = torch.tensor(members, device=device)
+        own = grid.valid[members[0]]  # the group's locations on the padded grid
+        candidates = []
+        for start, count in zip(grid.level_starts, grid.level_counts):
+            local = own[start:start + count].nonzero().squeeze(1) + start  # [n_l] padded indices, row order
+            k = min(topk, local.numel())
+            if k > 0:
+                order = distances[images][:, local].topk(k, dim=1, largest=False).indices  # [Bg, k, G]
+                candidates.append(local[order])
+        candidates = torch.cat(candidates, dim=1)  # [Bg, K, G]
+        cand_ious = torch.gather(ious[images], 1, candidates)
+        thr = cand_ious.mean(1) + cand_ious.std(1)  # unbiased std, as the paper's code
+        thresholds[images] = thr
+        centres = anchor_centres(grid.anchors)[candidates.reshape(-1)].reshape(*candidates.shape, 2)  # [Bg, K, G, 2]
+        g = gts[images][:, None]  # [Bg, 1, G, 4]
+        inside = torch.stack([centres[..., 0] - g[..., 0], centres[..., 1] - g[..., 1], g[..., 2] - centres[..., 0],
+                              g[..., 3] - centres[..., 1]], dim=-1).min(dim=-1).values > 0.01
+        is_pos = (cand_ious >= thr[:, None]) & inside & gt_valid[images][:, None]
+        b, _, j = is_pos.nonzero(as_tuple=True)
+        hits.append((images[b], j, candidates[is_pos]))
+
+    # An anchor positive for several GTs takes the one with the highest IoU (first GT on ties).
+    masked = torch.full((num_images, num_gts, grid.anchors.shape[0]), _NEG_INF, dtype=ious.dtype, device=device)
+    b, g, a = (torch.cat(parts) for parts in zip(*hits))
+    masked[b, g, a] = ious[b, a, g]
+    best_iou, best_gt = masked.max(dim=1)  # [B, Np]
+    assigned = best_iou != _NEG_INF
+    pos_rows = grid.row_of[assigned]
+    order = pos_rows.argsort()
+    pos = pos_rows[order]
+    pos_image, pos_gt = assigned.nonzero(as_tuple=True)[0][order], best_gt[assigned][order]
+    labels = torch.full((grid.num_rows,), num_classes, dtype=torch.long, device=device)
+    labels[pos] = labels_padded[pos_image, pos_gt]
+    valid = grid.valid
     return BatchAssignment(
-        anchors=cat["anchors"], strides=cat["strides"], levels=cat["levels"], images=cat["images"],
-        labels=cat["labels"], pos=cat["pos"], pos_gt_boxes=cat["pos_gt"].reshape(-1, 4),
-        rows_per_image=rows_per_image, gt_boxes_per_image=list(gt_boxes_per_image),
-        thresholds_per_image=thresholds, ious_per_image=ious_per_image, num_levels=len(strides),
+        anchors=grid.anchors[grid.anchor_of_row], strides=grid.strides[grid.anchor_of_row],
+        levels=grid.levels[grid.anchor_of_row], images=grid.image_of_row, labels=labels, pos=pos,
+        pos_gt_boxes=gts[pos_image, pos_gt].reshape(-1, 4), rows_per_image=grid.rows_per_image,
+        gt_boxes_per_image=list(gt_boxes_per_image),
+        thresholds_per_image=[thresholds[i, :len(g)] for i, g in enumerate(gt_boxes_per_image)],
+        ious_per_image=[ious[i][valid[i]][:, :len(g)] for i, g in enumerate(gt_boxes_per_image)],
+        num_levels=len(strides), padded=PaddedBatch(grid.anchors, valid, grid.row_of, gts, gt_valid, ious, thresholds),
     )
+
+
+def _groups(level_hw_per_image: list[tuple]) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, level_hw in enumerate(level_hw_per_image):
+        groups.setdefault(tuple(tuple(hw) for hw in level_hw), []).append(i)
+    return groups
+
+
+class _BatchGrid:
+    """Every level on the batch's largest grid: shared anchors, which images each location belongs
+    to, and the batch row of (image, location)."""
+
+    def __init__(self, level_hw_per_image: list[tuple], strides: tuple[int, ...], device):
+        max_hw = [(max(hw[l][0] for hw in level_hw_per_image), max(hw[l][1] for hw in level_hw_per_image))
+                  for l in range(len(strides))]
+        self.anchors, self.strides, self.levels = image_priors(tuple(max_hw), strides, device)  # [Np, 4], [Np], [Np]
+        self.level_counts = [h * w for h, w in max_hw]
+        self.level_starts = [sum(self.level_counts[:l]) for l in range(len(strides))]
+        ys = torch.cat([torch.arange(h, device=device).repeat_interleave(w) for h, w in max_hw])  # [Np]
+        xs = torch.cat([torch.arange(w, device=device).repeat(h) for h, w in max_hw])
+        sizes = torch.tensor(level_hw_per_image, device=device)  # [B, L, 2]
+        own = sizes[:, self.levels]  # [B, Np, 2]: each image's own size of the location's level
+        self.valid = (ys[None] < own[..., 0]) & (xs[None] < own[..., 1])  # [B, Np]
+        # Row of (image, location): images one after another, each level-major, then y, then x.
+        rows_per_level = (sizes[..., 0] * sizes[..., 1])  # [B, L]
+        self.rows_per_image = rows_per_level.sum(1).tolist()
+        image_start = torch.cumsum(torch.tensor([0] + self.rows_per_image[:-1], device=device), 0)
+        level_start = torch.cumsum(torch.cat([torch.zeros_like(rows_per_level[:, :1]), rows_per_level[:, :-1]], 1), 1)
+        self.row_of = (image_start[:, None] + level_start[:, self.levels] + ys[None] * own[..., 1] + xs[None])
+        self.row_of = self.row_of.masked_fill(~self.valid, -1)  # [B, Np]
+        self.num_rows = int(sum(self.rows_per_image))
+        image_ids, anchor_ids = self.valid.nonzero(as_tuple=True)  # image-major, then padded-grid order
+        order = self.row_of[image_ids, anchor_ids].argsort()
+        self.anchor_of_row, self.image_of_row = anchor_ids[order], image_ids[order]

@@ -51,22 +51,23 @@ def pairwise_diou(boxes1: torch.Tensor, boxes2: torch.Tensor, official: bool = F
 
     official=True reproduces the LD authors' variant used to select the VLR: the overlap term is
     intersection / area(boxes1) instead of the IoU (boxes1 are the anchors there)."""
-    lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
-    rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    return broadcast_diou(boxes1[:, None], boxes2[None, :], official)
+
+
+def broadcast_diou(boxes1: torch.Tensor, boxes2: torch.Tensor, official: bool = False) -> torch.Tensor:
+    """DIoU of boxes [..., 4] broadcast against boxes [..., 4] (pairwise_diou's formula)."""
+    lt = torch.max(boxes1[..., :2], boxes2[..., :2])
+    rb = torch.min(boxes1[..., 2:], boxes2[..., 2:])
     wh = (rb - lt).clamp(min=0)
     overlap = wh[..., 0] * wh[..., 1]
-    area1 = box_area(boxes1)[:, None]
+    area1 = box_area(boxes1)
     if official:
         overlap_term = overlap / area1.clamp(min=EPS)
     else:
-        union = area1 + box_area(boxes2)[None, :] - overlap
-        overlap_term = overlap / union.clamp(min=EPS)
-    centre1 = (boxes1[:, None, :2] + boxes1[:, None, 2:]) / 2
-    centre2 = (boxes2[None, :, :2] + boxes2[None, :, 2:]) / 2
-    rho2 = ((centre1 - centre2) ** 2).sum(-1)
-    enclose_wh = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:]) - torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
-    c2 = (enclose_wh**2).sum(-1).clamp(min=EPS)
-    return overlap_term - rho2 / c2
+        overlap_term = overlap / (area1 + box_area(boxes2) - overlap).clamp(min=EPS)
+    rho2 = (((boxes1[..., :2] + boxes1[..., 2:]) / 2 - (boxes2[..., :2] + boxes2[..., 2:]) / 2) ** 2).sum(-1)
+    enclose_wh = torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])
+    return overlap_term - rho2 / (enclose_wh**2).sum(-1).clamp(min=EPS)
 
 
 def distance_to_box(points: torch.Tensor, dist_ltrb: torch.Tensor, max_hw: tuple[int, int] | None = None) -> torch.Tensor:

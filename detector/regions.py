@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from detector.atss import BatchAssignment, assign_batch
-from detector.box_ops import pairwise_diou
+from detector.box_ops import broadcast_diou, pairwise_diou
 
 VLR_IOUS = ("official", "diou")  # the authors' DIoU variant (intersection / anchor area), true DIoU
 
@@ -31,14 +31,29 @@ def vlr_region(assign: BatchAssignment, gamma: float, iou: str = "official") -> 
         raise ValueError(f"vlr gamma must be in [0, 1], got {gamma}")
     if iou not in VLR_IOUS:
         raise ValueError(f"vlr iou must be official or diou, got {iou!r}")
+    if assign.padded is None:
+        return _vlr_image_by_image(assign, gamma, iou)
+    pad = assign.padded
+    # Only anchors that overlap some GT can be in a band: without overlap the DIoU is
+    # -(centre distance^2 / diagonal^2) < 0 <= gamma x thr (thr >= 0, gamma >= 0), so the DIoU is
+    # computed for those alone (a few percent of the anchors; the same result), the whole batch at once.
+    b, a = (pad.valid & (pad.ious > 0).any(dim=2)).nonzero(as_tuple=True)  # [m] image, padded anchor
+    diou = broadcast_diou(pad.anchors[a][:, None], pad.gts[b], official=iou == "official")  # [m, G]
+    thr = pad.thresholds[b]
+    in_band = (diou >= gamma * thr) & (diou < thr) & pad.gt_valid[b]
+    near_ious = pad.ious[b, a]
+    best_iou, _ = torch.where(in_band, near_ious, torch.full_like(near_ious, -1.0)).max(dim=1)
+    keep = best_iou >= 0
+    return Region(pad.row_of[b[keep], a[keep]], best_iou[keep])
+
+
+def _vlr_image_by_image(assign: BatchAssignment, gamma: float, iou: str) -> Region:
+    """The same selection for an assignment without the padded layout (built by hand)."""
     rows, weights = [], []
     start = 0
     for n, gt_boxes, thresholds, ious in zip(assign.rows_per_image, assign.gt_boxes_per_image,
                                              assign.thresholds_per_image, assign.ious_per_image):
         if len(gt_boxes):
-            # Only anchors that overlap some GT can be in a band: without overlap the DIoU is
-            # -(centre distance^2 / diagonal^2) < 0 <= gamma x thr (thr >= 0, gamma >= 0), so the
-            # DIoU is computed for those alone (a few percent of the anchors; the same result).
             near = (ious > 0).any(dim=1).nonzero().squeeze(1)
             diou = pairwise_diou(assign.anchors[start + near], gt_boxes, official=iou == "official")  # [m, G]
             in_band = (diou >= gamma * thresholds[None, :]) & (diou < thresholds[None, :])

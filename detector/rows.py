@@ -18,6 +18,7 @@ class TeacherRows(NamedTuple):
 
     box: torch.Tensor  # [N, 4(n+1)] float32
     cls: torch.Tensor | None  # [N, C] float32, None when the source holds no class logits
+    holes: bool = False  # rows the source does not hold are NaN (a region-sparse cache)
 
 
 def image_level_rows(level_map: torch.Tensor, image: int, hw: tuple[int, int]) -> torch.Tensor:

@@ -10,6 +10,7 @@ their sum."""
 from __future__ import annotations
 
 import torch
+from torch.profiler import record_function
 
 from detector.distributed import reduce_mean
 from detector.errors import UserError
@@ -33,20 +34,24 @@ def compute_losses(cls_logits_per_level: list[torch.Tensor], box_logits_per_leve
     -> {"loss_qfl", "loss_giou", "loss_dfl"(, "loss_ld", "loss_ld_vlr", "loss_kd"), "loss"}."""
     cls_rows = flatten_rows(cls_logits_per_level, level_hw_per_image)  # [N, C]
     box_rows = flatten_rows(box_logits_per_level, level_hw_per_image)  # [N, 4(n+1)]
-    assign = assign_batch(level_hw_per_image, gt_boxes_per_image, gt_labels_per_image, strides, num_classes)
-    gfl = gfl_losses(cls_rows, box_rows, assign, reg_max, cfg.weight_sum_clamp)
+    with record_function("assignment"):
+        assign = assign_batch(level_hw_per_image, gt_boxes_per_image, gt_labels_per_image, strides, num_classes)
+    with record_function("gfl_losses"):
+        gfl = gfl_losses(cls_rows, box_rows, assign, reg_max, cfg.weight_sum_clamp)
     weighted = {
         "loss_qfl": cfg.qfl_weight * gfl.losses["loss_qfl"],
         "loss_giou": cfg.giou_weight * gfl.losses["loss_giou"],
         "loss_dfl": cfg.dfl_weight * gfl.losses["loss_dfl"],
     }
     if teacher_rows is not None:
-        teacher_box, teacher_cls = teacher_rows
+        teacher_box, teacher_cls = teacher_rows[0], teacher_rows[1]
+        holes = getattr(teacher_rows, "holes", True)  # a plain tuple may hold anything: check
         if teacher_box.shape[0] != box_rows.shape[0]:
             raise UserError(f"teacher rows ({teacher_box.shape[0]}) do not line up with the student's "
                             f"({box_rows.shape[0]}); the cache and the run lay out views differently")
-        terms = distillation_losses(cls_rows, box_rows, teacher_box, teacher_cls, assign, gfl, cfg, reg_max,
-                                    num_classes)
+        with record_function("distillation"):
+            terms = distillation_losses(cls_rows, box_rows, teacher_box, teacher_cls, assign, gfl, cfg, reg_max,
+                                        num_classes, holes)
         weighted["loss_ld"] = cfg.ld_weight * terms["loss_ld"]
         weighted["loss_ld_vlr"] = cfg.vlr_weight * terms["loss_ld_vlr"]
         weighted["loss_kd"] = cfg.kd_weight * terms["loss_kd"]
@@ -56,7 +61,8 @@ def compute_losses(cls_logits_per_level: list[torch.Tensor], box_logits_per_leve
 
 def distillation_losses(cls_rows: torch.Tensor, box_rows: torch.Tensor, teacher_box: torch.Tensor,
                         teacher_cls: torch.Tensor | None, assign: BatchAssignment, gfl: GFLLossOutput,
-                        cfg: LossConfig, reg_max: int, num_classes: int | None = None) -> dict[str, torch.Tensor]:
+                        cfg: LossConfig, reg_max: int, num_classes: int | None = None,
+                        holes: bool = True) -> dict[str, torch.Tensor]:
     """Unweighted Main LD, VLR LD and Main KD (a term whose weight is 0 is not computed), each
     normalised as cfg says (distill.config: image / official / positive / mean; coco / official)."""
     bins = reg_max + 1
@@ -70,22 +76,25 @@ def distillation_losses(cls_rows: torch.Tensor, box_rows: torch.Tensor, teacher_
     main_norm = _ld_norm(cfg, assign, gfl, float(pos.numel()), REF_POSITIVES_PER_IMAGE)
     vlr_norm = _ld_norm(cfg, assign, gfl, region.weights.sum() if region else 0.0, REF_VLR_WEIGHT_PER_IMAGE)
 
-    if cfg.ld_weight > 0 and pos.numel():
-        kl = distill_kl(box_rows[pos].reshape(-1, bins), _needed(teacher_box[pos], "Main LD").reshape(-1, bins),
-                        cfg.ld_temperature)
-        out["loss_ld"] = (kl.reshape(-1, 4).sum(dim=1) * gfl.pos_weights).sum() / 4 / main_norm  # official sum / norm
-
-    if region is not None and region.rows.numel():
-        kl = distill_kl(box_rows[region.rows].reshape(-1, bins),
-                        _needed(teacher_box[region.rows], "VLR LD").reshape(-1, bins), cfg.ld_temperature)
-        out["loss_ld_vlr"] = (kl.reshape(-1, 4).sum(dim=1) * region.weights).sum() / 16 / vlr_norm
+    # Main LD and VLR LD are the same KL on box rows: one call for the rows of both regions.
+    main_rows = pos if cfg.ld_weight > 0 else pos[:0]
+    vlr_rows = region.rows if region is not None else pos[:0]
+    if main_rows.numel() or vlr_rows.numel():
+        rows = torch.cat([main_rows, vlr_rows])
+        kl = distill_kl(box_rows[rows].reshape(-1, bins), _needed(teacher_box[rows], "LD", holes).reshape(-1, bins),
+                        cfg.ld_temperature).reshape(-1, 4).sum(dim=1)  # [rows]: summed over the 4 edges
+        main_kl, vlr_kl = kl[:main_rows.numel()], kl[main_rows.numel():]
+        if main_rows.numel():  # the official sums (/ 4 and / 16), normalised
+            out["loss_ld"] = (main_kl * gfl.pos_weights).sum() / 4 / main_norm
+        if vlr_rows.numel():
+            out["loss_ld_vlr"] = (vlr_kl * region.weights).sum() / 16 / vlr_norm
 
     if cfg.kd_weight > 0:
         if teacher_cls is None:
             raise UserError("Main KD needs the teacher's class logits, which this cache does not hold (dumped "
                             "with --no-cls); pass --kd-weight 0 or dump the teacher with class logits")
         kd = sigmoid_kl if cfg.kd_mode_for(num_classes) == "sigmoid" else distill_kl
-        rows = kd(cls_rows[pos], _needed(teacher_cls[pos], "Main KD"), cfg.kd_temperature)  # [P]: mean over classes
+        rows = kd(cls_rows[pos], _needed(teacher_cls[pos], "Main KD", holes), cfg.kd_temperature)  # [P]: class mean
         if cfg.kd_normalization == "coco":  # the sum over classes / 80: the official at 80 classes, any C alike
             rows = rows * (num_classes / REF_NUM_CLASSES)
         # Official normalisation: per FPN level, the mean over that level's positives, summed. Under
@@ -112,9 +121,10 @@ def _ld_norm(cfg: LossConfig, assign: BatchAssignment, gfl: GFLLossOutput, amoun
     return 1.0
 
 
-def _needed(teacher_rows: torch.Tensor, term: str) -> torch.Tensor:
-    """Teacher rows a loss reads must exist: a region-sparse cache marks the rows it lacks with NaN."""
-    if torch.isnan(teacher_rows).any():
+def _needed(teacher_rows: torch.Tensor, term: str, holes: bool) -> torch.Tensor:
+    """Teacher rows a loss reads must exist: a region-sparse cache marks the rows it lacks with NaN
+    (holes=True; checked only then, the check waits for the device)."""
+    if holes and torch.isnan(teacher_rows).any():
         raise UserError(f"{term} needs teacher rows that this region-sparse cache does not store; use the VLR "
                         "settings it was dumped for (inspect-cache shows them) or a dense cache")
     return teacher_rows

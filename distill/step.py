@@ -3,13 +3,16 @@
 teacher rows (cache or live teacher) -> student forward under autocast -> every loss of the
 batch (distill.criterion) -> backward -> optimizer step. The step reads the losses back to the
 host once, as one tensor: that is its only device synchronisation, and the finite-loss check
-uses the values read."""
+uses the values read. Each phase is a torch.profiler record_function range (benchmarks/step_profile.py
+breaks a step down by them): teacher, forward, losses (assignment, gfl_losses, distillation),
+backward, optimizer, readout."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from detector.config import ModelConfig
 from detector.errors import UserError
@@ -41,20 +44,25 @@ def train_step(learner: Learner, item, lr: float, iteration: int) -> dict[str, f
     device, cfg = learner.device, learner.model_cfg
     for group in learner.optimizer.param_groups:
         group["lr"] = lr
-    teacher_rows = learner.teacher.rows(batch, stored, device) if learner.teacher is not None else None
-    with autocast_for(device, learner.amp):
+    with record_function("teacher"):
+        teacher_rows = learner.teacher.rows(batch, stored, device) if learner.teacher is not None else None
+    with record_function("forward"), autocast_for(device, learner.amp):
         cls_out, box_out = learner.net(batch.images.to(device, non_blocking=True))
-    losses = compute_losses(
-        cls_out, box_out, [r.level_hw for r in batch.records],
-        [b.to(device) for b in batch.boxes], [lab.to(device) for lab in batch.labels],
-        learner.loss_cfg, cfg.num_classes, cfg.reg_max, cfg.strides, teacher_rows,
-    )
-    learner.optimizer.zero_grad(set_to_none=True)
-    learner.scaler.scale(losses["loss"]).backward()
-    values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+    with record_function("losses"):
+        losses = compute_losses(
+            cls_out, box_out, [r.level_hw for r in batch.records],
+            [b.to(device) for b in batch.boxes], [lab.to(device) for lab in batch.labels],
+            learner.loss_cfg, cfg.num_classes, cfg.reg_max, cfg.strides, teacher_rows,
+        )
+    with record_function("backward"):
+        learner.optimizer.zero_grad(set_to_none=True)
+        learner.scaler.scale(losses["loss"]).backward()
+    with record_function("readout"):  # the step's one device synchronisation
+        values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
     if not torch.isfinite(torch.tensor(values["loss"])):
         raise UserError(f"the loss became {values['loss']} at step {iteration + 1} "
                         f"({', '.join(f'{k}={v:.4g}' for k, v in values.items())}); lower --lr")
-    learner.scaler.step(learner.optimizer)
-    learner.scaler.update()
+    with record_function("optimizer"):
+        learner.scaler.step(learner.optimizer)
+        learner.scaler.update()
     return values

@@ -77,3 +77,25 @@ def test_vlr_region_equals_the_rule_over_every_anchor(iou, gamma):
     rows, weights = _vlr_over_all_anchors(assign, gamma, iou)
     assert rows.numel() > 0
     assert torch.equal(region.rows, rows) and torch.equal(region.weights, weights)
+
+
+@pytest.mark.parametrize("iou", ["official", "diou"])
+def test_the_batched_vlr_equals_the_image_by_image_selection(iou):
+    """Mixed canvases, empty images and many GTs: the padded-grid selection is the per-image one."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(5)
+    for trial in range(10):
+        level_hw, gts, labels = [], [], []
+        for b in range(int(torch.randint(1, 5, (1,), generator=g))):
+            h, w = [(64, 96), (96, 64), (32, 32), (160, 128)][int(torch.randint(4, (1,), generator=g))]
+            k = int(torch.randint(0 if b else 1, 25, (1,), generator=g))
+            xy = torch.rand(k, 2, generator=g) * torch.tensor([w, h]) - 6
+            gts.append(torch.cat([xy, xy + torch.rand(k, 2, generator=g) ** 2 * torch.tensor([w, h]) + 2], 1))
+            labels.append(torch.zeros(k, dtype=torch.long))
+            level_hw.append(level_sizes((h, w), (8, 16, 32, 64, 128)))
+        assign = assign_batch(level_hw, gts, labels, (8, 16, 32, 64, 128), num_classes=1)
+        for gamma in (0.0, 0.25, 0.7):
+            batched = vlr_region(assign, gamma, iou)
+            alone = vlr_region(dataclasses.replace(assign, padded=None), gamma, iou)
+            assert torch.equal(batched.rows, alone.rows) and torch.equal(batched.weights, alone.weights), trial
