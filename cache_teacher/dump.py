@@ -66,7 +66,8 @@ def _open_store(cfg: DumpConfig, meta: schema.CacheMetadata, layout: Layout, dat
     elif not is_url(cfg.out):
         _check_writable(cfg.out)
     try:
-        return CacheWriter.create(cfg.out, meta, layout, dataset.image_ids, num_specs, cfg.storage_options)
+        return CacheWriter.create(cfg.out, meta, layout, dataset.image_ids, num_specs, cfg.storage_options,
+                                  image_digests=dataset.image_digests())
     except OSError as err:  # not permitted, a file in the way, disk full...
         raise UserError(f"cannot write {cfg.out} ({err.strerror or err}); choose a writable --out") from None
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_teacher import schema
 from cache_teacher.reader import TeacherCache, parse_storage_options
 from cache_teacher.verify import dataset_of_cache, format_verify, verify
 from detector.config import param
@@ -42,7 +41,7 @@ def summarize(cache: TeacherCache) -> dict:
     num_views = len(cache.records)
     return {
         "location": cache.location,
-        "format_version": schema.FORMAT_VERSION,
+        "format_version": meta.format_version,
         "created": meta.created,
         "package_version": meta.package_version,
         "complete": bool(meta.complete and done.all()),

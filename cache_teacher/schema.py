@@ -9,7 +9,8 @@ A cache is one Zarr v3 group:
 - box_lo, box_scale [R, 4] (uint8 box only): per row and edge, logit = lo + q * scale.
 - views/*: the view table (layout.VIEW_FIELDS), one entry per view in physical (row) order.
 - dataset/image_ids [N]: the dataset's ordered image ids; dataset/lookup [N, S]: the view index of
-  (image index, view spec index).
+  (image index, view spec index); dataset/image_digests [N, 16] uint8 (v2): each image's
+  CocoDetection.image_digest, so a run on a subset of the images can be checked image by image.
 - progress [num_shards] uint8: 1 once a shard's write has returned (one chunk per shard, so writers
   never share an object).
 - location [R] int32 (region-sparse caches only): the row's index among its view's dense rows; a
@@ -29,7 +30,8 @@ from detector.errors import UserError
 from detector.views import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISOR, ViewSpec
 
 FORMAT_NAME = "ldcache.teacher_cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # v2: dataset/image_digests (per-image annotation digests: subsets of one cache)
+READABLE_VERSIONS = (1, 2)
 ATTRS_KEY = "ldcache"
 RESIZE_METHOD = "bilinear-half-pixel-round-v1"  # detector.views.bilinear_resize + rounding to uint8
 
@@ -114,6 +116,7 @@ class CacheMetadata:
     created: str = ""
     complete: bool = False
     source: dict = field(default_factory=dict)  # where the dump found its inputs: hints, not identity
+    format_version: int = FORMAT_VERSION  # as stored: v1 caches are read as before
 
     def __post_init__(self):
         problems = []
@@ -140,7 +143,7 @@ class CacheMetadata:
     def to_json(self) -> dict:
         return {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "package_version": self.package_version,
             "created": self.created,
             "complete": self.complete,
@@ -169,9 +172,10 @@ class CacheMetadata:
         if not is_cache_document(doc):
             raise UserError(f"{where} is not an ldcache teacher cache (no '{ATTRS_KEY}' metadata); pass a store "
                             "made by dump-teacher")
-        if doc.get("format_version") != FORMAT_VERSION:
+        if doc.get("format_version") not in READABLE_VERSIONS:
             raise UserError(f"{where} has cache format v{doc.get('format_version')} but this ldcache reads "
-                            f"v{FORMAT_VERSION}; dump the teacher again or use the matching ldcache version")
+                            f"v{', v'.join(map(str, READABLE_VERSIONS))}; dump the teacher again or use the matching "
+                            "ldcache version")
         try:
             return cls(
                 teacher_config=dict(doc["teacher"]["model_config"]), teacher_sha256=doc["teacher"]["checkpoint_sha256"],
@@ -184,6 +188,7 @@ class CacheMetadata:
                 regions=Regions(**doc.get("regions", {"kind": "dense"})), transform=dict(doc["transform"]),
                 package_version=doc.get("package_version", "0+unknown"), created=doc.get("created", ""),
                 complete=bool(doc.get("complete")), source=dict(doc.get("source") or {}),
+                format_version=int(doc["format_version"]),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{where} has damaged ldcache metadata ({type(err).__name__}: {err}); dump the "

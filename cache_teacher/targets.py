@@ -33,6 +33,7 @@ class CachedTargets(torch.utils.data.Dataset):
     def __init__(self, base: CocoDetection, cache: TeacherCache, kinds: tuple[str, ...]):
         self.base, self.cache, self.kinds = base, cache, kinds
         self.spec_of_view = [cache.specs.index(spec) for spec in base.views]  # validated beforehand
+        self.cached_image = [cache.index_of_image[i] for i in base.image_ids]  # a subset's images by id
 
     def __len__(self) -> int:
         return len(self.base)
@@ -40,12 +41,12 @@ class CachedTargets(torch.utils.data.Dataset):
     def stored_rows(self, key) -> dict[str, torch.Tensor]:
         """The stored rows of (image index, view index) of the base dataset."""
         index, view_index = key
-        v = self.cache.view_index(index, self.spec_of_view[view_index])
+        v = self.cache.view_index(self.cached_image[index], self.spec_of_view[view_index])
         return {name: torch.from_numpy(array) for name, array in self.cache.read_rows(v, self.kinds).items()}
 
     def __getitem__(self, key) -> TargetSample:
         sample = self.base[key]
-        cached = self.cache.records[self.cache.view_index(key[0], self.spec_of_view[key[1]])]
+        cached = self.cache.records[self.cache.view_index(self.cached_image[key[0]], self.spec_of_view[key[1]])]
         if cached != sample.record:
             raise UserError(f"image {sample.record.image_id}: the student's view {sample.record} differs from the "
                             f"cached one {cached}; the feature maps would not line up (dump the cache again)")
@@ -77,9 +78,15 @@ class CacheTeacher:
         """Refuse a cache that does not fit the run, before the first step."""
         cache, meta = self.cache, self.cache.meta
         cache.require_complete()
-        cache.validate(num_classes=student.num_classes, strides=student.strides, reg_max=student.reg_max,
-                       transform=transform_spec(), ann_sha256=dataset.ann_sha256, image_ids=dataset.image_ids,
-                       specs=dataset.views)
+        problems = meta.mismatches(num_classes=student.num_classes, strides=student.strides, reg_max=student.reg_max,
+                                   transform=transform_spec(), specs=dataset.views)
+        dataset_problems = meta.mismatches(ann_sha256=dataset.ann_sha256, image_ids=dataset.image_ids)
+        if dataset_problems:  # not the dumped dataset: a subset of its images is fine
+            subset = cache.subset_problem(dataset.image_ids, dataset.image_digests())
+            if subset is not None or problems:
+                problems += dataset_problems + ([f"and not a subset: {subset}"] if subset else [])
+        if problems:
+            raise UserError(f"cache {cache.location} does not match this run: " + "; ".join(problems))
         if needs.class_logits and not cache.has_cls:
             raise UserError(f"cache {cache.location} holds no class logits (dumped with --no-cls) but Main KD "
                             "needs them; pass --kd-weight 0 or dump the teacher with class logits")

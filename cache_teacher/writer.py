@@ -42,7 +42,7 @@ class CacheWriter:
 
     @classmethod
     def create(cls, url: str, meta: schema.CacheMetadata, layout: Layout, image_ids, num_specs: int,
-               storage_options: dict | None = None) -> "CacheWriter":
+               storage_options: dict | None = None, image_digests: np.ndarray | None = None) -> "CacheWriter":
         """A new, empty cache (the caller decides whether an existing store may be replaced)."""
         # Identity first, in the group's own metadata document: a dump killed while creating the
         # arrays leaves a store that a re-run recognises as its own and creates again.
@@ -72,6 +72,8 @@ class CacheWriter:
         dataset = group.create_group("dataset")
         dataset.create_array("image_ids", data=np.asarray(image_ids, dtype=np.int64))
         dataset.create_array("lookup", data=layout.lookup(len(image_ids), num_specs))
+        if image_digests is not None:
+            dataset.create_array("image_digests", data=np.ascontiguousarray(image_digests, dtype=np.uint8))
         return cls(group, meta)
 
     @classmethod

@@ -11,6 +11,7 @@ mmdet's filter_empty_gt) and min(width, height) >= min_size; evaluation keeps ev
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 from dataclasses import dataclass
@@ -132,6 +133,31 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def subset(self, indices) -> "CocoDetection":
+        """The same dataset restricted to these image indices (in this order); the annotation file
+        and its sha256 stay those of the whole dataset."""
+        part = copy.copy(self)
+        indices = [int(i) for i in indices]
+        part.image_ids = [self.image_ids[i] for i in indices]
+        part._file_names = [self._file_names[i] for i in indices]
+        part._orig_hw, part._box_start, part._box_end = (a[indices] for a in (self._orig_hw, self._box_start,
+                                                                               self._box_end))
+        return part
+
+    def image_digest(self, index: int) -> bytes:
+        """16 bytes that change when anything the training reads of an image changes: its id, file
+        name, size, and its usable boxes and labels."""
+        boxes, labels = self.ground_truth(index)
+        h, w = self.orig_hw(index)
+        digest = hashlib.sha256(f"{self.image_ids[index]}|{self._file_names[index]}|{h}|{w}|".encode())
+        digest.update(boxes.numpy().astype("<f4").tobytes())
+        digest.update(labels.numpy().astype("<i8").tobytes())
+        return digest.digest()[:16]
+
+    def image_digests(self) -> np.ndarray:
+        """[N, 16] uint8: image_digest of every image, in dataset order."""
+        return np.frombuffer(b"".join(self.image_digest(i) for i in range(len(self))), dtype=np.uint8).reshape(-1, 16)
 
     @functools.cached_property
     def ann_sha256(self) -> str:

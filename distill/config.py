@@ -30,6 +30,9 @@ class DataConfig:
     extra_scales: tuple[tuple[int, int], ...] = param((), "more scales 'L1,S1;L2,S2', each with the views above",
                                                       shown="none; a cache's own",
                                                       parse=lambda t: parse_pairs(t, "--extra-scales"))
+    subset_fraction: float = param(1.0, "train on this seeded random fraction of the training images (a subset "
+                                        "of one cache reads the cache's rows)")
+    subset_seed: int = param(0, "seed of --subset-fraction's draw")
 
     def __post_init__(self):
         object.__setattr__(self, "img_scale", tuple(int(v) for v in self.img_scale))
@@ -39,6 +42,8 @@ class DataConfig:
             problems.append(f"img_scale must be LONG,SHORT with LONG >= SHORT > 0, got {self.img_scale}")
         if (self.val_images is None) != (self.val_ann is None):
             problems.append("give both val_images and val_ann, or neither")
+        if not 0 < self.subset_fraction <= 1:
+            problems.append(f"subset_fraction must be in (0, 1], got {self.subset_fraction}")
         check(problems, "data configuration")
 
 

@@ -58,8 +58,14 @@ def build_optimizer(cfg: TrainConfig, params, world_size: int = 1) -> torch.opti
 
 
 def build_train_dataset(data: DataConfig, strides) -> CocoDetection:
+    """The training images, all or a seeded random subset_fraction of them (in dataset order)."""
     views = parse_views(data.views, data.img_scale, data.extra_scales)
-    return CocoDetection(data.images, data.ann, views=views, strides=strides, train=True)
+    dataset = CocoDetection(data.images, data.ann, views=views, strides=strides, train=True)
+    if data.subset_fraction < 1:
+        keep = max(1, round(data.subset_fraction * len(dataset)))
+        gen = torch.Generator().manual_seed(data.subset_seed)
+        dataset = dataset.subset(sorted(torch.randperm(len(dataset), generator=gen)[:keep].tolist()))
+    return dataset
 
 
 def build_val_dataset(data: DataConfig, strides) -> CocoDetection | None:
