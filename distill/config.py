@@ -89,6 +89,8 @@ class TrainConfig:
                                          "(students see views exactly as the cached teacher did)")
     backbone_weights: str | None = param(None, "torchvision ResNet ImageNet weights (.pth) to start the "
                                                "backbone from (COCO recipes)")
+    tensorboard: bool = param(True, "also write every scalar of metrics.jsonl to RUN/tensorboard/ (needs the "
+                                    "tensorboard package: pip install 'ldcache[tensorboard]')")
 
     def __post_init__(self):
         if self.lr_steps is not None:

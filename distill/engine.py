@@ -28,7 +28,7 @@ from detector.model import build_detector
 from detector.runtime import resolve_device
 from detector.views import ViewSpec, parse_views
 from distill.config import DataConfig, LossConfig, TrainConfig, config_to_dict
-from distill.run_dir import MetricsLog, RunPaths, prepare_run_dir, truncate_metrics
+from distill.run_dir import MetricsLog, RunPaths, prepare_run_dir, tensorboard_available, truncate_metrics
 from distill.sampler import ViewBatchSampler
 from distill.step import Learner, train_step
 from distill.teachers import TeacherSource
@@ -142,19 +142,22 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
     progress = progress and dist_info.is_main
     bar = tqdm(total=run.total_iters, initial=min(pos.iteration, run.total_iters), desc="train", unit="it",
                disable=not progress, dynamic_ncols=True)
-    log = MetricsLog(run.paths.metrics, dist_info.is_main)
+    tensorboard = train.tensorboard and tensorboard_available()
+    if train.tensorboard and not tensorboard and dist_info.is_main:
+        print("note: the tensorboard package is not installed (pip install 'ldcache[tensorboard]'): scalars go to "
+              "metrics.jsonl only", file=sys.stderr)
+    log = MetricsLog(run.paths.metrics, dist_info.is_main, run.paths.tensorboard if tensorboard else None,
+                     purge_step=pos.iteration + 1 if run.resuming else None)
     try:
         train_epochs(run, pos, log, bar)
+        barrier()
+        metrics = final_evaluation(run, pos, progress, log) if run.val_dataset is not None else None
     except KeyboardInterrupt:
         run.save(pos)
         raise
     finally:
         bar.close()
         log.close()
-    barrier()
-    metrics = None
-    if dist_info.is_main and run.val_dataset is not None:
-        metrics = final_evaluation(run, pos, progress)
     return {"metrics": metrics, "iter": pos.iteration, "train_seconds": pos.train_seconds}
 
 
@@ -229,12 +232,14 @@ def restore(run: Training) -> Position:
 def train_epochs(run: Training, pos: Position, log: MetricsLog, bar) -> None:
     t, world = run.train, run.dist.world_size
     window: dict[str, float] = {}
-    window_steps = 0
+    window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
     while pos.iteration < run.total_iters and pos.epoch < t.epochs:
         run.sampler.set_epoch(pos.epoch, pos.batch_in_epoch)
         loader = torch.utils.data.DataLoader(run.train_dataset, batch_sampler=run.sampler, **run.loader_kwargs)
+        waiting = time.perf_counter()
         for item in loader:
             step_start = time.perf_counter()
+            window_wait += step_start - waiting  # the loader not keeping up
             lr = lr_at(t, t.base_lr(world), pos.iteration, pos.epoch)
             losses = train_step(run.learner, item, lr, pos.iteration)
             pos.iteration += 1
@@ -245,15 +250,19 @@ def train_epochs(run: Training, pos: Position, log: MetricsLog, bar) -> None:
             window_steps += 1
             if pos.iteration % t.log_every == 0 or pos.iteration == run.total_iters:
                 means = mean_over_ranks({k: v / window_steps for k, v in window.items()})
+                wall = time.perf_counter() - window_start
                 log.write({"iter": pos.iteration, "epoch": pos.epoch + pos.batch_in_epoch / run.per_epoch, "lr": lr,
-                           **means, "train_seconds": round(pos.train_seconds, 3)})
-                window, window_steps = {}, 0
+                           **means, "train_seconds": round(pos.train_seconds, 3),
+                           "steps_per_s": round(window_steps / max(wall, 1e-9), 4),
+                           "data_wait_ms": round(1000 * window_wait / window_steps, 2)})
+                window, window_steps, window_wait, window_start = {}, 0, 0.0, time.perf_counter()
             bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
             if t.checkpoint_every and pos.iteration % t.checkpoint_every == 0:
                 run.save(pos)
             if pos.iteration >= run.total_iters:
                 break
+            waiting = time.perf_counter()
         if pos.batch_in_epoch >= run.per_epoch:
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
         run.save(pos)
@@ -263,14 +272,14 @@ def train_epochs(run: Training, pos: Position, log: MetricsLog, bar) -> None:
             log.write({"iter": pos.iteration, "epoch": pos.epoch, **metrics})
 
 
-def final_evaluation(run: Training, pos: Position, progress: bool) -> dict:
+def final_evaluation(run: Training, pos: Position, progress: bool, log: MetricsLog) -> dict | None:
     """COCO metrics on the validation set: val_results.json, eval.json, the AP curve's last point."""
+    if not run.dist.is_main:
+        return None
     metrics, results = run.evaluate(progress)
     paths = run.paths
     save_results(paths.results, results)
-    log = MetricsLog(paths.metrics, True)
     log.write({"iter": pos.iteration, "epoch": pos.iteration / max(run.per_epoch, 1), **metrics})
-    log.close()
     paths.eval.write_text(json.dumps({"metrics": metrics, "iter": pos.iteration, "train_seconds": pos.train_seconds,
                                       "checkpoint": str(paths.last)}, indent=2) + "\n")
     if progress:

@@ -18,7 +18,7 @@ from detector.errors import UserError
 
 # Settings that may differ when a run is resumed: they change how, not what, is trained.
 RESUMABLE_CHANGES = {"max_iters", "workers", "device", "amp", "log_every", "checkpoint_every", "eval_batch_size",
-                     "eval_every"}
+                     "eval_every", "tensorboard"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,10 @@ class RunPaths:
     @property
     def results(self) -> Path:
         return self.root / "val_results.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -85,14 +89,34 @@ def truncate_metrics(path: Path, last_iter: int) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl, appended by the main process only (other ranks write nowhere)."""
+    """metrics.jsonl (the source of truth), appended by the main process only, and the same
+    scalars as TensorBoard events in tensorboard_dir when given (the step is the record's iter).
+    purge_step: a resumed run drops the events it logs again from that step on."""
 
-    def __init__(self, path: Path, main: bool):
+    def __init__(self, path: Path, main: bool, tensorboard_dir: Path | None = None, purge_step: int | None = None):
         self.file = path.open("a") if main else open(os.devnull, "w")
+        self.writer = None
+        if main and tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package (tensorboard_available)
+
+            self.writer = SummaryWriter(str(tensorboard_dir), purge_step=purge_step)
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("iter", "epoch") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["iter"])
+            self.writer.flush()
 
     def close(self) -> None:
         self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def tensorboard_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None

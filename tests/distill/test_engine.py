@@ -93,3 +93,36 @@ def test_loss_falls_when_overfitting_one_batch(tiny_coco, tmp_path):
     losses = [r["loss"] for r in _losses(tmp_path / "run")]
     assert losses[-1] < 0.8 * losses[0]
     assert min(losses[-5:]) <= min(losses[:25])  # still improving at the end, not a lucky dip
+
+
+def _scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_events_hold_the_scalars_of_metrics_jsonl(tiny_coco, tmp_path):
+    _train(tiny_coco, tmp_path / "run", val=True, eval_every=1)
+    records = _losses(tmp_path / "run")
+    scalars = _scalars(tmp_path / "run")
+    expected: dict[str, list] = {}
+    for r in records:
+        for key, value in r.items():
+            if key not in ("iter", "epoch"):
+                expected.setdefault(key, []).append((r["iter"], value))
+    assert {"loss", "loss_giou", "lr", "AP", "AP50", "steps_per_s", "data_wait_ms"} <= set(expected)
+    assert set(scalars) == set(expected)
+    for key, points in expected.items():
+        assert [s for s, _ in scalars[key]] == [s for s, _ in points], key
+        assert [v for _, v in scalars[key]] == pytest.approx([v for _, v in points], rel=1e-6), key
+
+
+def test_a_resumed_run_logs_each_step_once_to_tensorboard_and_none_without_it(tiny_coco, tmp_path):
+    _train(tiny_coco, tmp_path / "split", max_iters=4)
+    _train(tiny_coco, tmp_path / "split", resume=True)
+    steps = [s for s, _ in _scalars(tmp_path / "split")["loss"]]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    _train(tiny_coco, tmp_path / "plain", max_iters=2, tensorboard=False)
+    assert not (tmp_path / "plain" / "tensorboard").exists()
