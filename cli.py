@@ -257,14 +257,14 @@ def sweep_cmd(ctx: typer.Context, *, fields, config):
     points = parse_grid(list(cfg.grid))
     options = args[args.index("--storage-options") + 1] if "--storage-options" in args[:-1] else None
     TeacherCache(cfg.cache, parse_storage_options(options)).require_complete()  # fail now, not once per point
-    typer.echo(f"sweep of {len(points)} students over {cfg.cache} -> {cfg.out} ({cfg.jobs} at a time)")
 
     def report(r):
         ap = f"AP {100 * r.metrics['AP']:.1f}" if r.metrics else f"see {r.run_dir}/log.txt"
         typer.echo(f"  {r.status:8s} {point_name(r.overrides)}: {ap}")
 
     train_student = [sys.executable, str(THIS), "train-student", "--cache", cfg.cache, *args]
-    results = run_sweep(cfg.cache, points, train_student, Path(cfg.out), cfg.jobs, on_result=report)
+    results = run_sweep(cfg.cache, points, train_student, Path(cfg.out), cfg.jobs, on_result=report,
+                        slots=cfg.device_slots(), on_progress=typer.echo)
     typer.echo((Path(cfg.out) / "sweep.md").read_text())
     failed = [r for r in results if r.status == "failed"]
     if failed:

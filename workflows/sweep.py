@@ -12,7 +12,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import queue
 import subprocess
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -31,13 +34,36 @@ class SweepConfig:
     grid: tuple[str, ...] = param((), "name=v1,v2,... of a train-student option; repeat for a cartesian product",
                                   shown="required")
     out: str = param("runs/sweep", "sweep folder: one run per point, sweep.md, sweep.json, sweep.png")
-    jobs: int = param(1, "points trained at once (each a process)")
+    jobs: int = param(1, "points trained at once on the CPU (each a process); with --devices: one per device group")
+    devices: str = param("", "GPUs to spread the points over: 0,1,2,3 or auto (every visible GPU); each point sees "
+                             "only its own (CUDA_VISIBLE_DEVICES)", shown="none: the CPU")
+    gpus_per_job: int = param(1, "with --devices: GPUs per point, run as a torchrun of that many processes")
 
     def __post_init__(self):
         if not self.cache:
             raise UserError("--cache is required: the teacher cache every point reads")
         if self.jobs < 1:
             raise UserError(f"--jobs must be >= 1, got {self.jobs}")
+        if self.gpus_per_job < 1:
+            raise UserError(f"--gpus-per-job must be >= 1, got {self.gpus_per_job}")
+
+    def device_slots(self) -> list[tuple[str, ...]] | None:
+        """Groups of gpus_per_job devices, one point each at a time (None: the CPU)."""
+        if not self.devices:
+            return None
+        if self.devices == "auto":
+            import torch
+
+            names = [str(i) for i in range(torch.cuda.device_count())]
+            if not names:
+                return None  # no GPU visible: the CPU, as without --devices
+        else:
+            names = [d.strip() for d in self.devices.split(",") if d.strip()]
+        k = self.gpus_per_job
+        if len(names) < k:
+            raise UserError(f"--gpus-per-job {k} needs at least {k} devices, got --devices {self.devices}")
+        return [tuple(names[i:i + k]) for i in range(0, len(names) - k + 1, k)]
+
 
 
 def sweepable_options() -> set[str]:
@@ -83,17 +109,29 @@ class PointResult:
     run_dir: str
 
 
-def _run_point(train_student: list[str], overrides: dict, run_dir: Path, threads: int) -> PointResult:
+def point_command(train_student: list[str], overrides: dict, run_dir: Path, slot: tuple[str, ...] | None,
+                  threads: int) -> tuple[list[str], dict]:
+    """(argv, environment) of one point: on a device slot it sees only those GPUs, and runs as a
+    torchrun of one process per GPU when the slot holds several."""
+    cmd = [*train_student, "--out", str(run_dir), "--resume"]
+    for key, value in overrides.items():
+        cmd += [f"--{key.replace('_', '-')}", value]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if slot is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
+        cmd += ["--device", "cuda"]
+        if len(slot) > 1:  # train_student[0] is the Python that runs the CLI
+            cmd = [cmd[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(len(slot)), *cmd[1:]]
+    return cmd, env
+
+
+def _run_point(cmd: list[str], env: dict, overrides: dict, run_dir: Path) -> PointResult:
     eval_file = run_dir / "eval.json"
     name = run_dir.name
     if eval_file.exists():
         ev = json.loads(eval_file.read_text())
         return PointResult(name, overrides, "skipped", ev["metrics"], ev.get("train_seconds"), str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [*train_student, "--out", str(run_dir), "--resume"]
-    for key, value in overrides.items():
-        cmd += [f"--{key.replace('_', '-')}", value]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with (run_dir / "log.txt").open("a") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0 or not eval_file.exists():
@@ -103,24 +141,69 @@ def _run_point(train_student: list[str], overrides: dict, run_dir: Path, threads
 
 
 def run_sweep(cache: str, grid: list[dict[str, str]], train_student: list[str], out: Path, jobs: int = 1,
-              on_result=None) -> list[PointResult]:
+              on_result=None, slots: list[tuple[str, ...]] | None = None, on_progress=None) -> list[PointResult]:
     """train_student: the argv that trains a student from `cache` with the sweep's shared options
-    (e.g. [python, cli.py, "train-student", "--cache", STORE, "--epochs", "6"])."""
+    (e.g. [python, cli.py, "train-student", "--cache", STORE, "--epochs", "6"]). slots: device
+    groups (SweepConfig.device_slots), one point each at a time; None: `jobs` points on the CPU."""
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
     out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    free: queue.Queue = queue.Queue()
+    for slot in slots or [None] * jobs:
+        free.put(slot)
+    parallel = free.qsize()
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    if on_progress:
+        where = f"on device group(s) {', '.join('+'.join(s) for s in slots)}" if slots else f"{jobs} at a time"
+        on_progress(f"sweep of {len(grid)} students over {cache} -> {out} ({where})")
     results: list[PointResult | None] = [None] * len(grid)
+    progress = _Progress(len(grid), on_progress)
 
     def one(i: int) -> None:
-        results[i] = _run_point(train_student, grid[i], out / point_name(grid[i]), threads)
+        slot = free.get()
+        try:
+            run_dir = out / point_name(grid[i])
+            progress.started()
+            results[i] = _run_point(*point_command(train_student, grid[i], run_dir, slot, threads), grid[i], run_dir)
+            progress.finished(results[i].status != "skipped")
+        finally:
+            free.put(slot)
         if on_result:
             on_result(results[i])
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
         list(pool.map(one, range(len(grid))))
     write_report(out, cache, train_student, results)
     return results
+
+
+class _Progress:
+    """The sweep-wide line: points done / running / left, and an ETA from the points trained so far."""
+
+    def __init__(self, total: int, echo):
+        self.total, self.echo, self.lock = total, echo, threading.Lock()
+        self.done = self.running = self.trained = 0
+        self.start = time.perf_counter()
+
+    def started(self) -> None:
+        with self.lock:
+            self.running += 1
+
+    def finished(self, trained: bool) -> None:
+        with self.lock:
+            self.running, self.done, self.trained = self.running - 1, self.done + 1, self.trained + trained
+            left = self.total - self.done - self.running
+            eta = ""
+            if self.trained:  # the sweep's pace so far (with its parallelism) over what is not done
+                pace = (time.perf_counter() - self.start) / self.trained
+                eta = f", ETA {_clock(pace * (left + self.running))}"
+            if self.echo:
+                self.echo(f"sweep: {self.done}/{self.total} done, {self.running} running, {left} left{eta}")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def write_report(out: Path, cache: str, command: list[str], results: list[PointResult]) -> None:

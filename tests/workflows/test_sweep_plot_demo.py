@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -84,3 +85,55 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path):
         assert (tmp_path / "demo" / artefact).exists(), artefact
     again = run_cli("demo", "--quick", "--workdir", tmp_path / "demo", "--workers", "0")
     assert again.returncode == 0 and again.stdout.count("already trained") == 3  # finished steps are reused
+
+
+def _fake_sweep(tmp_path, **kw):
+    from workflows.sweep import run_sweep
+
+    fake = [sys.executable, str(ROOT / "tests" / "workflows" / "fake_train_student.py"), "train-student",
+            "--cache", "C"]
+    lines = []
+    results = run_sweep("C", parse_grid(["ld_weight=0.1,0.2,0.3,0.4,0.5"]), fake, tmp_path / "sweep",
+                        on_progress=lines.append, **kw)
+    envs = [[json.loads(p.read_text()) for p in sorted(Path(r.run_dir).glob("env-*.json"))] for r in results]
+    return results, envs, lines
+
+
+def test_a_sweep_over_devices_gives_each_point_its_own_device(tmp_path):
+    results, envs, lines = _fake_sweep(tmp_path, slots=[("0",), ("1",), ("2",)])
+    assert all(r.status == "done" for r in results)
+    assert all(e[0]["device"] == "cuda" and e[0]["visible"] in ("0", "1", "2") for e in envs)
+    for a in envs:  # two points that ran at the same time saw different devices
+        for b in envs:
+            if a is not b and a[0]["start"] < b[0]["end"] and b[0]["start"] < a[0]["end"]:
+                assert a[0]["visible"] != b[0]["visible"]
+    assert any(e[0]["start"] < f[0]["end"] and f[0]["start"] < e[0]["end"] for e in envs for f in envs if e is not f)
+    assert lines[-1].startswith("sweep: 5/5 done, 0 running, 0 left") and "ETA" in lines[-2]
+
+
+def test_a_sweep_with_gpus_per_job_runs_each_point_as_a_torchrun(tmp_path):
+    results, envs, _ = _fake_sweep(tmp_path, slots=[("0", "1"), ("2", "3")])
+    assert all(r.status == "done" for r in results)
+    for env in envs:
+        assert [e["world_size"] for e in env] == [2, 2]  # two processes per point
+        assert env[0]["visible"] in ("0,1", "2,3") and env[0]["visible"] == env[1]["visible"]
+
+
+def test_a_cpu_sweep_gets_no_device_and_splits_the_threads(tmp_path):
+    results, envs, _ = _fake_sweep(tmp_path, jobs=2)
+    assert all(e[0]["visible"] is None and e[0]["device"] is None for e in envs)
+    assert {e[0]["threads"] for e in envs} == {str(max(1, (os.cpu_count() or 1) // 2))}
+
+
+def test_device_slots_from_the_options():
+    import torch
+
+    from workflows.sweep import SweepConfig
+
+    assert SweepConfig(cache="C").device_slots() is None  # the CPU
+    assert SweepConfig(cache="C", devices="0,1,2,3").device_slots() == [("0",), ("1",), ("2",), ("3",)]
+    assert SweepConfig(cache="C", devices="0,1,2,3,4", gpus_per_job=2).device_slots() == [("0", "1"), ("2", "3")]
+    if not torch.cuda.is_available():
+        assert SweepConfig(cache="C", devices="auto").device_slots() is None  # no GPU: as without --devices
+    with pytest.raises(UserError, match="needs at least 4 devices"):
+        SweepConfig(cache="C", devices="0,1", gpus_per_job=4).device_slots()
