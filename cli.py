@@ -207,9 +207,9 @@ def evaluate_cmd(*, fields, config):
     from detector.inference import run_evaluate
 
     result = run_evaluate(build_config(EvalConfig, {**fields["evaluate"], "arch": fields["model"]}, "evaluate"))
-    typer.echo(format_metrics_table(result["metrics"]))
-    typer.echo(f"{result['detections']} detections on {result['images']} images -> {result['out']}; "
-               f"metrics -> {result['metrics_path']}")
+    if result["metrics"] is not None:  # rank 0 (or the only process)
+        typer.echo(format_metrics_table(result["metrics"]))
+        typer.echo(f"{result['detections']} detections on {result['images']} images -> {result['out']}; metrics -> {result['metrics_path']}")  # noqa: E501
 
 
 @command("dump-teacher", *DUMP)

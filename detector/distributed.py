@@ -48,6 +48,19 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def gather_to_main(items: list) -> list | None:
+    """Every rank's list, concatenated in rank order on rank 0 (None elsewhere); one collective."""
+    if not is_distributed():
+        return items
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(items, parts, dst=0)
+    return [x for part in parts for x in part] if parts is not None else None
+
+
 def reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over all ranks (no gradient flows through the reduction)."""
     if not is_distributed():

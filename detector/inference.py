@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from detector import distributed
 from detector.checkpoint import load_state_dict_strict, read_checkpoint, resolve_model_config
 from detector.coco import CocoDetection, collate
 from detector.config import check, param, parse_pair
@@ -38,16 +39,19 @@ def canvas_batches(records: list[ViewRecord], batch_size: int) -> list[list[int]
 @torch.no_grad()
 def predict_dataset(model: torch.nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 1,
                     workers: int = 0, amp: str = "auto", cfg: PostprocessConfig = PostprocessConfig(),
-                    progress: bool = True) -> list[dict]:
-    """Detections of view 0 of every image as COCO result dicts (original image pixels)."""
+                    progress: bool = True, share: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Detections of view 0 of the images of this share (rank, world size: every world-size-th
+    image from rank on) as COCO result dicts in original image pixels, sorted by image id."""
     model.eval()
-    records = [dataset.view_record(i, 0) for i in range(len(dataset))]
-    batches = [[(i, 0) for i in b] for b in canvas_batches(records, batch_size)]
+    rank, world = share
+    indices = list(range(rank, len(dataset), world))
+    records = [dataset.view_record(i, 0) for i in indices]
+    batches = [[(indices[i], 0) for i in b] for b in canvas_batches(records, batch_size)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                                          pin_memory=device.type == "cuda")
     config = model.config
     results = []
-    with tqdm(total=len(dataset), desc="evaluate", unit="img", disable=not progress, leave=False) as bar:
+    with tqdm(total=len(indices), desc="evaluate", unit="img", disable=not progress, leave=False) as bar:
         for batch in loader:
             with autocast_for(device, amp):
                 cls_out, box_out = model(batch.images.to(device, non_blocking=True))
@@ -56,15 +60,21 @@ def predict_dataset(model: torch.nn.Module, dataset: CocoDetection, device: torc
                 results += detections_to_coco(record.image_id, det.boxes.cpu(), det.scores.cpu(), det.labels.cpu(),
                                               dataset.label_to_cat_id)
             bar.update(len(batch.records))
-    return results
+    return sorted(results, key=lambda r: r["image_id"])  # stable: each image's detections stay in score order
 
 
 def evaluate_model(model, dataset: CocoDetection, device, batch_size: int = 1, workers: int = 0, amp: str = "auto",
-                   progress: bool = True) -> tuple[dict, list[dict]]:
-    """-> (COCO metrics {"AP", "AP50", ...}, the detections as COCO results)."""
-    results = predict_dataset(model, dataset, device, batch_size, workers, amp, progress=progress)
-    metrics = coco_evaluate(dataset.ann_file, results, image_ids=dataset.image_ids)
-    return metrics, results
+                   progress: bool = True) -> tuple[dict | None, list[dict] | None]:
+    """-> (COCO metrics {"AP", "AP50", ...}, the detections as COCO results). Under torchrun
+    every rank predicts its share of the images and rank 0 gathers them and scores them (the
+    other ranks get (None, None)): a waiting rank waits for the slowest share, not for them all."""
+    share = (distributed.rank(), distributed.world_size())
+    results = predict_dataset(model, dataset, device, batch_size, workers, amp, progress=progress, share=share)
+    results = distributed.gather_to_main(results)
+    if results is None:
+        return None, None
+    results = sorted(results, key=lambda r: r["image_id"])
+    return coco_evaluate(dataset.ann_file, results, image_ids=dataset.image_ids), results
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,7 @@ class EvalConfig:
     img_scale: tuple[int, int] | None = param(None, "keep-ratio resize target LONG,SHORT",
                                               shown="the checkpoint's training scale, else 1333,800; 256,256 on the "
                                                     "synthetic data", parse=lambda t: parse_pair(t, "--img-scale"))
-    batch_size: int = param(1, "images per forward (equal canvases only, so results do not change)")
+    batch_size: int = param(8, "images per forward (equal canvases only, so results do not change)")
     device: str = param("auto", "auto (cuda when available), cpu, cuda or cuda:N")
     workers: int = param(2, "DataLoader worker processes")
     amp: str = param("auto", "auto (bf16 on CUDA), off, bf16 or fp16")
@@ -96,7 +106,8 @@ class EvalConfig:
 
 
 def run_evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
-    """COCO AP of a checkpoint on a dataset: writes cfg.out (results) and OUT.metrics.json.
+    """COCO AP of a checkpoint on a dataset: writes cfg.out (results) and OUT.metrics.json. Under
+    torchrun every rank predicts its share of the images; rank 0 scores and writes.
     -> {"metrics", "detections", "images", "out", "metrics_path"}."""
     ckpt = read_checkpoint(cfg.checkpoint)
     model_cfg = resolve_model_config(ckpt, **cfg.arch)
@@ -109,11 +120,15 @@ def run_evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     if dataset.num_classes != model_cfg.num_classes:
         raise UserError(f"the checkpoint predicts {model_cfg.num_classes} classes but {ann} has {dataset.num_classes}; "
                         "evaluate on the dataset it was trained for")
-    device = resolve_device(cfg.device)
+    dist_info = distributed.init_from_env(cfg.device)  # torchrun: every rank evaluates its share
+    device = resolve_device(cfg.device, dist_info.local_rank if dist_info.enabled else None)
     model = build_detector(model_cfg)
     load_state_dict_strict(model, ckpt["state_dict"], source=f"checkpoint {cfg.checkpoint}")
     model.to(device)
-    metrics, results = evaluate_model(model, dataset, device, cfg.batch_size, cfg.workers, cfg.amp, progress)
+    metrics, results = evaluate_model(model, dataset, device, cfg.batch_size, cfg.workers, cfg.amp,
+                                      progress and dist_info.is_main)
+    if results is None:  # another rank's share went to rank 0, which writes the results
+        return {"metrics": None}
     out = Path(cfg.out)
     save_results(out, results)
     metrics_path = out.with_suffix(".metrics.json")

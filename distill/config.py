@@ -82,7 +82,8 @@ class TrainConfig:
     workers: int = param(2, "DataLoader worker processes")
     log_every: int = param(10, "steps per metrics.jsonl record")
     checkpoint_every: int | None = param(None, "also checkpoint every N steps", shown="each epoch only")
-    eval_batch_size: int = param(1, "images per forward when evaluating (equal canvases only)")
+    eval_batch_size: int = param(8, "images per forward when evaluating (equal canvases only, so results do not "
+                                    "change); under torchrun every rank evaluates its share")
     eval_every: int | None = param(None, "also evaluate every N epochs: AP curves in metrics.jsonl",
                                    shown="at the end only")
     group_by: str = param("orientation", "batch images of one orientation (mmdet) or of one padded canvas "

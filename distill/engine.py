@@ -266,17 +266,18 @@ def train_epochs(run: Training, pos: Position, log: MetricsLog, bar) -> None:
         if pos.batch_in_epoch >= run.per_epoch:
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
         run.save(pos)
-        if (run.dist.is_main and run.val_dataset is not None and t.eval_every and pos.batch_in_epoch == 0
+        if (run.val_dataset is not None and t.eval_every and pos.batch_in_epoch == 0
                 and pos.epoch % t.eval_every == 0 and pos.iteration < run.total_iters):
-            metrics, _ = run.evaluate(progress=False)
-            log.write({"iter": pos.iteration, "epoch": pos.epoch, **metrics})
+            metrics, _ = run.evaluate(progress=False)  # every rank its share; rank 0 the metrics
+            if metrics is not None:
+                log.write({"iter": pos.iteration, "epoch": pos.epoch, **metrics})
 
 
 def final_evaluation(run: Training, pos: Position, progress: bool, log: MetricsLog) -> dict | None:
     """COCO metrics on the validation set: val_results.json, eval.json, the AP curve's last point."""
-    if not run.dist.is_main:
+    metrics, results = run.evaluate(progress)  # every rank its share; rank 0 the metrics
+    if metrics is None:
         return None
-    metrics, results = run.evaluate(progress)
     paths = run.paths
     save_results(paths.results, results)
     log.write({"iter": pos.iteration, "epoch": pos.iteration / max(run.per_epoch, 1), **metrics})

@@ -71,3 +71,35 @@ def test_distributed_training_matches_one_process_with_the_global_batch(command,
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), (ra["iter"], k)
     assert json.loads((tmp_path / "multi" / "config.json").read_text())["world_size"] == 2
     assert (tmp_path / "multi" / "checkpoints" / "last.pt").exists()
+
+
+def test_two_process_evaluation_equals_one_process(tiny_coco, tmp_path):
+    """Each rank predicts its share of the images, rank 0 gathers and scores: the same detections
+    and the same metrics as one process."""
+    train = ["train-detector", "--images", tiny_coco["images"], "--ann", tiny_coco["ann"], "--img-scale", "96,96",
+             "--workers", "0", *TINY_MODEL_FLAGS, "--epochs", "40", "--lr", "0.02", "--batch-size", "10",
+             "--views", "orig", "--warmup-iters", "5", "--lr-steps", "100", "--log-every", "20", "--out", tmp_path / "run"]
+    assert _single(*train).returncode == 0
+    # On its (overfitted) training images the detector finds objects: detections to compare.
+    args = ["evaluate", "--checkpoint", tmp_path / "run" / "checkpoints" / "last.pt", "--images",
+            tiny_coco["images"], "--ann", tiny_coco["ann"], "--workers", "0", "--batch-size", "2"]
+    one = _single(*args, "--out", tmp_path / "one.json")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _torchrun(*args, "--out", tmp_path / "two.json")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("AP50") == 1  # rank 0 alone reports
+    a, b = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    assert len(a) > 0 and a == b  # identical detections (sorted by image id)
+    ma = json.loads((tmp_path / "one.metrics.json").read_text())["metrics"]
+    assert ma == json.loads((tmp_path / "two.metrics.json").read_text())["metrics"]
+
+
+def test_distributed_training_evaluates_on_every_rank_and_logs_once(tiny_coco, tmp_path):
+    args = ["train-detector", "--images", tiny_coco["images"], "--ann", tiny_coco["ann"], "--img-scale", "96,96",
+            "--workers", "0", *TINY_MODEL_FLAGS, "--epochs", "2", "--batch-size", "2", "--eval-every", "1",
+            "--val-images", tiny_coco["val_images"], "--val-ann", tiny_coco["val_ann"], "--out", tmp_path / "run"]
+    proc = _torchrun(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines if "AP" in r] == [1, 2]  # after epoch 1 and at the end, written once
+    assert set(json.loads((tmp_path / "run" / "eval.json").read_text())["metrics"]) >= {"AP", "AP50"}
