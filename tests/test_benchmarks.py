@@ -52,6 +52,22 @@ def test_benchmark_runs_and_writes_results(script, tiny_coco, tmp_path):
         assert any("bytes identical" in row.get("note", "") for row in record["rows"]), record["rows"]
 
 
+def test_coco_geometry_measures_every_mode(tmp_path):
+    out = tmp_path / "coco_geometry.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "coco_geometry.py"), "--num-images", "2", "--img-scale", "160,128",
+           "--teacher-width", "16", "--batch-size", "2", "--workers", "0", "--read-workers", "0", "--read-seconds",
+           "0.2", "--out", str(out)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    size = {r["mode"]: r["kb_per_view"] for r in record["rows"]}
+    assert size["sparse 0.25 uint8"] < size["sparse 0.25 fp16"] < size["sparse 0 fp16"] < size["dense fp16"]
+    assert size["dense uint8"] < size["dense fp16"]
+    assert all(r["kl_mean"] < 1e-3 for r in record["rows"])  # every mode stores faithful distributions
+    assert set(record["dumps"]) == {"dense fp16", "sparse 0.25 uint8"}
+
+
 def test_sparse_size_counts_fewer_rows_than_dense(tiny_coco, tmp_path):
     out = tmp_path / "sparse.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "sparse_size.py"), "--images", str(tiny_coco["images"]),
@@ -81,3 +97,34 @@ def test_coco_like_annotations_follow_the_published_statistics(tmp_path):
         x, y, w, h = a["bbox"]
         iw, ih = size_of[a["image_id"]]
         assert 0 <= x and 0 <= y and x + w <= iw + 0.01 and y + h <= ih + 0.01
+
+
+def test_ld_defaults_plans_user_commands_and_reports_the_gap_closed(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ld_defaults
+
+    jobs = ld_defaults.plan(tmp_path, seeds=3, batches=[2, 8])
+    by_name = {j.name: j for j in jobs}
+    ld = by_name["synth/ld-b8-s0"]
+    assert ld.argv[:3] == ["train-student", "--cache", str(tmp_path / "synth" / "cache.zarr")]
+    assert not any(a.endswith("-weight") for a in ld.argv)  # the defaults: no weight flags
+    assert ld.after == ("synth/cache",) and by_name["synth/cache"].after == ("synth/teacher",)
+    b2 = by_name["synth/ld-b2-s0"].argv
+    assert b2[b2.index("--lr") + 1] == "0.00025"  # lr scaled linearly from 0.001 at batch 8
+    assert jobs[0].name.endswith("/data")  # what others wait on starts first
+
+    def finished(name, ap):
+        run = tmp_path / name
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "eval.json").write_text(json.dumps({"metrics": {"AP": ap, "AP50": ap, "AP75": ap}}))
+
+    for name, ap in [("synth/teacher", 0.40), ("synth/plain-b8-s0", 0.20), ("synth/ld-b8-s0", 0.25),
+                     ("synth/plain-b8-s1", 0.22), ("synth/ld-b8-s1", 0.26)]:
+        finished(name, ap)
+    monkeypatch.setenv("LDCACHE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("detector.synthetic.synthetic_split", lambda split: (tmp_path, tmp_path / "missing.json"))
+    result = ld_defaults.report(tmp_path, jobs, seeds=3, batches=[2, 8])
+    synth = next(r for r in result["datasets"] if r["dataset"] == "synth")
+    assert synth["gap_closed"] == pytest.approx((25 - 20) / (40 - 20))  # a quarter of the gap
+    assert result["seeds"]["ld"]["aps"] == pytest.approx([25.0, 26.0]) and result["seeds"]["plain"]["sd"] > 0
+    assert "| 8 | 20.0 | 25.0 | 5.0 |" in result["table"]
