@@ -1,6 +1,6 @@
 """Run every benchmark and gather their results into benchmarks/results/SUMMARY.md.
 
-    .venv/bin/python benchmarks/run_all.py                       # CPU size, about 15 minutes on 2 cores
+    .venv/bin/python benchmarks/run_all.py                       # CPU size, about an hour on 2 cores
     .venv/bin/python benchmarks/run_all.py --teacher runs/synth/teacher.pt   # fidelity on a trained teacher
     .venv/bin/python benchmarks/run_all.py --gpu                 # COCO-like size on a CUDA GPU
 
@@ -42,7 +42,11 @@ def plan(args) -> list[tuple[str, list[str]]]:
                                  "--stacked-convs", "4", "--box-dtypes", "float16,uint8"]),
             ("train_throughput", ["--device", "cuda", "--amp", "bf16", "--img-scale", "1344,800", "--student-depth",
                                   "18", "--teacher-depth", "101", "--full-width", "--batch-size", "8", "--workers",
-                                  "8", "--num-images", "64", "--steps", "40", "--warmup", "5", "--rounds", "3"]),
+                                  "8", "--num-images", "64", "--steps", "40", "--warmup", "5", "--rounds", "3",
+                                  "--profile"]),
+            ("vs_mmdetection", ["--device", "cuda", "--amp", "--img-scale", "1344,800", "--batch-size", "8", "--threads",
+                                "8", "--steps", "20", "--warmup", "5", "--rounds", "3", "--mmdet-python", args.mmdet_python]),
+            ("coco_geometry", ["--device", "cuda", "--num-images", "64", "--batch-size", "8", "--workers", "8"]),
         ]
     cpu = ["--threads", "0"]  # every core: run_all is meant for an idle machine
     return [
@@ -53,6 +57,8 @@ def plan(args) -> list[tuple[str, list[str]]]:
         ("sparse_size", []),
         ("sparse_size_coco_like", ["--coco-like", "2000"]),  # sparse_size.py: an estimate from COCO's statistics
         ("scaleout", [*cpu, *teacher]),
+        ("vs_mmdetection", ["--threads", "2", "--mmdet-python", args.mmdet_python]),  # 640x640, batch 2
+        ("coco_geometry", []),  # 64 views at 1333,800 with a full-width R-101: the longest (~30 min)
     ]
 
 
@@ -61,6 +67,9 @@ def main() -> None:
     parser.add_argument("--teacher", help="a trained teacher checkpoint (fidelity depends on real logits)")
     parser.add_argument("--gpu", action="store_true", help="COCO-like sizes on CUDA instead of the CPU set")
     parser.add_argument("--only", nargs="*", help="run only these scripts")
+    parser.add_argument("--mmdet-python", default="/tmp/mmdet_venv/bin/python",
+                        help="the mmdetection venv's Python for vs_mmdetection (skipped when missing; build it with "
+                             "bash ../shared/tools/mmdet_oracle/make_venv.sh /tmp/mmdet_venv)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "-gpu" if args.gpu else ""
@@ -69,6 +78,9 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         out = RESULTS / f"{name}{suffix}.json"
+        if name == "vs_mmdetection" and not Path(args.mmdet_python).exists():
+            print(f"== {name}: skipped, no mmdetection venv at {args.mmdet_python}", flush=True)
+            continue
         script = SCRIPT_OF.get(name, name)
         cmd = [sys.executable, str(HERE / f"{script}.py"), *extra, "--out", str(out)]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
