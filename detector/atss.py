@@ -139,10 +139,8 @@ def assign_batch(level_hw_per_image: list[tuple], gt_boxes_per_image: list[torch
     hits = []  # (image, gt, padded anchor) of every positive candidate
     for sizes, members in _groups(level_hw_per_image).items():
         images = torch.tensor(members, device=device)
-        own = grid.valid[members[0]]  # the group's locations on the padded grid
         candidates = []
-        for start, count in zip(grid.level_starts, grid.level_counts):
-            local = own[start:start + count].nonzero().squeeze(1) + start  # [n_l] padded indices, row order
+        for local in grid.own_indices(sizes):  # per level [n_l] padded indices, row order
             k = min(topk, local.numel())
             if k > 0:
                 order = distances[images][:, local].topk(k, dim=1, largest=False).indices  # [Bg, k, G]
@@ -184,6 +182,7 @@ def assign_batch(level_hw_per_image: list[tuple], gt_boxes_per_image: list[torch
 
 
 def _groups(level_hw_per_image: list[tuple]) -> dict[tuple, list[int]]:
+    """Images by their feature-map sizes (a tuple of (h, w) per level)."""
     groups: dict[tuple, list[int]] = {}
     for i, level_hw in enumerate(level_hw_per_image):
         groups.setdefault(tuple(tuple(hw) for hw in level_hw), []).append(i)
@@ -195,6 +194,7 @@ class _BatchGrid:
     to, and the batch row of (image, location)."""
 
     def __init__(self, level_hw_per_image: list[tuple], strides: tuple[int, ...], device):
+        level_hw_per_image = [tuple(tuple(hw) for hw in level_hw) for level_hw in level_hw_per_image]
         max_hw = [(max(hw[l][0] for hw in level_hw_per_image), max(hw[l][1] for hw in level_hw_per_image))
                   for l in range(len(strides))]
         self.anchors, self.strides, self.levels = image_priors(tuple(max_hw), strides, device)  # [Np, 4], [Np], [Np]
@@ -207,12 +207,21 @@ class _BatchGrid:
         self.valid = (ys[None] < own[..., 0]) & (xs[None] < own[..., 1])  # [B, Np]
         # Row of (image, location): images one after another, each level-major, then y, then x.
         rows_per_level = (sizes[..., 0] * sizes[..., 1])  # [B, L]
-        self.rows_per_image = rows_per_level.sum(1).tolist()
+        self.rows_per_image = [sum(h * w for h, w in hw) for hw in level_hw_per_image]  # no device round trip
         image_start = torch.cumsum(torch.tensor([0] + self.rows_per_image[:-1], device=device), 0)
         level_start = torch.cumsum(torch.cat([torch.zeros_like(rows_per_level[:, :1]), rows_per_level[:, :-1]], 1), 1)
         self.row_of = (image_start[:, None] + level_start[:, self.levels] + ys[None] * own[..., 1] + xs[None])
         self.row_of = self.row_of.masked_fill(~self.valid, -1)  # [B, Np]
         self.num_rows = int(sum(self.rows_per_image))
-        image_ids, anchor_ids = self.valid.nonzero(as_tuple=True)  # image-major, then padded-grid order
-        order = self.row_of[image_ids, anchor_ids].argsort()
-        self.anchor_of_row, self.image_of_row = anchor_ids[order], image_ids[order]
+        self.max_hw, self.device, self._own = max_hw, device, {}
+        self.anchor_of_row = torch.cat([torch.cat(self.own_indices(hw)) for hw in level_hw_per_image])  # [N]
+        self.image_of_row = torch.arange(len(level_hw_per_image), device=device).repeat_interleave(
+            torch.tensor(self.rows_per_image, device=device))
+
+    def own_indices(self, level_hw: tuple) -> list[torch.Tensor]:
+        """Per level, the padded-grid indices of an image's own locations in row order (y, then x)."""
+        if level_hw not in self._own:
+            self._own[level_hw] = [
+                (torch.arange(h, device=self.device)[:, None] * width + torch.arange(w, device=self.device)).reshape(-1)
+                + start for start, (h, w), (_, width) in zip(self.level_starts, level_hw, self.max_hw)]
+        return self._own[level_hw]
