@@ -79,6 +79,21 @@ def test_sparse_size_counts_fewer_rows_than_dense(tiny_coco, tmp_path):
     assert 0 < rows[0.5]["fraction"] < rows[0.0]["fraction"] < 1  # a wider VLR band keeps more rows
 
 
+def test_ld_density_counts_positives_and_vlr_weight(tiny_coco, tmp_path):
+    out = tmp_path / "density.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "ld_density.py"), "--coco-like", "20", "--no-synthetic-default",
+           "--dataset", f"tiny={tiny_coco['ann']}:{tiny_coco['images']}:96", "--out", str(out)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    coco, tiny = json.loads(out.read_text())["rows"]
+    assert coco["classes"] == 80 and tiny["classes"] == 5 and coco["positives_vs_first"] == 1.0
+    # ATSS keeps several positives per object (top-9 per level, then the IoU threshold) and the VLR band
+    # around every object holds more weight than its positives
+    assert coco["positives_per_image"] > 2 * coco["objects_per_image"] and coco["vlr_weight_per_image"] > 0
+    assert tiny["positives_vs_first"] == pytest.approx(tiny["positives_per_image"] / coco["positives_per_image"])
+
+
 def test_coco_like_annotations_follow_the_published_statistics(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import sparse_size
@@ -99,7 +114,7 @@ def test_coco_like_annotations_follow_the_published_statistics(tmp_path):
         assert 0 <= x and 0 <= y and x + w <= iw + 0.01 and y + h <= ih + 0.01
 
 
-def test_ld_defaults_plans_user_commands_and_reports_the_gap_closed(tmp_path, monkeypatch):
+def test_ld_defaults_plans_user_commands_and_reports_the_gap_closed(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import ld_defaults
 
@@ -121,8 +136,6 @@ def test_ld_defaults_plans_user_commands_and_reports_the_gap_closed(tmp_path, mo
     for name, ap in [("synth/teacher", 0.40), ("synth/plain-b8-s0", 0.20), ("synth/ld-b8-s0", 0.25),
                      ("synth/plain-b8-s1", 0.22), ("synth/ld-b8-s1", 0.26)]:
         finished(name, ap)
-    monkeypatch.setenv("LDCACHE_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr("detector.synthetic.synthetic_split", lambda split: (tmp_path, tmp_path / "missing.json"))
     result = ld_defaults.report(tmp_path, jobs, seeds=3, batches=[2, 8])
     synth = next(r for r in result["datasets"] if r["dataset"] == "synth")
     assert synth["gap_closed"] == pytest.approx((25 - 20) / (40 - 20))  # a quarter of the gap
