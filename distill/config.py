@@ -140,8 +140,8 @@ REF_IMAGES_PER_PROCESS = 2  # "image": Main LD and VLR LD are sums per image x 2
 REF_NUM_CLASSES = 80  # "coco": Main KD sums its per-class KL and divides by 80 = official at 80 classes
 # "positive" (an option): sums divided by the positives' count (Main LD) or the VLR weight (VLR LD)
 # per image, x the per-image figures of COCO-like annotations at 1333x800 (benchmarks/ld_density.py).
-REF_POSITIVES_PER_IMAGE = 55.0
-REF_VLR_WEIGHT_PER_IMAGE = 140.0
+REF_POSITIVES_PER_IMAGE = 57.0
+REF_VLR_WEIGHT_PER_IMAGE = 144.0
 LD_NORMALIZATIONS = ("image", "official", "positive", "mean")
 KD_NORMALIZATIONS = ("coco", "official")
 KD_MODES = ("auto", "softmax", "sigmoid")
