@@ -51,6 +51,7 @@ DATASETS = {  # name -> make-synthetic options
 TEACHER_FLAGS = ["--config", str(TEACHER), "--epochs", "30", "--fpn-channels", "96", "--head-channels", "96",
                  "--stacked-convs", "3", "--warmup-iters", "50", "--workers", "1"]
 STUDENT_FLAGS = ["--config", str(STUDENT), "--epochs", "16", "--warmup-iters", "50", "--workers", "1"]
+SPARSE_U8 = ["--store-regions", "main+vlr", "--min-vlr-gamma", "0.25", "--box-dtype", "uint8"]
 VARIANTS = {  # LD variants of the synthetic default at batch 8 (the ablation, gamma, normalisations)
     "mainld": ["--vlr-weight", "0", "--kd-weight", "0"], "mainld-vlr": ["--kd-weight", "0"],
     "gamma0": ["--vlr-gamma", "0"], "gamma0.5": ["--vlr-gamma", "0.5"], "gamma1": ["--vlr-gamma", "1"],
@@ -99,6 +100,14 @@ def plan(work: Path, seeds: int, batches: list[int]) -> list[Job]:
                 argv = (["train-detector"] if kind == "plain" else ["train-student", "--cache", str(cache)])
                 jobs.append(Job(f"{name}/{kind}-b{b}-s{s}", [*argv, *STUDENT_FLAGS, *extra, "--out", str(out)],
                                 out, needs if kind == "plain" else (f"{name}/cache",)))
+        if name == "synth":  # the large-dataset configuration (docs/coco.md): region-sparse + uint8
+            small = root / "cache-sparse-u8.zarr"
+            jobs.append(Job(f"{name}/cache-sparse-u8", ["dump-teacher", "--teacher", str(teacher / "checkpoints" / "last.pt"),
+                                                        *data[:4], *SPARSE_U8, "--out", str(small)],
+                            small, (f"{name}/teacher",)))
+            out = root / "ld-b8-s0-sparse-u8"
+            jobs.append(Job(f"{name}/ld-b8-s0-sparse-u8", ["train-student", "--cache", str(small), *STUDENT_FLAGS, *data,
+                                                           "--out", str(out)], out, (f"{name}/cache-sparse-u8",)))
         for variant, flags in VARIANTS.items():
             if name == "synth" or variant == "positive":
                 out = root / f"ld-b8-s0-{variant}"
@@ -112,7 +121,7 @@ def plan(work: Path, seeds: int, batches: list[int]) -> list[Job]:
 # defaults vs plain at batch 8 and 2 on every dataset, then seeds, ablation, the other batch sizes.
 PRIORITY = [r".*/data", r".*/teacher", r"synth/plain-b8-s0", r".*/cache", r"synth/(plain|ld)-b8-s0",
             r".*/(plain|ld)-b8-s0", r"synth/(plain|ld)-b2-s0", r"synth/(plain|ld)-b8-s\d", r"synth/ld-b8-s0-mainld.*",
-            r"synth/ld-b8-s0-official", r"synth/ld-b8-s0-gamma.*", r"synth/.*-b(16|4)-s0"]
+            r"synth/ld-b8-s0-official", r"synth/(cache|ld-b8-s0)-sparse-u8", r"synth/ld-b8-s0-gamma.*", r"synth/.*-b(16|4)-s0"]
 
 
 def _priority(name: str) -> int:
@@ -190,11 +199,18 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
             ("+ VLR LD", "--kd-weight 0", "synth/ld-b8-s0-mainld-vlr"), ("+ Main KD (defaults)", "", "synth/ld-b8-s0")]
     rows += [(f"gamma {g}", f"--vlr-gamma {g}", f"synth/ld-b8-s0-gamma{g}") for g in ("0", "0.5", "1")]
     rows += [("official normalisation", " ".join(VARIANTS["official"]), "synth/ld-b8-s0-official")]
+    rows += [("from a region-sparse uint8 cache", "dump: " + " ".join(SPARSE_U8), "synth/ld-b8-s0-sparse-u8")]
     rows += [(f"positive normalisation ({n})", "--ld-normalization positive", f"{n}/ld-b8-s0-positive") for n in DATASETS]
     for label, flags, run_name in rows:
         m = [_ap(work, run_name, k) for k in ("AP", "AP50", "AP75")]
         out["variants"][run_name] = dict(zip(("AP", "AP50", "AP75"), m))
         text.append(f"| {label} | `{flags}` | {' | '.join(f(v) for v in m)} |")
+    sizes = {c: sum(f.stat().st_size for f in (work / "synth" / c).rglob("*") if f.is_file())
+             for c in ("cache.zarr", "cache-sparse-u8.zarr") if (work / "synth" / c).is_dir()}
+    if len(sizes) == 2:
+        text += ["", f"synth caches on disk: dense fp16 {sizes['cache.zarr'] / 2**20:.1f} MiB, region-sparse uint8 "
+                     f"{sizes['cache-sparse-u8.zarr'] / 2**20:.1f} MiB ({sizes['cache-sparse-u8.zarr'] / sizes['cache.zarr']:.3f}x)"]
+    out["cache_bytes"] = sizes
     out["commands"] = {j.name: "ldcache " + " ".join(j.argv) for j in jobs}
     out["table"] = "\n".join(text)
     return out
