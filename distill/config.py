@@ -4,7 +4,7 @@ the resolved values are saved as JSON beside every run."""
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 
 from detector.config import build_config, check, config_to_dict, param, parse_ints, parse_pair, parse_pairs
 from detector.errors import UserError
@@ -175,8 +175,8 @@ class LossConfig:
     kd_weight: float = param(None, "Main KD weight: class logits of the ATSS positives",
                              shown="10; 0 with --recipe mmdet or none")
     kd_temperature: float = param(2.0, "KD temperature")
-    kd_mode: str = param("auto", "softmax over classes (paper), sigmoid (per-class binary KL) or auto (softmax, "
-                                 "sigmoid for one-class data where a softmax is constant)")
+    kd_mode: str = param("auto", "softmax over classes (paper), sigmoid (per-class binary KL) or auto (softmax; "
+                                 "no Main KD on one-class data, where a softmax is constant)")
     ld_normalization: str = param(None, "image (per image x 2: the paper's 2 images per GPU at any batch size), "
                                         "official (sums: grow with images per process), positive (per positive, "
                                         "x COCO's) or mean (/ the GIoU weight sum)",
@@ -216,10 +216,19 @@ class LossConfig:
         return self.ld_weight > 0 or self.vlr_weight > 0 or self.kd_weight > 0
 
     def kd_mode_for(self, num_classes: int) -> str:
-        """auto: the softmax KD of the paper, but the per-class sigmoid KD for one class."""
+        """auto: the softmax KD of the paper; no Main KD on one class (see for_classes)."""
         if self.kd_mode == "auto":
-            return "sigmoid" if num_classes == 1 else "softmax"
+            return "off" if num_classes == 1 else "softmax"
         return self.kd_mode
+
+    def for_classes(self, num_classes: int) -> "LossConfig":
+        """The losses a run on num_classes classes trains with. With one class there is no relation
+        between classes for Main KD to transfer (a softmax over one class is constant, and QFL already
+        supervises the one score), and the per-class sigmoid KD made one-class students worse
+        (README, results): auto turns Main KD off there; --kd-mode sigmoid keeps it."""
+        if self.kd_mode_for(num_classes) == "off" and self.kd_weight > 0:
+            return replace(self, kd_weight=0.0)
+        return self
 
     def teacher_needs(self) -> TeacherNeeds:
         """What these losses read from a teacher (a term whose weight is 0 reads nothing)."""

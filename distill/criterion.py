@@ -89,7 +89,7 @@ def distillation_losses(cls_rows: torch.Tensor, box_rows: torch.Tensor, teacher_
         if vlr_rows.numel():
             out["loss_ld_vlr"] = (vlr_kl * region.weights).sum() / 16 / vlr_norm
 
-    if cfg.kd_weight > 0:
+    if cfg.kd_weight > 0 and cfg.kd_mode_for(num_classes) != "off":
         if teacher_cls is None:
             raise UserError("Main KD needs the teacher's class logits, which this cache does not hold (dumped "
                             "with --no-cls); pass --kd-weight 0 or dump the teacher with class logits")

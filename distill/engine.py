@@ -174,6 +174,11 @@ def build_training(data, model_cfg, train, loss, out: Path, resume, extra_config
             ds.check_files()
     extra_config = dict(extra_config or {})
     collate_fn, train_dataset = collate, dataset
+    resolved = loss.for_classes(model_cfg.num_classes)
+    if teacher is not None and resolved is not loss and dist_info.is_main:
+        print("note: one-class data: no Main KD (--kd-mode auto); --kd-mode sigmoid distils the one class score",
+              file=sys.stderr)
+    loss = resolved
     if teacher is not None and not loss.distills:
         teacher = None  # every distillation weight is 0 (--recipe none): plain training, nothing read
     warnings = loss.strength_warnings(train.batch_size, model_cfg.num_classes) if teacher is not None else []

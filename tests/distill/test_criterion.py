@@ -91,11 +91,14 @@ def test_defaults_do_not_change_when_a_batch_is_doubled_by_repeating_its_images(
     assert _terms(positive, 6, two)["loss_ld"] == pytest.approx(_terms(positive, 6, one)["loss_ld"], rel=1e-5)
 
 
-def test_one_class_kd_is_the_sigmoid_kd_by_default_and_not_constant():
+def test_one_class_data_gets_no_main_kd_by_default_and_the_sigmoid_kd_is_not_constant():
     batch = _batch(2, 1)
-    auto = _terms(LossConfig(), 1, batch)["loss_kd"]
-    assert auto > 0 and auto == pytest.approx(_terms(LossConfig(kd_mode="sigmoid"), 1, batch)["loss_kd"])
-    assert _terms(LossConfig(kd_mode="softmax"), 1, batch)["loss_kd"] == 0.0  # what auto avoids
+    assert LossConfig().for_classes(1).kd_weight == 0.0 and LossConfig().for_classes(6).kd_weight == 10.0
+    assert LossConfig().for_classes(1).teacher_needs().class_logits is False  # nothing read for it
+    assert _terms(LossConfig(), 1, batch)["loss_kd"] == 0.0  # auto: off, never a silent constant term
+    sigmoid = LossConfig(kd_mode="sigmoid")
+    assert sigmoid.for_classes(1) is sigmoid and _terms(sigmoid, 1, batch)["loss_kd"] > 0  # chosen: it has signal
+    assert _terms(LossConfig(kd_mode="softmax"), 1, batch)["loss_kd"] == 0.0  # a softmax over one class
     assert "constant" in " ".join(LossConfig(kd_mode="softmax").strength_warnings(2, 1))
 
 

@@ -123,6 +123,13 @@ def test_one_class_data_with_sigmoid_kd(tmp_path):
     assert proc.returncode == 0, proc.stderr
     kd = [r["loss_kd"] for r in _records(tmp_path / "s")]
     assert all(v > 0 for v in kd)  # the softmax KD would be exactly 0 with one class
+    # The default (--kd-mode auto) trains one-class data without Main KD, says so, and records it.
+    proc = run_cli("train-student", "--cache", tmp_path / "c", "--out", tmp_path / "d", "--max-iters", "2",
+                   "--log-every", "1", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "no Main KD" in proc.stderr
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["loss"]["kd_weight"] == 0.0
+    assert all(r["loss_kd"] == 0 and r["loss_ld"] > 0 for r in _records(tmp_path / "d"))
 
 
 def test_kill_and_resume_train_student(tiny_coco, tiny_cache, tmp_path):
