@@ -56,8 +56,13 @@ VARIANTS = {  # LD variants of the synthetic default at batch 8 (the ablation, g
     "mainld": ["--vlr-weight", "0", "--kd-weight", "0"], "mainld-vlr": ["--kd-weight", "0"],
     "gamma0": ["--vlr-gamma", "0"], "gamma0.5": ["--vlr-gamma", "0.5"], "gamma1": ["--vlr-gamma", "1"],
     "official": ["--ld-normalization", "official", "--kd-normalization", "official"],
-    "positive": ["--ld-normalization", "positive"],
+    "positive": ["--ld-normalization", "positive"], "sigmoidkd": ["--kd-mode", "sigmoid"],
 }
+# Which variants run where: all but sigmoidkd on the synthetic default; on the one-class data the
+# ablation and the sigmoid KD that --kd-mode auto leaves out there; the per-positive normalisation everywhere.
+VARIANTS_OF = {"synth": [v for v in VARIANTS if v != "sigmoidkd"], "dense1": ["mainld", "mainld-vlr", "sigmoidkd", "positive"],
+               "large8": ["positive"]}
+SEEDS_OF = {"dense1": 2}  # besides the synthetic default's --seeds
 
 
 @dataclass
@@ -92,7 +97,8 @@ def plan(work: Path, seeds: int, batches: list[int]) -> list[Job]:
         cache = root / "cache.zarr"  # the dump takes the teacher's img-scale
         jobs.append(Job(f"{name}/cache", ["dump-teacher", "--teacher", str(teacher / "checkpoints" / "last.pt"),
                                           *data[:4], "--out", str(cache)], cache, (f"{name}/teacher",)))
-        runs = [(b, 0) for b in batches] + [(8, s) for s in range(1, seeds)] if name == "synth" else [(8, 0)]
+        runs = ([(b, 0) for b in batches] + [(8, s) for s in range(1, seeds)] if name == "synth"
+                else [(8, s) for s in range(SEEDS_OF.get(name, 1))])
         for b, s in runs:
             extra = [*data, "--batch-size", str(b), "--lr", f"{0.001 * b / 8:g}", "--seed", str(s)]
             for kind in ("plain", "ld"):
@@ -108,12 +114,11 @@ def plan(work: Path, seeds: int, batches: list[int]) -> list[Job]:
             out = root / "ld-b8-s0-sparse-u8"
             jobs.append(Job(f"{name}/ld-b8-s0-sparse-u8", ["train-student", "--cache", str(small), *STUDENT_FLAGS, *data,
                                                            "--out", str(out)], out, (f"{name}/cache-sparse-u8",)))
-        for variant, flags in VARIANTS.items():
-            if name == "synth" or variant == "positive":
-                out = root / f"ld-b8-s0-{variant}"
-                jobs.append(Job(f"{name}/ld-b8-s0-{variant}", ["train-student", "--cache", str(cache), *STUDENT_FLAGS,
-                                                                *data, *flags, "--out", str(out)],
-                                out, (f"{name}/cache",)))
+        for variant in VARIANTS_OF[name]:
+            out = root / f"ld-b8-s0-{variant}"
+            jobs.append(Job(f"{name}/ld-b8-s0-{variant}", ["train-student", "--cache", str(cache), *STUDENT_FLAGS,
+                                                            *data, *VARIANTS[variant], "--out", str(out)],
+                            out, (f"{name}/cache",)))
     return sorted(jobs, key=lambda j: _priority(j.name))
 
 
@@ -174,13 +179,20 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
         p, d = _ap(work, f"synth/plain-b{b}-s0"), _ap(work, f"synth/ld-b{b}-s0")
         out["batches"].append({"batch": b, "plain": p, "ld": d})
         text.append(f"| {b} | {f(p)} | {f(d)} | {f(d - p) if p is not None and d is not None else '-'} |")
-    text += ["", "### Seeds (synthetic default, batch 8)", "", "| | seeds | AP mean | spread (sd) | APs |", "|---|---|---|---|---|"]
+    text += ["", "### Seeds (batch 8)", "", "| | seeds | AP mean | spread (sd) | APs |", "|---|---|---|---|---|"]
     for kind in ("plain", "ld"):
         aps = [a for s in range(seeds) if (a := _ap(work, f"synth/{kind}-b8-s{s}")) is not None]
         sd = statistics.stdev(aps) if len(aps) > 1 else None
         out["seeds"][kind] = {"aps": aps, "mean": statistics.mean(aps) if aps else None, "sd": sd}
-        text.append(f"| {kind} | {len(aps)} | {f(statistics.mean(aps)) if aps else '-'} | {f(sd)} | "
+        text.append(f"| synth {kind} | {len(aps)} | {f(statistics.mean(aps)) if aps else '-'} | {f(sd)} | "
                     f"{', '.join(f'{a:.1f}' for a in aps)} |")
+    for name, n in SEEDS_OF.items():
+        for kind in ("plain", "ld"):
+            aps = [a for s in range(n) if (a := _ap(work, f"{name}/{kind}-b8-s{s}")) is not None]
+            sd = statistics.stdev(aps) if len(aps) > 1 else None
+            out["seeds"][f"{name}/{kind}"] = {"aps": aps, "mean": statistics.mean(aps) if aps else None, "sd": sd}
+            text.append(f"| {name} {kind} | {len(aps)} | {f(statistics.mean(aps)) if aps else '-'} | {f(sd)} | "
+                        f"{', '.join(f'{a:.1f}' for a in aps)} |")
     text += ["", "### Datasets (batch 8, seed 0, no weight flags)", "",
              "| dataset | classes | objects / image | teacher AP | plain AP | LD AP | gap closed |", "|---|---|---|---|---|---|---|"]
     for name in DATASETS:
@@ -199,6 +211,10 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
             ("+ VLR LD", "--kd-weight 0", "synth/ld-b8-s0-mainld-vlr"), ("+ Main KD (defaults)", "", "synth/ld-b8-s0")]
     rows += [(f"gamma {g}", f"--vlr-gamma {g}", f"synth/ld-b8-s0-gamma{g}") for g in ("0", "0.5", "1")]
     rows += [("official normalisation", " ".join(VARIANTS["official"]), "synth/ld-b8-s0-official")]
+    rows += [("dense1: plain", "train-detector", "dense1/plain-b8-s0"),
+             ("dense1: Main LD", "--vlr-weight 0 --kd-weight 0", "dense1/ld-b8-s0-mainld"),
+             ("dense1: + VLR LD (defaults: no Main KD on one class)", "", "dense1/ld-b8-s0"),
+             ("dense1: + sigmoid Main KD", "--kd-mode sigmoid", "dense1/ld-b8-s0-sigmoidkd")]
     rows += [("from a region-sparse uint8 cache", "dump: " + " ".join(SPARSE_U8), "synth/ld-b8-s0-sparse-u8")]
     rows += [(f"positive normalisation ({n})", "--ld-normalization positive", f"{n}/ld-b8-s0-positive") for n in DATASETS]
     for label, flags, run_name in rows:
