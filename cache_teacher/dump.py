@@ -105,12 +105,12 @@ class ShardAssembler:
             local = int(self.layout.row_offset[v]) - shard * self.layout.rows_per_shard
             for key, array in encoded.items():
                 self.buffers[shard][self.names[key]][local:local + rows] = array[start:start + rows]
+                self.bytes_written += array[start:start + rows].nbytes  # the rows, not the shard's padding
             start += rows
             self.missing[shard] -= 1
             if self.missing[shard] == 0:
                 buffers = self.buffers.pop(shard)
                 self.writer.write_shard(shard, buffers)
-                self.bytes_written += sum(b.nbytes for b in buffers.values())
 
 
 def _writer_loop(work: queue.Queue, assembler: ShardAssembler, layout: Layout, errors: list) -> None:
@@ -249,7 +249,7 @@ def format_dump_result(result: dict, out: str) -> str:
     if result["already_complete"]:
         return f"{out} is already complete; nothing to do"
     share = " (rank 0's share)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    return (f"wrote {result['views']:,} views{share} ({result['bytes_written'] / 2**20:,.1f} MiB) in "
+    return (f"wrote {result['views']:,} views{share} ({result['bytes_written'] / 2**20:,.1f} MiB of rows) in "
             f"{result['seconds']:.1f} s ({result['views'] / max(result['seconds'], 1e-9):.1f} views/s); "
             f"{'complete' if result['complete'] else 'incomplete'}: {out}")
 

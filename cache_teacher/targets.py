@@ -83,8 +83,11 @@ class CacheTeacher:
         dataset_problems = meta.mismatches(ann_sha256=dataset.ann_sha256, image_ids=dataset.image_ids)
         if dataset_problems:  # not the dumped dataset: a subset of its images is fine
             subset = cache.subset_problem(dataset.image_ids, dataset.image_digests())
-            if subset is not None or problems:
-                problems += dataset_problems + ([f"and not a subset: {subset}"] if subset else [])
+            if subset is not None:
+                problems.append(f"the run's {len(dataset.image_ids)} images are neither the cached dataset "
+                                f"({len(cache.image_ids)} images) nor a subset of it: {subset}")
+            elif problems:
+                problems += dataset_problems
         if problems:
             raise UserError(f"cache {cache.location} does not match this run: " + "; ".join(problems))
         if needs.class_logits and not cache.has_cls:
