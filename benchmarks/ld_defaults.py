@@ -165,8 +165,7 @@ def _ap(work: Path, run_name: str, key: str = "AP") -> float | None:
     return 100 * json.loads(path.read_text())["metrics"][key] if path.is_file() else None
 
 
-def _objects_per_image(ann: Path) -> float:
-    coco = json.loads(ann.read_text())
+def _objects_per_image(coco: dict) -> float:
     return sum(not a.get("iscrowd") for a in coco["annotations"]) / max(len(coco["images"]), 1)
 
 
@@ -180,17 +179,12 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
         out["batches"].append({"batch": b, "plain": p, "ld": d})
         text.append(f"| {b} | {f(p)} | {f(d)} | {f(d - p) if p is not None and d is not None else '-'} |")
     text += ["", "### Seeds (batch 8)", "", "| | seeds | AP mean | spread (sd) | APs |", "|---|---|---|---|---|"]
-    for kind in ("plain", "ld"):
-        aps = [a for s in range(seeds) if (a := _ap(work, f"synth/{kind}-b8-s{s}")) is not None]
-        sd = statistics.stdev(aps) if len(aps) > 1 else None
-        out["seeds"][kind] = {"aps": aps, "mean": statistics.mean(aps) if aps else None, "sd": sd}
-        text.append(f"| synth {kind} | {len(aps)} | {f(statistics.mean(aps)) if aps else '-'} | {f(sd)} | "
-                    f"{', '.join(f'{a:.1f}' for a in aps)} |")
-    for name, n in SEEDS_OF.items():
+    for name, n in [("synth", seeds), *SEEDS_OF.items()]:
         for kind in ("plain", "ld"):
             aps = [a for s in range(n) if (a := _ap(work, f"{name}/{kind}-b8-s{s}")) is not None]
             sd = statistics.stdev(aps) if len(aps) > 1 else None
-            out["seeds"][f"{name}/{kind}"] = {"aps": aps, "mean": statistics.mean(aps) if aps else None, "sd": sd}
+            key = kind if name == "synth" else f"{name}/{kind}"
+            out["seeds"][key] = {"aps": aps, "mean": statistics.mean(aps) if aps else None, "sd": sd}
             text.append(f"| {name} {kind} | {len(aps)} | {f(statistics.mean(aps)) if aps else '-'} | {f(sd)} | "
                         f"{', '.join(f'{a:.1f}' for a in aps)} |")
     text += ["", "### Datasets (batch 8, seed 0, no weight flags)", "",
@@ -199,8 +193,9 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
         ann = work / "data" / name / "annotations" / "instances_train.json"
         t, p, d = _ap(work, f"{name}/teacher"), _ap(work, f"{name}/plain-b8-s0"), _ap(work, f"{name}/ld-b8-s0")
         share = (d - p) / (t - p) if None not in (t, p, d) and t > p else None
-        classes = len(json.loads(ann.read_text())["categories"]) if ann.is_file() else None
-        row = {"dataset": name, "classes": classes, "objects_per_image": _objects_per_image(ann) if ann.is_file() else None,
+        coco = json.loads(ann.read_text()) if ann.is_file() else None
+        classes = len(coco["categories"]) if coco else None
+        row = {"dataset": name, "classes": classes, "objects_per_image": _objects_per_image(coco) if coco else None,
                "teacher": t, "plain": p, "ld": d, "gap_closed": share}
         out["datasets"].append(row)
         text.append(f"| {name} | {classes} | {f(row['objects_per_image'])} | {f(t)} | {f(p)} | {f(d)} | "

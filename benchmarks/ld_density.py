@@ -21,7 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the repository root on sys.path)
-import torch  # noqa: E402
 from sparse_size import write_coco_like  # noqa: E402
 
 from detector.atss import assign_batch  # noqa: E402
@@ -37,7 +36,6 @@ def density(dataset: CocoDetection, gamma: float, max_images: int) -> dict:
     for i in range(n):
         record = dataset.view_record(i, 0)
         boxes, labels = dataset.view_boxes(i, record)
-        boxes, labels = torch.as_tensor(boxes, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long)
         if len(boxes) == 0:
             continue
         assign = assign_batch([record.level_hw], [boxes], [labels], dataset.strides, dataset.num_classes)
