@@ -63,6 +63,7 @@ VARIANTS = {  # LD variants of the synthetic default at batch 8 (the ablation, g
 VARIANTS_OF = {"synth": [v for v in VARIANTS if v != "sigmoidkd"], "dense1": ["mainld", "mainld-vlr", "sigmoidkd", "positive"],
                "large8": ["positive"]}
 SEEDS_OF = {"dense1": 2}  # besides the synthetic default's --seeds
+SEED_BATCHES = (8, 2)  # the synthetic default's batch sizes run with every seed (the acceptance's two)
 
 
 @dataclass
@@ -82,9 +83,11 @@ class Job:
         return (self.out / "eval.json").is_file()
 
 
-def plan(work: Path, seeds: int, batches: list[int]) -> list[Job]:
+def plan(work: Path, seeds: int, batches: list[int], datasets: list[str] | None = None) -> list[Job]:
     jobs: list[Job] = []
     for name, make in DATASETS.items():
+        if datasets is not None and name not in datasets:
+            continue
         root, d = work / name, work / "data" / name
         jobs.append(Job(f"{name}/data", ["make-synthetic", str(d), *SIZE, *make], d))
         data = ["--images", str(d / "train"), "--ann", str(d / "annotations" / "instances_train.json"),
@@ -97,7 +100,7 @@ def plan(work: Path, seeds: int, batches: list[int]) -> list[Job]:
         cache = root / "cache.zarr"  # the dump takes the teacher's img-scale
         jobs.append(Job(f"{name}/cache", ["dump-teacher", "--teacher", str(teacher / "checkpoints" / "last.pt"),
                                           *data[:4], "--out", str(cache)], cache, (f"{name}/teacher",)))
-        runs = ([(b, 0) for b in batches] + [(8, s) for s in range(1, seeds)] if name == "synth"
+        runs = ([(b, 0) for b in batches] + [(b, s) for b in SEED_BATCHES for s in range(1, seeds)] if name == "synth"
                 else [(8, s) for s in range(SEEDS_OF.get(name, 1))])
         for b, s in runs:
             extra = [*data, "--batch-size", str(b), "--lr", f"{0.001 * b / 8:g}", "--seed", str(s)]
@@ -111,9 +114,11 @@ def plan(work: Path, seeds: int, batches: list[int]) -> list[Job]:
             jobs.append(Job(f"{name}/cache-sparse-u8", ["dump-teacher", "--teacher", str(teacher / "checkpoints" / "last.pt"),
                                                         *data[:4], *SPARSE_U8, "--out", str(small)],
                             small, (f"{name}/teacher",)))
-            out = root / "ld-b8-s0-sparse-u8"
-            jobs.append(Job(f"{name}/ld-b8-s0-sparse-u8", ["train-student", "--cache", str(small), *STUDENT_FLAGS, *data,
-                                                           "--out", str(out)], out, (f"{name}/cache-sparse-u8",)))
+            for s in range(seeds):  # the recipe's batch 8 and lr; seed 0 is the default
+                out = root / f"ld-b8-s{s}-sparse-u8"
+                jobs.append(Job(f"{name}/ld-b8-s{s}-sparse-u8", ["train-student", "--cache", str(small), *STUDENT_FLAGS,
+                                                                  *data, *(["--seed", str(s)] if s else []), "--out", str(out)],
+                                out, (f"{name}/cache-sparse-u8",)))
         for variant in VARIANTS_OF[name]:
             out = root / f"ld-b8-s0-{variant}"
             jobs.append(Job(f"{name}/ld-b8-s0-{variant}", ["train-student", "--cache", str(cache), *STUDENT_FLAGS,
@@ -126,11 +131,25 @@ def plan(work: Path, seeds: int, batches: list[int]) -> list[Job]:
 # defaults vs plain at batch 8 and 2 on every dataset, then seeds, ablation, the other batch sizes.
 PRIORITY = [r".*/data", r".*/teacher", r"synth/plain-b8-s0", r".*/cache", r"synth/(plain|ld)-b8-s0",
             r".*/(plain|ld)-b8-s0", r"synth/(plain|ld)-b2-s0", r"synth/(plain|ld)-b8-s\d", r"synth/ld-b8-s0-mainld.*",
-            r"synth/ld-b8-s0-official", r"synth/(cache|ld-b8-s0)-sparse-u8", r"synth/ld-b8-s0-gamma.*", r"synth/.*-b(16|4)-s0"]
+            r"synth/ld-b8-s0-official", r"synth/(cache|ld-b8-s\d)-sparse-u8", r"synth/ld-b8-s0-gamma.*", r"synth/.*-b(16|4)-s0"]
 
 
 def _priority(name: str) -> int:
     return next((i for i, pattern in enumerate(PRIORITY) if re.fullmatch(pattern, name)), len(PRIORITY))
+
+
+def needed(jobs: list[Job], only: str | None) -> list[Job]:
+    """The jobs whose names match the regular expression `only` and everything they wait on."""
+    if only is None:
+        return jobs
+    by_name = {j.name: j for j in jobs}
+    keep, stack = set(), [j.name for j in jobs if re.search(only, j.name)]
+    while stack:
+        name = stack.pop()
+        if name not in keep:
+            keep.add(name)
+            stack += by_name[name].after
+    return [j for j in jobs if j.name in keep]
 
 
 def run(jobs: list[Job], parallel: int, log) -> None:
@@ -178,15 +197,20 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
         p, d = _ap(work, f"synth/plain-b{b}-s0"), _ap(work, f"synth/ld-b{b}-s0")
         out["batches"].append({"batch": b, "plain": p, "ld": d})
         text.append(f"| {b} | {f(p)} | {f(d)} | {f(d - p) if p is not None and d is not None else '-'} |")
-    text += ["", "### Seeds (batch 8)", "", "| | seeds | AP mean | spread (sd) | APs |", "|---|---|---|---|---|"]
-    for name, n in [("synth", seeds), *SEEDS_OF.items()]:
+    text += ["", "### Seeds", "", "| | batch | seeds | AP mean | spread (sd) | APs |", "|---|---|---|---|---|---|"]
+    for name, b, n in [*(("synth", b, seeds) for b in SEED_BATCHES), *((d, 8, n) for d, n in SEEDS_OF.items())]:
         for kind in ("plain", "ld"):
-            aps = [a for s in range(n) if (a := _ap(work, f"{name}/{kind}-b8-s{s}")) is not None]
+            aps = [a for s in range(n) if (a := _ap(work, f"{name}/{kind}-b{b}-s{s}")) is not None]
             sd = statistics.stdev(aps) if len(aps) > 1 else None
-            key = kind if name == "synth" else f"{name}/{kind}"
+            key = (kind if name == "synth" else f"{name}/{kind}") + ("" if b == 8 else f"/b{b}")
             out["seeds"][key] = {"aps": aps, "mean": statistics.mean(aps) if aps else None, "sd": sd}
-            text.append(f"| {name} {kind} | {len(aps)} | {f(statistics.mean(aps)) if aps else '-'} | {f(sd)} | "
+            text.append(f"| {name} {kind} | {b} | {len(aps)} | {f(statistics.mean(aps)) if aps else '-'} | {f(sd)} | "
                         f"{', '.join(f'{a:.1f}' for a in aps)} |")
+    aps = [a for s in range(seeds) if (a := _ap(work, f"synth/ld-b8-s{s}-sparse-u8")) is not None]
+    sd = statistics.stdev(aps) if len(aps) > 1 else None
+    out["seeds"]["ld/sparse-u8"] = {"aps": aps, "mean": statistics.mean(aps) if aps else None, "sd": sd}
+    text.append(f"| synth ld, region-sparse uint8 cache | 8 | {len(aps)} | {f(statistics.mean(aps)) if aps else '-'} | "
+                f"{f(sd)} | {', '.join(f'{a:.1f}' for a in aps)} |")
     text += ["", "### Datasets (batch 8, seed 0, no weight flags)", "",
              "| dataset | classes | objects / image | teacher AP | plain AP | LD AP | gap closed |", "|---|---|---|---|---|---|---|"]
     for name in DATASETS:
@@ -233,11 +257,17 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=2, help="runs at once (each with cores / parallel threads)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--batches", default="2,4,8,16")
+    p.add_argument("--datasets", default=",".join(DATASETS), help="which of " + ", ".join(DATASETS))
+    p.add_argument("--only", help="a regular expression: run only the matching runs (and what they wait on)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--out", default=str(common.RESULTS_DIR / "ld_defaults.json"))
     args = p.parse_args()
     work, batches = Path(args.workdir), [int(b) for b in args.batches.split(",")]
-    jobs = plan(work, args.seeds, batches)
+    datasets = args.datasets.split(",")
+    unknown = sorted(set(datasets) - set(DATASETS))
+    if unknown:
+        p.error(f"unknown dataset(s) {', '.join(unknown)}: choose from {', '.join(DATASETS)}")
+    jobs = plan(work, args.seeds, batches, datasets)
     if not args.report_only:
         work.mkdir(parents=True, exist_ok=True)
         with open(work / "progress.log", "a") as log_file:
@@ -246,7 +276,7 @@ def main() -> None:
                 print(line, flush=True)
                 log_file.write(line + "\n")
                 log_file.flush()
-            run(jobs, args.parallel, log)
+            run(needed(jobs, args.only), args.parallel, log)
     result = report(work, jobs, args.seeds, batches)
     print(result["table"])
     common.write_results(args.out, args, [], common.resolve_device("cpu"), **result)
