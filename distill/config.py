@@ -145,6 +145,12 @@ REF_VLR_WEIGHT_PER_IMAGE = 144.0
 LD_NORMALIZATIONS = ("image", "official", "positive", "mean")
 KD_NORMALIZATIONS = ("coco", "official")
 KD_MODES = ("auto", "softmax", "sigmoid")
+# The LD temperature, unless given: the paper's 10, except on data whose boxes sit in the first bins of
+# the edge distributions (distill/geometry.py): there T = 10 teaches the student the teacher's logits
+# of bins no target ever reaches, and T = 1 is what transferred the teacher's better boxes (README).
+PAPER_LD_TEMPERATURE = 10.0
+SMALL_BOX_LD_TEMPERATURE = 1.0
+SMALL_BOX_EDGE_BINS = 1.5  # COCO-like data: 3.5 bins; objects below the finest anchors: under 1
 # What each recipe sets; a flag typed (or a TOML value) wins over its recipe.
 RECIPES = {
     "paper": {},  # Main KD + Main LD + VLR LD, the paper's best
@@ -167,7 +173,9 @@ class LossConfig:
     dfl_weight: float = param(0.25, "DFL weight (the paper notes DFL can be dropped when LD is on)")
     ld_weight: float = param(None, "Main LD weight: box distributions of the ATSS positives",
                              shown="0.25; 0 with --recipe none")
-    ld_temperature: float = param(10.0, "LD temperature (Main and VLR)")
+    ld_temperature: float = param(None, "LD temperature (Main and VLR)",
+                                  shown=f"{PAPER_LD_TEMPERATURE:g}, the paper's; {SMALL_BOX_LD_TEMPERATURE:g} when the "
+                                        f"data's positive box edges lie under {SMALL_BOX_EDGE_BINS:g} bins (median)")
     vlr_weight: float = param(None, "VLR LD weight: box distributions of the valuable localization region",
                               shown="0.25; 0 with --recipe mmdet or none")
     vlr_gamma: float = param(0.25, "VLR band: gamma x thr <= DIoU < thr of a GT's ATSS threshold")
@@ -195,7 +203,7 @@ class LossConfig:
         problems = [f"{f.name} must be >= 0" for f in fields(self)
                     if isinstance(getattr(self, f.name), float) and getattr(self, f.name) < 0]
         for name in ("ld_temperature", "kd_temperature"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
         if self.recipe not in RECIPES:
             problems.append(f"recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
@@ -229,6 +237,19 @@ class LossConfig:
         if self.kd_mode_for(num_classes) == "off" and self.kd_weight > 0:
             return replace(self, kd_weight=0.0)
         return self
+
+    @property
+    def effective_ld_temperature(self) -> float:
+        """The LD temperature the losses use: the one given or resolved (for_edges), else the paper's."""
+        return PAPER_LD_TEMPERATURE if self.ld_temperature is None else self.ld_temperature
+
+    def for_edges(self, median_edge_bins: float | None) -> "LossConfig":
+        """The LD temperature of a run whose data's positive box edges lie at median_edge_bins (the
+        median over the ATSS positives, in bins: distill.geometry), when none was given."""
+        if self.ld_temperature is not None:
+            return self
+        small = median_edge_bins is not None and median_edge_bins < SMALL_BOX_EDGE_BINS
+        return replace(self, ld_temperature=SMALL_BOX_LD_TEMPERATURE if small else PAPER_LD_TEMPERATURE)
 
     def teacher_needs(self) -> TeacherNeeds:
         """What these losses read from a teacher (a term whose weight is 0 reads nothing)."""

@@ -82,7 +82,7 @@ def distillation_losses(cls_rows: torch.Tensor, box_rows: torch.Tensor, teacher_
     if main_rows.numel() or vlr_rows.numel():
         rows = torch.cat([main_rows, vlr_rows])
         kl = distill_kl(box_rows[rows].reshape(-1, bins), _needed(teacher_box[rows], "LD", holes).reshape(-1, bins),
-                        cfg.ld_temperature).reshape(-1, 4).sum(dim=1)  # [rows]: summed over the 4 edges
+                        cfg.effective_ld_temperature).reshape(-1, 4).sum(dim=1)  # [rows]: summed over the 4 edges
         main_kl, vlr_kl = kl[:main_rows.numel()], kl[main_rows.numel():]
         if main_rows.numel():  # the official sums (/ 4 and / 16), normalised
             out["loss_ld"] = (main_kl * gfl.pos_weights).sum() / 4 / main_norm

@@ -27,7 +27,8 @@ from detector.inference import evaluate_model
 from detector.model import build_detector
 from detector.runtime import resolve_device
 from detector.views import ViewSpec, parse_views
-from distill.config import DataConfig, LossConfig, TrainConfig, config_to_dict
+from distill.config import PAPER_LD_TEMPERATURE, DataConfig, LossConfig, TrainConfig, config_to_dict
+from distill.geometry import median_edge_bins, temperature_note
 from distill.run_dir import MetricsLog, RunPaths, prepare_run_dir, tensorboard_available, truncate_metrics
 from distill.sampler import ViewBatchSampler
 from distill.step import Learner, train_step
@@ -181,6 +182,11 @@ def build_training(data, model_cfg, train, loss, out: Path, resume, extra_config
     loss = resolved
     if teacher is not None and not loss.distills:
         teacher = None  # every distillation weight is 0 (--recipe none): plain training, nothing read
+    if teacher is not None and loss.ld_temperature is None and (loss.ld_weight or loss.vlr_weight):
+        extra_config["median_edge_bins"] = edges = median_edge_bins(dataset, model_cfg.strides, model_cfg.reg_max)
+        loss = loss.for_edges(edges)
+        if loss.ld_temperature != PAPER_LD_TEMPERATURE and dist_info.is_main:
+            print(f"note: {temperature_note(loss.ld_temperature, edges)}", file=sys.stderr)
     warnings = loss.strength_warnings(train.batch_size, model_cfg.num_classes) if teacher is not None else []
     if dist_info.is_main:
         for line in warnings:
