@@ -23,21 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the repository root on sys.path)
+from command_queue import Job, needed, run  # noqa: E402
 
 CONFIGS = common.REPO_ROOT / "configs"
 TEACHER, STUDENT = CONFIGS / "synthetic-teacher.toml", CONFIGS / "synthetic-student.toml"
-LDCACHE = Path(sys.executable).with_name("ldcache")
 SIZE = ["--num-train", "500", "--num-val", "150", "--image-size", "160"]
 DATASETS = {  # name -> make-synthetic options
     "synth": [],
@@ -45,6 +42,8 @@ DATASETS = {  # name -> make-synthetic options
                "--max-object-frac", "0.15"],
     "large8": ["--num-classes", "8", "--min-objects", "1", "--max-objects", "3", "--min-object-px", "30",
                "--max-object-frac", "0.9"],
+    "tiny6": ["--num-classes", "6", "--min-objects", "10", "--max-objects", "25", "--min-object-px", "6",
+              "--max-object-frac", "0.15", "--seed", "6"],
 }
 # The demo's teacher (R-34 half width, 96-channel 3-conv head) and schedules; model and schedule
 # flags only, never a loss weight.
@@ -57,30 +56,17 @@ VARIANTS = {  # LD variants of the synthetic default at batch 8 (the ablation, g
     "gamma0": ["--vlr-gamma", "0"], "gamma0.5": ["--vlr-gamma", "0.5"], "gamma1": ["--vlr-gamma", "1"],
     "official": ["--ld-normalization", "official", "--kd-normalization", "official"],
     "positive": ["--ld-normalization", "positive"], "sigmoidkd": ["--kd-mode", "sigmoid"],
+    "T1": ["--ld-temperature", "1"], "T10": ["--ld-temperature", "10"],  # the temperature rule's evidence
 }
 # Which variants run where: all but sigmoidkd on the synthetic default; on the one-class data the
 # ablation and the sigmoid KD that --kd-mode auto leaves out there; the per-positive normalisation everywhere.
-VARIANTS_OF = {"synth": [v for v in VARIANTS if v != "sigmoidkd"], "dense1": ["mainld", "mainld-vlr", "sigmoidkd", "positive"],
-               "large8": ["positive"]}
-SEEDS_OF = {"dense1": 2}  # besides the synthetic default's --seeds
+VARIANTS_OF = {"synth": [v for v in VARIANTS if v not in ("sigmoidkd", "T10")],
+               "dense1": ["mainld", "mainld-vlr", "sigmoidkd", "positive", "T10"], "large8": ["positive", "T1"],
+               "tiny6": ["T10"]}
+# On the small-object datasets (where the default LD temperature is 1) the paper's T = 10 over every seed.
+VARIANT_SEEDS = {("dense1", "T10"): 3, ("tiny6", "T10"): 3}
+SEEDS_OF = {"dense1": 3, "large8": 3, "tiny6": 3}  # besides the synthetic default's --seeds
 SEED_BATCHES = (8, 2)  # the synthetic default's batch sizes run with every seed (the acceptance's two)
-
-
-@dataclass
-class Job:
-    name: str
-    argv: list[str]
-    out: Path
-    after: tuple[str, ...] = ()
-    proc: subprocess.Popen | None = field(default=None, repr=False)
-
-    def done(self) -> bool:
-        if self.argv[0] == "make-synthetic":
-            return (self.out / "annotations" / "instances_val.json").is_file()
-        if self.argv[0] == "dump-teacher":
-            meta = self.out / "zarr.json"
-            return meta.is_file() and json.loads(meta.read_text())["attributes"]["ldcache"]["complete"]
-        return (self.out / "eval.json").is_file()
 
 
 def plan(work: Path, seeds: int, batches: list[int], datasets: list[str] | None = None) -> list[Job]:
@@ -120,10 +106,12 @@ def plan(work: Path, seeds: int, batches: list[int], datasets: list[str] | None 
                                                                   *data, *(["--seed", str(s)] if s else []), "--out", str(out)],
                                 out, (f"{name}/cache-sparse-u8",)))
         for variant in VARIANTS_OF[name]:
-            out = root / f"ld-b8-s0-{variant}"
-            jobs.append(Job(f"{name}/ld-b8-s0-{variant}", ["train-student", "--cache", str(cache), *STUDENT_FLAGS,
-                                                            *data, *VARIANTS[variant], "--out", str(out)],
-                            out, (f"{name}/cache",)))
+            for s in range(VARIANT_SEEDS.get((name, variant), 1)):
+                out = root / f"ld-b8-s{s}-{variant}"
+                jobs.append(Job(f"{name}/ld-b8-s{s}-{variant}", ["train-student", "--cache", str(cache), *STUDENT_FLAGS,
+                                                                  *data, *VARIANTS[variant], *(["--seed", str(s)] if s else []),
+                                                                  "--out", str(out)],
+                                out, (f"{name}/cache",)))
     return sorted(jobs, key=lambda j: _priority(j.name))
 
 
@@ -136,47 +124,6 @@ PRIORITY = [r".*/data", r".*/teacher", r"synth/plain-b8-s0", r".*/cache", r"synt
 
 def _priority(name: str) -> int:
     return next((i for i, pattern in enumerate(PRIORITY) if re.fullmatch(pattern, name)), len(PRIORITY))
-
-
-def needed(jobs: list[Job], only: str | None) -> list[Job]:
-    """The jobs whose names match the regular expression `only` and everything they wait on."""
-    if only is None:
-        return jobs
-    by_name = {j.name: j for j in jobs}
-    keep, stack = set(), [j.name for j in jobs if re.search(only, j.name)]
-    while stack:
-        name = stack.pop()
-        if name not in keep:
-            keep.add(name)
-            stack += by_name[name].after
-    return [j for j in jobs if j.name in keep]
-
-
-def run(jobs: list[Job], parallel: int, log) -> None:
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    by_name, running, failed = {j.name: j for j in jobs}, [], set()
-    todo = [j for j in jobs if not j.done()]
-    while todo or running:
-        for job in [j for j in running if j.proc.poll() is not None]:
-            running.remove(job)
-            ok = job.proc.returncode == 0 and job.done()
-            failed |= set() if ok else {job.name}
-            log(f"{'done' if ok else 'FAILED'}: {job.name}")
-        ready = [j for j in todo if all(by_name[a].done() for a in j.after)]
-        todo = [j for j in todo if not any(a in failed for a in j.after)]
-        while ready and len(running) < parallel:
-            job = ready.pop(0)
-            todo.remove(job)
-            job.out.parent.mkdir(parents=True, exist_ok=True)
-            with open(job.out.parent / f"{job.out.name}.log", "a") as f:
-                job.proc = subprocess.Popen([str(LDCACHE), *job.argv, *(["--resume"] if job.argv[0].startswith("train") else [])],
-                                            stdout=f, stderr=subprocess.STDOUT, env=env)
-            running.append(job)
-            log(f"start: {job.name} ({len(todo)} waiting)")
-        if not ready and not running and todo:
-            break  # what is left waits on failed jobs
-        time.sleep(5)
 
 
 def _ap(work: Path, run_name: str, key: str = "AP") -> float | None:
@@ -211,6 +158,22 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
     out["seeds"]["ld/sparse-u8"] = {"aps": aps, "mean": statistics.mean(aps) if aps else None, "sd": sd}
     text.append(f"| synth ld, region-sparse uint8 cache | 8 | {len(aps)} | {f(statistics.mean(aps)) if aps else '-'} | "
                 f"{f(sd)} | {', '.join(f'{a:.1f}' for a in aps)} |")
+    text += ["", "### The LD temperature on small objects (batch 8)", "",
+             "| dataset | median positive edge (bins) | plain | LD, default (T = 1 here) | LD, T = 10 (the paper's) |",
+             "|---|---|---|---|---|"]
+    out["temperature"] = {}
+    for name in [n for n in DATASETS if "T10" in VARIANTS_OF[n]]:
+        cells = {}
+        for key, pattern in (("plain", "plain-b8-s{}"), ("ld", "ld-b8-s{}"), ("T10", "ld-b8-s{}-T10")):
+            aps = [a for s in range(SEEDS_OF.get(name, 1)) if (a := _ap(work, f"{name}/" + pattern.format(s))) is not None]
+            cells[key] = {"aps": aps, "mean": statistics.mean(aps) if aps else None,
+                          "sd": statistics.stdev(aps) if len(aps) > 1 else None}
+        config = work / name / "ld-b8-s0" / "config.json"
+        edge = json.loads(config.read_text()).get("median_edge_bins") if config.is_file() else None
+        out["temperature"][name] = {"median_edge_bins": edge, **cells}
+        ms = lambda c: "-" if c["mean"] is None else f"{c['mean']:.1f} +- {f(c['sd'])} ({len(c['aps'])})"  # noqa: E731
+        text.append(f"| {name} | {f(edge) if edge is None else f'{edge:.2f}'} | {ms(cells['plain'])} | {ms(cells['ld'])} | "
+                    f"{ms(cells['T10'])} |")
     text += ["", "### Datasets (batch 8, seed 0, no weight flags)", "",
              "| dataset | classes | objects / image | teacher AP | plain AP | LD AP | gap closed |", "|---|---|---|---|---|---|---|"]
     for name in DATASETS:
@@ -235,7 +198,10 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
              ("dense1: + VLR LD (defaults: no Main KD on one class)", "", "dense1/ld-b8-s0"),
              ("dense1: + sigmoid Main KD", "--kd-mode sigmoid", "dense1/ld-b8-s0-sigmoidkd")]
     rows += [("from a region-sparse uint8 cache", "dump: " + " ".join(SPARSE_U8), "synth/ld-b8-s0-sparse-u8")]
-    rows += [(f"positive normalisation ({n})", "--ld-normalization positive", f"{n}/ld-b8-s0-positive") for n in DATASETS]
+    rows += [(f"positive normalisation ({n})", "--ld-normalization positive", f"{n}/ld-b8-s0-positive")
+             for n in DATASETS if "positive" in VARIANTS_OF[n]]
+    rows += [(f"LD temperature 1 ({n}; its default is 10)", "--ld-temperature 1", f"{n}/ld-b8-s0-T1")
+             for n in DATASETS if "T1" in VARIANTS_OF[n]]
     for label, flags, run_name in rows:
         m = [_ap(work, run_name, k) for k in ("AP", "AP50", "AP75")]
         out["variants"][run_name] = dict(zip(("AP", "AP50", "AP75"), m))
@@ -254,7 +220,8 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default=str(common.REPO_ROOT / "runs" / "ld_defaults"))
-    p.add_argument("--parallel", type=int, default=2, help="runs at once (each with cores / parallel threads)")
+    p.add_argument("--parallel", type=int, default=2, help="runs at once")
+    p.add_argument("--threads", type=int, help="threads per run (default: cores / parallel)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--batches", default="2,4,8,16")
     p.add_argument("--datasets", default=",".join(DATASETS), help="which of " + ", ".join(DATASETS))
@@ -276,7 +243,7 @@ def main() -> None:
                 print(line, flush=True)
                 log_file.write(line + "\n")
                 log_file.flush()
-            run(needed(jobs, args.only), args.parallel, log)
+            run(needed(jobs, args.only), args.parallel, log, args.threads)
     result = report(work, jobs, args.seeds, batches)
     print(result["table"])
     common.write_results(args.out, args, [], common.resolve_device("cpu"), **result)

@@ -141,6 +141,17 @@ def test_ld_defaults_plans_user_commands_and_reports_the_gap_closed(tmp_path):
     assert synth["gap_closed"] == pytest.approx((25 - 20) / (40 - 20))  # a quarter of the gap
     assert result["seeds"]["ld"]["aps"] == pytest.approx([25.0, 26.0]) and result["seeds"]["plain"]["sd"] > 0
     assert "| 8 | 20.0 | 25.0 | 5.0 |" in result["table"]
+    # Small objects: the default (no temperature flag) beside the paper's T = 10 over the same seeds.
+    assert "--ld-temperature" not in by_name["dense1/ld-b8-s2"].argv
+    t10 = by_name["dense1/ld-b8-s2-T10"].argv
+    assert t10[t10.index("--ld-temperature") + 1] == "10" and t10[t10.index("--seed") + 1] == "2"
+    for s, (p, d, t) in enumerate([(0.24, 0.26, 0.24), (0.25, 0.27, 0.25)]):
+        for name, ap in ((f"plain-b8-s{s}", p), (f"ld-b8-s{s}", d), (f"ld-b8-s{s}-T10", t)):
+            finished(f"dense1/{name}", ap)
+    (tmp_path / "dense1" / "ld-b8-s0" / "config.json").write_text(json.dumps({"median_edge_bins": 0.84}))
+    cells = ld_defaults.report(tmp_path, jobs, seeds=3, batches=[2, 8])["temperature"]["dense1"]
+    assert cells["median_edge_bins"] == 0.84 and cells["ld"]["mean"] == pytest.approx(26.5)
+    assert cells["T10"]["aps"] == pytest.approx([24.0, 25.0]) and cells["plain"]["sd"] > 0
 
 
 def test_gap_decomposition_swaps_scores_and_boxes_location_by_location(tiny_coco, tmp_path):
