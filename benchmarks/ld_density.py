@@ -1,5 +1,6 @@
 """How much distillation signal does an image carry? Objects, ATSS positives and VLR weight per
-image, from the annotations alone (no model), for choosing LD's default normalisation.
+image, and where its box edges sit in the bins, from the annotations alone (no model): what LD's default
+normalisation and temperature rest on.
 
     .venv/bin/python benchmarks/ld_density.py                        # synthetic default + COCO-like
     .venv/bin/python benchmarks/ld_density.py --dataset dense1=ANN.json:IMAGES:192 ...
@@ -27,6 +28,8 @@ from detector.atss import assign_batch  # noqa: E402
 from detector.coco import CocoDetection  # noqa: E402
 from detector.regions import vlr_region  # noqa: E402
 from detector.views import parse_views  # noqa: E402
+from distill.config import LossConfig  # noqa: E402
+from distill.geometry import positive_edge_distances  # noqa: E402
 
 
 def density(dataset: CocoDetection, gamma: float, max_images: int) -> dict:
@@ -42,8 +45,11 @@ def density(dataset: CocoDetection, gamma: float, max_images: int) -> dict:
         objects += len(boxes)
         positives += assign.pos.numel()
         vlr += float(vlr_region(assign, gamma).weights.sum())
+    edges = positive_edge_distances(dataset, dataset.strides, 16, max_images)  # the LD temperature rule reads this
     return {"images": n, "objects_per_image": objects / n, "positives_per_image": positives / n,
-            "vlr_weight_per_image": vlr / n, "positives_per_object": positives / max(objects, 1)}
+            "vlr_weight_per_image": vlr / n, "positives_per_object": positives / max(objects, 1),
+            "median_edge_bins": float(edges.median()),
+            "ld_temperature": LossConfig().for_edges(float(edges.median())).ld_temperature}
 
 
 def main() -> None:
@@ -80,7 +86,8 @@ def main() -> None:
     columns = [("dataset", "dataset", ""), ("classes", "classes", ""), ("objects_per_image", "objects/img", ".1f"),
                ("positives_per_image", "positives/img", ".1f"), ("positives_per_object", "positives/object", ".1f"),
                ("vlr_weight_per_image", "VLR weight/img", ".1f"), ("positives_vs_first", "positives vs first", ".2f"),
-               ("vlr_vs_first", "VLR vs first", ".2f")]
+               ("vlr_vs_first", "VLR vs first", ".2f"), ("median_edge_bins", "median positive edge (bins)", ".2f"),
+               ("ld_temperature", "default LD temperature", "g")]
     print(common.markdown_table(rows, columns))
     common.write_results(args.out, args, rows, common.resolve_device("cpu"))
 

@@ -92,6 +92,8 @@ def test_ld_density_counts_positives_and_vlr_weight(tiny_coco, tmp_path):
     # around every object holds more weight than its positives
     assert coco["positives_per_image"] > 2 * coco["objects_per_image"] and coco["vlr_weight_per_image"] > 0
     assert tiny["positives_vs_first"] == pytest.approx(tiny["positives_per_image"] / coco["positives_per_image"])
+    # COCO's boxes at 1333x800 spread over the bins (the paper's temperature applies)
+    assert 2.5 < coco["median_edge_bins"] < 5 and coco["ld_temperature"] == 10.0
 
 
 def test_coco_like_annotations_follow_the_published_statistics(tmp_path):
