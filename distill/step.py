@@ -3,9 +3,10 @@
 teacher rows (cache or live teacher) -> student forward under autocast -> every loss of the
 batch (distill.criterion) -> backward -> optimizer step. The step reads the losses back to the
 host once, as one tensor: that is its only device synchronisation, and the finite-loss check
-uses the values read. Each phase is a torch.profiler record_function range (benchmarks/step_profile.py
-breaks a step down by them): teacher, forward, losses (assignment, gfl_losses, distillation),
-backward, optimizer, readout."""
+uses the values read. Each phase is a torch.profiler record_function range (train_throughput.py
+--profile breaks a step down by them; benchmarks/step_phases.py times the same phases from
+outside): teacher, forward, losses (assignment, gfl_losses, distillation), backward, optimizer,
+readout."""
 
 from __future__ import annotations
 
