@@ -2,8 +2,9 @@
 
 teacher rows (cache or live teacher) -> student forward under autocast -> every loss of the
 batch (distill.criterion) -> backward -> optimizer step. The step reads the losses back to the
-host once, as one tensor: that is its only device synchronisation, and the finite-loss check
-uses the values read. Each phase is a torch.profiler record_function range (train_throughput.py
+host once, as one tensor, and the finite-loss check uses the values read. (On CUDA the losses
+still wait on the device where shapes depend on data: the ATSS positives and the VLR band are
+selected with nonzero / boolean masks.) Each phase is a torch.profiler record_function range (train_throughput.py
 --profile breaks a step down by them; benchmarks/step_phases.py times the same phases from
 outside): teacher, forward, losses (assignment, gfl_losses, distillation), backward, optimizer,
 readout."""
