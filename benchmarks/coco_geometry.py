@@ -37,7 +37,7 @@ from cache_teacher.codec import decode_rows, encode_rows  # noqa: E402
 from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
 from cache_teacher.fidelity import edge_kl  # noqa: E402
 from cache_teacher.reader import TeacherCache  # noqa: E402
-from detector.checkpoint import load_model  # noqa: E402
+from detector.checkpoint import load_model, save_checkpoint  # noqa: E402
 from detector.coco import CocoDetection, collate  # noqa: E402
 from detector.regions import distillation_rows  # noqa: E402
 from detector.rows import flatten_rows  # noqa: E402
@@ -104,12 +104,31 @@ def measure(teacher, dataset, device, batch_size: int, workers: int) -> tuple[di
     return out, forward
 
 
+@torch.no_grad()
+def calibrate_box_logits(path: str, dataset, device, target_std: float) -> float:
+    """Scale a random teacher's box-logit conv so that a view's box logits spread over the 17 bins
+    as a trained teacher's do (per-row std over the bins: 3.9-4.2 for this project's trained teachers),
+    and save it back. A random head's logits are nearly flat, which would make every storage mode
+    look lossless. Returns the factor applied."""
+    teacher, config = load_model(path, {}, device)
+    _, box_maps = teacher(collate([dataset[(0, 0)]]).images.to(device))
+    rows = flatten_rows(box_maps, [dataset.view_record(0, 0).level_hw]).float().reshape(-1, config.reg_max + 1)
+    factor = target_std / float(rows.std(dim=1).mean())
+    teacher.bbox_head.gfl_reg.weight.mul_(factor)
+    teacher.bbox_head.gfl_reg.bias.mul_(factor)
+    save_checkpoint(path, teacher, config)
+    return factor
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-images", type=int, default=32, help="COCO-like images (2 views each)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--img-scale", type=common.parse_pair, default=(1333, 800), help="LONG,SHORT (smaller: smoke runs)")
     p.add_argument("--teacher-width", type=int, default=64, help="ResNet stem width (64 = full; FPN and head 4x)")
+    p.add_argument("--box-logit-std", type=float, default=4.0,
+                   help="spread the random teacher's box logits to this std over the bins, as trained teachers "
+                        "(0: leave the random head's near-flat logits)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the passes and dumps")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
@@ -125,9 +144,10 @@ def main() -> None:
         width = args.teacher_width
         teacher_args = argparse.Namespace(teacher=None, depth=101, base_width=width, fpn_channels=4 * width,
                                           head_channels=4 * width, stacked_convs=4, seed=0)
-        path, _, _ = common.prepare_teacher(teacher_args, 80, work)
+        path, config, _ = common.prepare_teacher(teacher_args, 80, work)
+        dataset = CocoDetection(images, ann, views=parse_views("orig,hflip", args.img_scale), strides=config.strides)
+        factor = calibrate_box_logits(path, dataset, device, args.box_logit_std) if args.box_logit_std > 0 else 1.0
         teacher, _ = load_model(path, {}, device)
-        dataset = CocoDetection(images, ann, views=parse_views("orig,hflip", args.img_scale), strides=teacher.config.strides)
         num_views = 2 * len(dataset)
         print(f"{len(dataset)} COCO-like images, {num_views} views, R-101 width {width}, {device}", file=sys.stderr)
         modes, forward = measure(teacher, dataset, device, args.batch_size, args.workers)
@@ -154,7 +174,8 @@ def main() -> None:
                      "train2017_tib": m["bytes_per_view"] * TRAIN2017_IMAGES * 2 / 2**40,
                      "kl_mean": m["kl_mean"], "kl_p99": m["kl_p99"], "kl_max": m["kl_max"]})
     print(f"\n{common.environment(device)['device_name']}; {num_views} views of COCO-like images at "
-          f"{args.img_scale[0]},{args.img_scale[1]}; R-101 width {args.teacher_width} (random weights); bare teacher "
+          f"{args.img_scale[0]},{args.img_scale[1]}; R-101 width {args.teacher_width} (random weights, box logits "
+          f"spread to std {args.box_logit_std:g} over the bins); bare teacher "
           f"forward {num_views / forward:.2f} views/s\n")
     print(common.markdown_table(rows, [("mode", "mode", ""), ("kb_per_view", "KB/view", ",.0f"),
                                        ("x_dense_fp16", "x dense fp16", ".3f"),
@@ -168,7 +189,7 @@ def main() -> None:
     print("\nreads (views/s): " + json.dumps(reads) + "\nan 8-GPU node needs: "
           + "; ".join(f"{k}: {v:.0f} views/s" for k, v in NODE_RATES.items()))
     common.write_results(args.out, args, rows, device, dumps=dumps, reads=reads, node_rates=NODE_RATES,
-                         forward_views_per_s=num_views / forward, num_views=num_views)
+                         forward_views_per_s=num_views / forward, num_views=num_views, box_logit_factor=factor)
     print(f"\nwrote {args.out}", file=sys.stderr)
 
 

@@ -66,6 +66,7 @@ def test_coco_geometry_measures_every_mode(tmp_path):
     assert size["dense uint8"] < size["dense fp16"]
     assert all(r["kl_mean"] < 1e-3 for r in record["rows"])  # every mode stores faithful distributions
     assert set(record["dumps"]) == {"dense fp16", "sparse 0.25 uint8"}
+    assert record["box_logit_factor"] > 10  # a random head's box logits are nearly flat until spread out
 
 
 def test_sparse_size_counts_fewer_rows_than_dense(tiny_coco, tmp_path):
