@@ -135,6 +135,24 @@ def _objects_per_image(coco: dict) -> float:
     return sum(not a.get("iscrowd") for a in coco["annotations"]) / max(len(coco["images"]), 1)
 
 
+def _gap_shares(work: Path, name: str) -> dict | None:
+    """The share of the teacher's AP lead over plain-b8-s0 that the teacher's boxes alone, or its scores
+    alone, recover (gap_decomposition.py), computed once into NAME/gap.json."""
+    cached, teacher, student = work / name / "gap.json", work / name / "teacher", work / name / "plain-b8-s0"
+    if not cached.is_file():
+        if not all((run / "checkpoints" / "last.pt").is_file() for run in (teacher, student)):
+            return None
+        import gap_decomposition
+
+        data = work / "data" / name
+        metrics = gap_decomposition.decompose(str(teacher / "checkpoints" / "last.pt"), str(student / "checkpoints" / "last.pt"),
+                                              str(data / "val"), str(data / "annotations" / "instances_val.json"), (160, 160))
+        shares = gap_decomposition.shares(metrics)
+        cached.write_text(json.dumps({"boxes": shares["student scores + teacher boxes"],
+                                      "scores": shares["teacher scores + student boxes"], "metrics": metrics}))
+    return json.loads(cached.read_text())
+
+
 def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
     f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     out, text = {"batches": [], "datasets": [], "seeds": {}, "variants": {}}, []
@@ -174,19 +192,25 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
         ms = lambda c: "-" if c["mean"] is None else f"{c['mean']:.1f} +- {f(c['sd'])} ({len(c['aps'])})"  # noqa: E731
         text.append(f"| {name} | {f(edge) if edge is None else f'{edge:.2f}'} | {ms(cells['plain'])} | {ms(cells['ld'])} | "
                     f"{ms(cells['T10'])} |")
-    text += ["", "### Datasets (batch 8, seed 0, no weight flags)", "",
-             "| dataset | classes | objects / image | teacher AP | plain AP | LD AP | gap closed |", "|---|---|---|---|---|---|---|"]
+    text += ["", "### Datasets (batch 8, mean over seeds, no weight flags)", "",
+             "| dataset | classes | objects / image | teacher AP | plain AP | LD AP | gap closed | teacher's boxes / "
+             "scores alone recover |", "|---|---|---|---|---|---|---|---|"]
     for name in DATASETS:
         ann = work / "data" / name / "annotations" / "instances_train.json"
-        t, p, d = _ap(work, f"{name}/teacher"), _ap(work, f"{name}/plain-b8-s0"), _ap(work, f"{name}/ld-b8-s0")
+        n = seeds if name == "synth" else SEEDS_OF.get(name, 1)
+        t = _ap(work, f"{name}/teacher")
+        p, d = ([a for s in range(n) if (a := _ap(work, f"{name}/{kind}-b8-s{s}")) is not None] for kind in ("plain", "ld"))
+        p, d = (statistics.mean(v) if v else None for v in (p, d))
         share = (d - p) / (t - p) if None not in (t, p, d) and t > p else None
         coco = json.loads(ann.read_text()) if ann.is_file() else None
         classes = len(coco["categories"]) if coco else None
+        gap = _gap_shares(work, name)
         row = {"dataset": name, "classes": classes, "objects_per_image": _objects_per_image(coco) if coco else None,
-               "teacher": t, "plain": p, "ld": d, "gap_closed": share}
+               "teacher": t, "plain": p, "ld": d, "gap_closed": share, "gap_decomposition": gap}
         out["datasets"].append(row)
-        text.append(f"| {name} | {classes} | {f(row['objects_per_image'])} | {f(t)} | {f(p)} | {f(d)} | "
-                    f"{'-' if share is None else f'{100 * share:.0f}%'} |")
+        pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+        text.append(f"| {name} | {classes} | {f(row['objects_per_image'])} | {f(t)} | {f(p)} | {f(d)} | {pct(share)} | "
+                    f"{pct(gap and gap['boxes'])} / {pct(gap and gap['scores'])} |")
     text += ["", "### Ablation, VLR gamma and normalisations (synthetic default, batch 8, seed 0)", "",
              "| run | flags | AP | AP50 | AP75 |", "|---|---|---|---|---|"]
     rows = [("plain", "train-detector", "synth/plain-b8-s0"), ("Main LD", "--vlr-weight 0 --kd-weight 0", "synth/ld-b8-s0-mainld"),

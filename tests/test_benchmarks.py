@@ -141,7 +141,7 @@ def test_ld_defaults_plans_user_commands_and_reports_the_gap_closed(tmp_path):
         finished(name, ap)
     result = ld_defaults.report(tmp_path, jobs, seeds=3, batches=[2, 8])
     synth = next(r for r in result["datasets"] if r["dataset"] == "synth")
-    assert synth["gap_closed"] == pytest.approx((25 - 20) / (40 - 20))  # a quarter of the gap
+    assert synth["gap_closed"] == pytest.approx((25.5 - 21) / (40 - 21))  # seed means: LD 25.5, plain 21
     assert result["seeds"]["ld"]["aps"] == pytest.approx([25.0, 26.0]) and result["seeds"]["plain"]["sd"] > 0
     assert "| 8 | 20.0 | 25.0 | 5.0 |" in result["table"]
     # Small objects: the default (no temperature flag) beside the paper's T = 10 over the same seeds.
