@@ -188,3 +188,19 @@ def test_gap_decomposition_swaps_scores_and_boxes_location_by_location(tiny_coco
     assert all(r == same["teacher"] for r in same.values())
     for name in ("student scores + teacher boxes", "teacher scores + student boxes"):
         assert pair[name] != pair["student"] and pair[name] != pair["teacher"]
+
+
+def test_step_phases_times_every_phase_of_both_variants(tmp_path):
+    out = tmp_path / "phases.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_phases.py"), "--code", str(ROOT), "--label", "t",
+           "--img-scale", "64,64", "--batch-size", "1", "--threads", "1", "--steps", "1", "--warmup", "0",
+           "--rounds", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["phase"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"step", "teacher rows", "forward", "assignment", "gfl_losses", "distillation", "backward",
+                         "optimizer", "rest"}
+    assert rows["distillation"]["plain"] == 0 < rows["distillation"]["cache"]  # only the cache variant distils
+    for variant in ("plain", "cache"):  # the phases are parts of the step
+        assert rows["forward"][variant] > 0 and rows["backward"][variant] > 0
+        assert sum(r[variant] for k, r in rows.items() if k not in ("step", "rest")) <= rows["step"][variant] * 1.001
