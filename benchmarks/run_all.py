@@ -46,6 +46,8 @@ def plan(args) -> list[tuple[str, list[str]]]:
                                   "--profile"]),
             ("vs_mmdetection", ["--device", "cuda", "--amp", "--img-scale", "1344,800", "--batch-size", "8", "--threads",
                                 "8", "--steps", "20", "--warmup", "5", "--rounds", "3", "--mmdet-python", args.mmdet_python]),
+            ("step_phases", ["--device", "cuda", "--amp", "--img-scale", "1344,800", "--batch-size", "8", "--threads", "8",
+                             "--steps", "10", "--warmup", "3", "--label", "gpu"]),
             ("coco_geometry", ["--device", "cuda", "--num-images", "64", "--batch-size", "8", "--workers", "8"]),
         ]
     cpu = ["--threads", "0"]  # every core: run_all is meant for an idle machine
@@ -59,6 +61,7 @@ def plan(args) -> list[tuple[str, list[str]]]:
         ("ld_density", []),  # positives and VLR weight per image, synthetic vs COCO-like (ld_defaults.py: hours, apart)
         ("scaleout", [*cpu, *teacher]),
         ("vs_mmdetection", ["--threads", "2", "--mmdet-python", args.mmdet_python]),  # 640x640, batch 2
+        ("step_phases", ["--label", "cpu"]),  # where a 640x640 step's time goes, plain and from the cache
         ("coco_geometry", []),  # 64 views at 1333,800 with a full-width R-101: the longest (~30 min)
     ]
 
