@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cache_teacher import schema
 from cache_teacher.codec import all_finite, encode_rows
@@ -32,7 +31,7 @@ from detector.distributed import barrier, init_from_env, run_on_main
 from detector.errors import UserError
 from detector.regions import distillation_rows
 from detector.rows import flatten_rows
-from detector.runtime import autocast_for, resolve_device
+from detector.runtime import autocast_for, progress_bar, resolve_device
 from detector.views import parse_views
 
 
@@ -199,7 +198,7 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     start = time.perf_counter()
-    bar = tqdm(total=num_views, desc="dump-teacher", unit="view", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=num_views, desc="dump-teacher", unit="view", disable=not progress, dynamic_ncols=True)
     try:
         with torch.no_grad():
             for views, batch in zip(batches, loader):
@@ -283,7 +282,7 @@ def plan_region_rows(dataset: CocoDetection, min_vlr_gamma: float, vlr_iou: str,
     the VLR band per view, in loader workers): known before the teacher runs, like dense offsets."""
     loader = torch.utils.data.DataLoader(_RegionRows(dataset, min_vlr_gamma, vlr_iou), batch_size=None,
                                          num_workers=workers, collate_fn=_as_is)
-    return [rows for rows in tqdm(loader, total=len(dataset), desc="plan regions", unit="img", disable=not progress,
+    return [rows for rows in progress_bar(loader, total=len(dataset), desc="plan regions", unit="img", disable=not progress,
                                   leave=False)]
 
 

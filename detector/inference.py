@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from detector import distributed
 from detector.checkpoint import load_state_dict_strict, read_checkpoint, resolve_model_config
@@ -23,7 +22,7 @@ from detector.errors import UserError
 from detector.evaluation import coco_evaluate, detections_to_coco, save_results
 from detector.model import build_detector
 from detector.postprocess import PostprocessConfig, postprocess
-from detector.runtime import AMP_MODES, autocast_for, resolve_device
+from detector.runtime import AMP_MODES, autocast_for, progress_bar, resolve_device
 from detector.synthetic import SYNTHETIC_IMG_SCALE, synthetic_split
 from detector.views import DEFAULT_IMG_SCALE, ViewRecord, ViewSpec
 
@@ -51,7 +50,7 @@ def predict_dataset(model: torch.nn.Module, dataset: CocoDetection, device: torc
                                          pin_memory=device.type == "cuda")
     config = model.config
     results = []
-    with tqdm(total=len(indices), desc="evaluate", unit="img", disable=not progress, leave=False) as bar:
+    with progress_bar(total=len(indices), desc="evaluate", unit="img", disable=not progress, leave=False) as bar:
         for batch in loader:
             with autocast_for(device, amp):
                 cls_out, box_out = model(batch.images.to(device, non_blocking=True))

@@ -1,10 +1,12 @@
-"""Where a command runs: the device rule and the autocast context, shared by every stage."""
+"""Where a command runs: the device rule, the autocast context and the progress bar, shared by every stage."""
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 
 import torch
+from tqdm import tqdm
 
 from detector.errors import UserError
 
@@ -32,3 +34,18 @@ def autocast_for(device: torch.device, amp: str):
         return nullcontext()
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
     return torch.autocast("cuda", dtype=dtype)
+
+
+# Into a file or pipe (nohup, a job queue, a cluster log) a bar that redraws 10 times a second fills
+# the log with carriage-return frames; there it prints at most one line a minute.
+LOG_INTERVAL_S = 60.0
+
+
+def progress_bar(iterable=None, **kwargs) -> tqdm:
+    """tqdm on stderr: redrawn live in a terminal, one line per LOG_INTERVAL_S when stderr is not one."""
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+        kwargs.setdefault("maxinterval", LOG_INTERVAL_S)
+        kwargs.setdefault("ncols", 100)
+        kwargs.pop("dynamic_ncols", None)
+    return tqdm(iterable, file=sys.stderr, **kwargs)

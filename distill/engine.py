@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from detector.checkpoint import load_backbone_weights, load_state_dict_strict, read_checkpoint, save_checkpoint
 from detector.coco import CocoDetection, collate
@@ -25,7 +24,7 @@ from detector.errors import UserError
 from detector.evaluation import format_metrics_table, save_results
 from detector.inference import evaluate_model
 from detector.model import build_detector
-from detector.runtime import resolve_device
+from detector.runtime import progress_bar, resolve_device
 from detector.views import ViewSpec, parse_views
 from distill.config import PAPER_LD_TEMPERATURE, DataConfig, LossConfig, TrainConfig, config_to_dict
 from distill.geometry import median_edge_bins, temperature_note
@@ -141,7 +140,7 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
     run = build_training(data, model_cfg, train, loss, Path(out), resume, extra_config, dataset, teacher, dist_info)
     pos = restore(run)
     progress = progress and dist_info.is_main
-    bar = tqdm(total=run.total_iters, initial=min(pos.iteration, run.total_iters), desc="train", unit="it",
+    bar = progress_bar(total=run.total_iters, initial=min(pos.iteration, run.total_iters), desc="train", unit="it",
                disable=not progress, dynamic_ncols=True)
     tensorboard = train.tensorboard and tensorboard_available()
     if train.tensorboard and not tensorboard and dist_info.is_main:

@@ -1,0 +1,34 @@
+import io
+import sys
+
+from detector import runtime
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+def _frames(monkeypatch, tty: bool, **kwargs) -> int:
+    stream = _Stream(tty)
+    monkeypatch.setattr(sys, "stderr", stream)
+    for _ in runtime.progress_bar(range(2000), desc="t", **kwargs):
+        pass
+    return stream.getvalue().count("\r")
+
+
+def test_progress_bar_into_a_log_writes_few_frames(monkeypatch):
+    # a terminal redraws as often as asked; a file or pipe gets the first and the last frame only
+    # when the loop is faster than LOG_INTERVAL_S
+    assert _frames(monkeypatch, tty=True, mininterval=0) > 100
+    assert _frames(monkeypatch, tty=False) <= 3
+
+
+def test_progress_bar_keeps_a_caller_interval(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", _Stream(False))
+    assert runtime.progress_bar(total=1, mininterval=5).mininterval == 5
+    assert runtime.progress_bar(total=1).mininterval == runtime.LOG_INTERVAL_S
