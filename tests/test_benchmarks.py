@@ -151,10 +151,18 @@ def test_ld_defaults_plans_user_commands_and_reports_the_gap_closed(tmp_path):
     for s, (p, d, t) in enumerate([(0.24, 0.26, 0.24), (0.25, 0.27, 0.25)]):
         for name, ap in ((f"plain-b8-s{s}", p), (f"ld-b8-s{s}", d), (f"ld-b8-s{s}-T10", t)):
             finished(f"dense1/{name}", ap)
-    (tmp_path / "dense1" / "ld-b8-s0" / "config.json").write_text(json.dumps({"median_edge_bins": 0.84}))
+    (tmp_path / "dense1" / "ld-b8-s0" / "config.json").write_text(
+        json.dumps({"median_edge_bins": 0.84, "loss": {"ld_temperature": 1.0}}))
     cells = ld_defaults.report(tmp_path, jobs, seeds=3, batches=[2, 8])["temperature"]["dense1"]
-    assert cells["median_edge_bins"] == 0.84 and cells["ld"]["mean"] == pytest.approx(26.5)
+    assert cells["median_edge_bins"] == 0.84 and cells["default_temperature"] == 1
+    assert cells["T1"]["mean"] == pytest.approx(26.5)  # the default run is the T = 1 column here
     assert cells["T10"]["aps"] == pytest.approx([24.0, 25.0]) and cells["plain"]["sd"] > 0
+    # where the default is the paper's 10, the default run is the T = 10 column and the variant T = 1
+    (tmp_path / "synth" / "ld-b8-s0" / "config.json").write_text(
+        json.dumps({"median_edge_bins": 2.7, "loss": {"ld_temperature": 10.0}}))
+    finished("synth/ld-b8-s0-T1", 0.21)
+    cells = ld_defaults.report(tmp_path, jobs, seeds=3, batches=[2, 8])["temperature"]["synth"]
+    assert cells["T10"]["aps"] == pytest.approx([25.0, 26.0]) and cells["T1"]["aps"] == pytest.approx([21.0])
 
 
 def test_gap_decomposition_swaps_scores_and_boxes_location_by_location(tiny_coco, tmp_path):
