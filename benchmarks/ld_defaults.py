@@ -95,7 +95,7 @@ def plan(work: Path, seeds: int, batches: list[int], datasets: list[str] | None 
                 argv = (["train-detector"] if kind == "plain" else ["train-student", "--cache", str(cache)])
                 jobs.append(Job(f"{name}/{kind}-b{b}-s{s}", [*argv, *STUDENT_FLAGS, *extra, "--out", str(out)],
                                 out, needs if kind == "plain" else (f"{name}/cache",)))
-        if name == "synth":  # the large-dataset configuration (docs/coco.md): region-sparse + uint8
+        if name == "synth":  # the smallest large-dataset cache (docs/coco.md): region-sparse + uint8
             small = root / "cache-sparse-u8.zarr"
             jobs.append(Job(f"{name}/cache-sparse-u8", ["dump-teacher", "--teacher", str(teacher / "checkpoints" / "last.pt"),
                                                         *data[:4], *SPARSE_U8, "--out", str(small)],
