@@ -153,6 +153,12 @@ def _gap_shares(work: Path, name: str) -> dict | None:
     return json.loads(cached.read_text())
 
 
+def _seed_stats(work: Path, run_pattern: str, seeds: int) -> dict:
+    """The APs of the finished runs NAME/...-s{seed} for seeds 0..seeds-1, their mean and sd."""
+    aps = [a for s in range(seeds) if (a := _ap(work, run_pattern.format(s))) is not None]
+    return {"aps": aps, "mean": statistics.mean(aps) if aps else None, "sd": statistics.stdev(aps) if len(aps) > 1 else None}
+
+
 def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
     f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     out, text = {"batches": [], "datasets": [], "seeds": {}, "variants": {}}, []
@@ -165,17 +171,13 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
     text += ["", "### Seeds", "", "| | batch | seeds | AP mean | spread (sd) | APs |", "|---|---|---|---|---|---|"]
     for name, b, n in [*(("synth", b, seeds) for b in SEED_BATCHES), *((d, 8, n) for d, n in SEEDS_OF.items())]:
         for kind in ("plain", "ld"):
-            aps = [a for s in range(n) if (a := _ap(work, f"{name}/{kind}-b{b}-s{s}")) is not None]
-            sd = statistics.stdev(aps) if len(aps) > 1 else None
             key = (kind if name == "synth" else f"{name}/{kind}") + ("" if b == 8 else f"/b{b}")
-            out["seeds"][key] = {"aps": aps, "mean": statistics.mean(aps) if aps else None, "sd": sd}
-            text.append(f"| {name} {kind} | {b} | {len(aps)} | {f(statistics.mean(aps)) if aps else '-'} | {f(sd)} | "
-                        f"{', '.join(f'{a:.1f}' for a in aps)} |")
-    aps = [a for s in range(seeds) if (a := _ap(work, f"synth/ld-b8-s{s}-sparse-u8")) is not None]
-    sd = statistics.stdev(aps) if len(aps) > 1 else None
-    out["seeds"]["ld/sparse-u8"] = {"aps": aps, "mean": statistics.mean(aps) if aps else None, "sd": sd}
-    text.append(f"| synth ld, region-sparse uint8 cache | 8 | {len(aps)} | {f(statistics.mean(aps)) if aps else '-'} | "
-                f"{f(sd)} | {', '.join(f'{a:.1f}' for a in aps)} |")
+            c = out["seeds"][key] = _seed_stats(work, f"{name}/{kind}-b{b}-s{{}}", n)
+            text.append(f"| {name} {kind} | {b} | {len(c['aps'])} | {f(c['mean'])} | {f(c['sd'])} | "
+                        f"{', '.join(f'{a:.1f}' for a in c['aps'])} |")
+    c = out["seeds"]["ld/sparse-u8"] = _seed_stats(work, "synth/ld-b8-s{}-sparse-u8", seeds)
+    text.append(f"| synth ld, region-sparse uint8 cache | 8 | {len(c['aps'])} | {f(c['mean'])} | {f(c['sd'])} | "
+                f"{', '.join(f'{a:.1f}' for a in c['aps'])} |")
     text += ["", "### The LD temperature (batch 8; mean +- sd (seeds); * = the default's choice)", "",
              "| dataset | median positive edge (bins) | plain | LD, T = 1 | LD, T = 10 (the paper's) |", "|---|---|---|---|---|"]
     out["temperature"] = {}
@@ -185,11 +187,8 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
         edge, default = (configs[0].get("median_edge_bins"), configs[0]["loss"]["ld_temperature"]) if configs else (None, None)
         # the default LD run is the T = 1 or the T = 10 column, the variant the other one
         other = "T1" if default == 10 else "T10"
-        cells = {}
-        for key, pattern in (("plain", "plain-b8-s{}"), ("default", "ld-b8-s{}"), ("other", f"ld-b8-s{{}}-{other}")):
-            aps = [a for s in range(SEEDS_OF.get(name, seeds)) if (a := _ap(work, f"{name}/" + pattern.format(s))) is not None]
-            cells[key] = {"aps": aps, "mean": statistics.mean(aps) if aps else None,
-                          "sd": statistics.stdev(aps) if len(aps) > 1 else None}
+        cells = {key: _seed_stats(work, f"{name}/{pattern}", SEEDS_OF.get(name, seeds))
+                 for key, pattern in (("plain", "plain-b8-s{}"), ("default", "ld-b8-s{}"), ("other", f"ld-b8-s{{}}-{other}"))}
         by_t = {1: cells["default"], 10: cells["other"]} if default == 1 else {1: cells["other"], 10: cells["default"]}
         out["temperature"][name] = {"median_edge_bins": edge, "default_temperature": default, "plain": cells["plain"],
                                     "T1": by_t[1], "T10": by_t[10]}
@@ -201,10 +200,8 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
              "scores alone recover |", "|---|---|---|---|---|---|---|---|"]
     for name in DATASETS:
         ann = work / "data" / name / "annotations" / "instances_train.json"
-        n = seeds if name == "synth" else SEEDS_OF.get(name, 1)
         t = _ap(work, f"{name}/teacher")
-        p, d = ([a for s in range(n) if (a := _ap(work, f"{name}/{kind}-b8-s{s}")) is not None] for kind in ("plain", "ld"))
-        p, d = (statistics.mean(v) if v else None for v in (p, d))
+        p, d = (out["seeds"][kind if name == "synth" else f"{name}/{kind}"]["mean"] for kind in ("plain", "ld"))  # batch 8
         share = (d - p) / (t - p) if None not in (t, p, d) and t > p else None
         coco = json.loads(ann.read_text()) if ann.is_file() else None
         classes = len(coco["categories"]) if coco else None
