@@ -1,18 +1,16 @@
 """mmdetection's side of benchmarks/vs_mmdetection.py, run in the mmdetection oracle venv
 (../shared/tools/mmdet_oracle/make_venv.sh): builds mmdetection's own GFL R-18 and LD R-18 <- R-101
 (teacher online, Main LD) from its shipped configs with random weights, and times model.loss +
-backward + SGD step on the batch the driver saved. One JSON command per stdin line, one JSON answer
-per stdout line, so the driver can alternate these steps with its own in one run:
-    {"build": "gfl" | "ld"}  ->  {"built": ..., "seconds": ...}
-    {"time": "gfl" | "ld", "steps": N, "warmup": W}  ->  {"ms_per_step": [...], "loss_keys": [...]}
+backward + SGD step on the batch the driver saved. It answers the driver's JSON commands on
+stdin/stdout (benchmarks/step_worker.py), one model per process: {"build": "gfl" | "ld"}, then
+"time" and "profile" commands for it.
 """
 
 import argparse
-import json
 import logging
 import os.path as osp
 import sys
-import time
+from pathlib import Path
 
 import torch
 from mmengine.config import Config
@@ -23,6 +21,9 @@ import mmdet
 from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
 from mmdet.utils import register_all_modules
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import step_worker  # noqa: E402  (standard library and torch only)
 
 CONFIGS = osp.join(osp.dirname(mmdet.__file__), ".mim", "configs")
 MODEL_CONFIGS = {"gfl": ("gfl/gfl_r50_fpn_1x_coco.py", 18), "ld": ("ld/ld_r18-gflv1-r101_fpn_1x_coco.py", None)}
@@ -60,6 +61,19 @@ def samples(batch: dict, device) -> list:
     return out
 
 
+def step_of(model, optimizer, images, data, amp: bool):
+    """model.loss + backward + SGD step, with one loss read-out as our engine does."""
+    def step():
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+            losses = model.loss(images, data)
+        loss = sum(sum(v) if isinstance(v, list) else v for k, v in losses.items() if "loss" in k)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        float(loss)
+    return step
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", required=True, help="the .pt file the driver wrote (images, boxes, labels)")
@@ -72,38 +86,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cuda = device.type == "cuda"
     batch = torch.load(args.batch, weights_only=True)
     images, data = batch["images"].to(device), samples(batch, device)
-    models = {}
-    for line in sys.stdin:
-        command = json.loads(line)
-        if "build" in command:
-            start = time.perf_counter()
-            models[command["build"]] = build(command["build"], device)
-            answer = {"built": command["build"], "seconds": time.perf_counter() - start,
-                      "mmdet": mmdet.__version__, "torch": torch.__version__}
-        else:
-            model, optimizer = models[command["time"]]
-            times, keys = [], []
-            for i in range(command["warmup"] + command["steps"]):
-                if cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                    losses = model.loss(images, data)
-                loss = sum(sum(v) if isinstance(v, list) else v for k, v in losses.items() if "loss" in k)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                float(loss)  # one read-out per step, as our engine does
-                if cuda:
-                    torch.cuda.synchronize()
-                if i >= command["warmup"]:
-                    times.append(1000 * (time.perf_counter() - start))
-                keys = sorted(losses)
-            answer = {"ms_per_step": times, "loss_keys": keys}
-        print(json.dumps(answer), flush=True)
+
+    def build_step(name: str):
+        model, optimizer = build(name, device)
+        return step_of(model, optimizer, images, data, args.amp), {"mmdet": mmdet.__version__, "torch": torch.__version__}
+
+    step_worker.serve(build_step, device)
 
 
 if __name__ == "__main__":

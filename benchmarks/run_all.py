@@ -60,7 +60,7 @@ def plan(args) -> list[tuple[str, list[str]]]:
         ("sparse_size_coco_like", ["--coco-like", "2000"]),  # sparse_size.py: an estimate from COCO's statistics
         ("ld_density", []),  # positives and VLR weight per image, synthetic vs COCO-like (ld_defaults.py: hours, apart)
         ("scaleout", [*cpu, *teacher]),
-        ("vs_mmdetection", ["--threads", "2", "--mmdet-python", args.mmdet_python]),  # 640x640, batch 2
+        ("vs_mmdetection", ["--threads", "2", "--rounds", "5", "--mmdet-python", args.mmdet_python]),  # 640x640, b 2
         ("step_phases", ["--label", "cpu"]),  # where a 640x640 step's time goes, plain and from the cache
         ("coco_geometry", []),  # 64 views at 1333,800 with a full-width R-101: the longest (~30 min)
     ]

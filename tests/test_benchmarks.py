@@ -212,3 +212,44 @@ def test_step_phases_times_every_phase_of_both_variants(tmp_path):
     for variant in ("plain", "cache"):  # the phases are parts of the step
         assert rows["forward"][variant] > 0 and rows["backward"][variant] > 0
         assert sum(r[variant] for k, r in rows.items() if k not in ("step", "rest")) <= rows["step"][variant] * 1.001
+
+
+def test_vs_mmdetection_worker_builds_one_variant_and_answers_time_and_profile():
+    """Our side of vs_mmdetection: a process per variant that builds it on command, times its steps
+    and profiles them (mmdetection's side needs its own venv and is not run here)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "vs_mmdetection.py"), "--serve", "--img-scale", "64,64",
+           "--batch-size", "1", "--threads", "1"]
+    commands = [{"build": "ours_cache"}, {"time": "ours_cache", "steps": 2, "warmup": 1},
+                {"profile": "ours_cache", "steps": 1}]
+    proc = subprocess.run(cmd, input="".join(json.dumps(c) + "\n" for c in commands), capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    built, timed, profiled = (json.loads(line) for line in proc.stdout.splitlines())
+    assert built["built"] == "ours_cache" and built["seconds"] > 0
+    assert len(timed["ms_per_step"]) == 2 and all(t > 0 for t in timed["ms_per_step"])
+    assert timed["minflt_per_step"] >= 0
+    ops = profiled["ops"]
+    assert ops["aten::convolution_backward"][1] > 0  # a training step: the student's backward ran
+    assert ops["distillation"][1] == 1  # the cached rows' distillation terms, once per step
+
+
+def test_op_differences_rank_operators_by_absolute_difference():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from vs_mmdetection import op_differences
+
+    ours = {"conv": [10.0, 5], "relu": [1.0, 3], "ours_only": [2.5, 1]}
+    theirs = {"conv": [13.0, 5], "relu": [1.5, 3], "theirs_only": [0.25, 2]}
+    rows = op_differences(ours, theirs, top=3)
+    assert [r["op"] for r in rows] == ["conv", "ours_only", "relu"]
+    assert rows[0]["diff_ms"] == -3.0 and rows[1]["theirs_ms"] == 0.0 and rows[1]["theirs_calls"] == 0.0
+
+
+def test_vs_mmdetection_verdict_tells_a_met_goal_from_noise():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from vs_mmdetection import verdict
+
+    assert verdict((0.98, 0.95, 1.02), 1.0) == "met"  # a time ratio at most the goal
+    assert verdict((1.01, 0.96, 1.03), 1.0) == "within noise"  # rounds on both sides of the goal
+    assert verdict((1.05, 1.02, 1.09), 1.0) == "NOT met"
+    assert verdict((0.97, 0.93, 1.0), 0.95, at_least=True) == "met"  # a steps/s ratio at least the goal
+    assert verdict((0.90, 0.85, 0.93), 0.95, at_least=True) == "NOT met"
