@@ -42,10 +42,12 @@ LOG_INTERVAL_S = 60.0
 
 
 def progress_bar(iterable=None, **kwargs) -> tqdm:
-    """tqdm on stderr: redrawn live in a terminal, one line per LOG_INTERVAL_S when stderr is not one."""
+    """tqdm on stderr: redrawn live in a terminal, one line per LOG_INTERVAL_S when stderr is not one
+    (where a finished bar stays: tqdm would blank a leave=False bar with a line of spaces)."""
     if not sys.stderr.isatty():
         kwargs.setdefault("mininterval", LOG_INTERVAL_S)
         kwargs.setdefault("maxinterval", LOG_INTERVAL_S)
         kwargs.setdefault("ncols", 100)
         kwargs.pop("dynamic_ncols", None)
+        kwargs["leave"] = True
     return tqdm(iterable, file=sys.stderr, **kwargs)

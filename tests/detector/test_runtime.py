@@ -32,3 +32,13 @@ def test_progress_bar_keeps_a_caller_interval(monkeypatch):
     monkeypatch.setattr(sys, "stderr", _Stream(False))
     assert runtime.progress_bar(total=1, mininterval=5).mininterval == 5
     assert runtime.progress_bar(total=1).mininterval == runtime.LOG_INTERVAL_S
+
+
+def test_a_transient_bar_leaves_no_blank_line_in_a_log(monkeypatch):
+    stream = _Stream(False)
+    monkeypatch.setattr(sys, "stderr", stream)
+    for _ in runtime.progress_bar(range(3), desc="evaluating", leave=False):
+        pass
+    frames = [f for f in stream.getvalue().replace("\n", "\r").split("\r") if f]
+    assert frames and all(f.strip() for f in frames), frames  # no frame of only spaces
+    assert "evaluating" in frames[-1] and "3/3" in frames[-1]  # the finished bar stays
