@@ -165,7 +165,7 @@ def _train(fields: dict, out: Path, resume: bool, teacher=None, what: str = "GFL
     model_cfg = build_config(ModelConfig, {"num_classes": dataset.num_classes, **fields["model"]}, "model")
     train_cfg = build_config(TrainConfig, fields["train"], "train")
     loss_cfg = build_config(LossConfig, fields["loss"], "loss")
-    say(f"training {what} R-{model_cfg.depth} ({model_cfg.num_classes} classes) on {data.ann} -> {out}")
+    say(f"training {what} R-{model_cfg.depth} ({model_cfg.num_classes} classes) on {data.ann} ({len(dataset)} images) -> {out}")
     try:
         result = run_train(data, model_cfg, train_cfg, loss_cfg, out, resume=resume, dataset=dataset, teacher=teacher)
     except KeyboardInterrupt:

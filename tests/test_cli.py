@@ -28,6 +28,8 @@ def test_train_then_evaluate_from_the_command_line(data_copy, tmp_path):
                                 data_copy / "annotations" / "instances_val.json"))
     assert proc.returncode == 0, proc.stderr
     assert "AP50" in proc.stdout  # the evaluation table is printed at the end
+    num_images = json.loads((tmp_path / "run" / "config.json").read_text())["dataset"]["num_images"]
+    assert f"instances_train.json ({num_images} images) ->" in proc.stdout  # what the run trains on
     proc = run_cli("evaluate", "--checkpoint", tmp_path / "run" / "checkpoints" / "last.pt", "--images",
                    data_copy / "val", "--ann", data_copy / "annotations" / "instances_val.json",
                    "--out", tmp_path / "res.json", "--workers", "0")
