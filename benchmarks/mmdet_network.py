@@ -6,8 +6,8 @@ it imports this checkout's detector package (pure torch) beside mmdetection.
     /tmp/mmdet_venv/bin/python benchmarks/mmdet_network.py                 # 2 x 640x640, 2 threads
     /tmp/mmdet_venv/bin/python benchmarks/mmdet_network.py --profile       # + top operators of each side
 
-vs_mmdetection.py times whole train steps in two processes (ours in this venv, mmdetection's in its
-own); this script tells whether a difference there is in the network itself.
+vs_mmdetection.py times whole train steps, each variant in a process of its own (ours in this venv,
+mmdetection's in its own); this script tells whether a difference there is in the network itself.
 """
 
 from __future__ import annotations
