@@ -16,8 +16,9 @@ Page cache: every view is read once before measuring (the warm-up pass, reported
 so all measured reads are warm, served from memory; a freshly dumped cache is warm already. Cold
 reads from disk or object storage are slower and not measured here.
 
-Goal (cache spec): the reader must keep up with the student. An R-18 student on an H200 eats about
-163 views/s, i.e. about 1.1 GB/s of dense fp16 targets at 1344x800.
+Goal (cache spec): the reader must keep up with the student. An R-18 student on an H200 eats up to
+163 views/s (the spec's bare-network step, 49.1 ms a batch of 8), i.e. about 1.1 GB/s of dense fp16
+targets at 1344x800.
 """
 
 from __future__ import annotations
