@@ -74,14 +74,17 @@ def main() -> None:
     parser.add_argument("--mmdet-python", default="/tmp/mmdet_venv/bin/python",
                         help="the mmdetection venv's Python for vs_mmdetection (skipped when missing; build it with "
                              "bash ../shared/tools/mmdet_oracle/make_venv.sh /tmp/mmdet_venv)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS,
+                        help="where the JSON, sections and summary go (default: benchmarks/results)")
     args = parser.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = args.results_dir
+    results.mkdir(parents=True, exist_ok=True)
     suffix = "-gpu" if args.gpu else ""
     failed = []
     for name, extra in plan(args):
         if args.only and name not in args.only:
             continue
-        out = RESULTS / f"{name}{suffix}.json"
+        out = results / f"{name}{suffix}.json"
         if name == "vs_mmdetection" and not Path(args.mmdet_python).exists():
             print(f"== {name}: skipped, no mmdetection venv at {args.mmdet_python}", flush=True)
             continue
@@ -89,24 +92,29 @@ def main() -> None:
         cmd = [sys.executable, str(HERE / f"{script}.py"), *extra, "--out", str(out)]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # progress (stderr) shows as it comes; the table (stdout) is echoed and kept for the summary,
+        # so a run stopped from outside still shows how far it got
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        table = []
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            table.append(line)
+        returncode = proc.wait()
         seconds = time.perf_counter() - start
-        if proc.returncode != 0:
-            print(proc.stdout + proc.stderr, file=sys.stderr)
+        if returncode != 0:
             failed.append(name)
-            section = f"## {name}\n\nFAILED (exit {proc.returncode}); see the command below.\n\n`{' '.join(cmd[1:])}`\n"
+            section = f"## {name}\n\nFAILED (exit {returncode}); see the command below.\n\n`{' '.join(cmd[1:])}`\n"
         else:
-            print(proc.stdout, flush=True)
             env = json.loads(out.read_text()).get("environment", {})
             shown = " ".join(_relative(c) for c in cmd[1:])
-            section = (f"## {name}\n\n{proc.stdout.strip()}\n\n"
+            section = (f"## {name}\n\n{''.join(table).strip()}\n\n"
                        f"- device: {env.get('device_name', '?')}; torch {env.get('torch', '?')}; {seconds:.0f} s\n"
                        f"- command: `.venv/bin/python {shown}`\n")
-        (RESULTS / f"{name}{suffix}.section.md").write_text(section)
+        (results / f"{name}{suffix}.section.md").write_text(section)
     # The summary holds the latest section of every script, so `--only` refreshes a part of it.
-    sections = [path.read_text() for path in (RESULTS / f"{name}{suffix}.section.md" for name, _ in plan(args))
+    sections = [path.read_text() for path in (results / f"{name}{suffix}.section.md" for name, _ in plan(args))
                 if path.exists()]
-    summary = RESULTS / f"SUMMARY{suffix}.md"
+    summary = results / f"SUMMARY{suffix}.md"
     summary.write_text("# Benchmark results\n\nWritten by `benchmarks/run_all.py`"
                        f"{' --gpu' if args.gpu else ''}.\n\n" + "\n".join(sections))
     print(f"wrote {summary}")

@@ -253,3 +253,23 @@ def test_vs_mmdetection_verdict_tells_a_met_goal_from_noise():
     assert verdict((1.05, 1.02, 1.09), 1.0) == "NOT met"
     assert verdict((0.97, 0.93, 1.0), 0.95, at_least=True) == "met"  # a steps/s ratio at least the goal
     assert verdict((0.90, 0.85, 0.93), 0.95, at_least=True) == "NOT met"
+
+
+def test_run_all_echoes_each_table_and_writes_where_it_is_told(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run_all
+
+    (tmp_path / "fake.py").write_text(
+        "import json, sys\n"
+        "out = sys.argv[sys.argv.index('--out') + 1]\n"
+        "print('progress', file=sys.stderr)\n"
+        "print('| a | b |')\n"
+        "json.dump({'environment': {'device_name': 'cpu', 'torch': 'x'}, 'rows': []}, open(out, 'w'))\n")
+    monkeypatch.setattr(run_all, "HERE", tmp_path)
+    monkeypatch.setattr(run_all, "plan", lambda args: [("fake", ["--flag"])])
+    monkeypatch.setattr(sys, "argv", ["run_all.py", "--results-dir", str(tmp_path / "res")])
+    run_all.main()
+    assert "| a | b |" in capsys.readouterr().out  # echoed as the script printed it
+    section = (tmp_path / "res" / "fake.section.md").read_text()
+    assert "| a | b |" in section and "--flag" in section and "device: cpu" in section
+    assert "| a | b |" in (tmp_path / "res" / "SUMMARY.md").read_text()
