@@ -118,7 +118,8 @@ def build_step(variant: str, batch: Batch, device: torch.device, amp: str):
 
 def serve(args) -> None:
     """Our side's worker (--serve): one variant per process, answering step_worker's commands."""
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = common.resolve_device(args.device)
     w, h = args.img_scale
     batch, _ = random_batch(args.batch_size, h, w, ModelConfig().strides)
@@ -143,6 +144,11 @@ class Worker:
     def close(self) -> None:
         self.process.stdin.close()
         self.process.wait()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 def verdict(spread: tuple[float, float, float], goal: float, at_least: bool = False) -> str:
@@ -170,7 +176,7 @@ def main() -> None:
                    help="the Python of the mmdetection venv (../shared/tools/mmdet_oracle/make_venv.sh)")
     p.add_argument("--img-scale", type=common.parse_pair, default=(640, 640), help="W,H of the batch's images")
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2, help="torch threads, the same on both sides")
+    p.add_argument("--threads", type=int, default=2, help="torch threads, the same on both sides (0: torch's default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on both sides (CUDA)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
@@ -194,29 +200,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(saved, Path(tmp) / "batch.pt")
         workers, built = {}, {}
-        for variant in VARIANTS:  # one process per variant, built one after the other
-            if variant.startswith("mmdet"):
-                command = [args.mmdet_python, str(Path(__file__).with_name("mmdet_side.py")),
-                           "--batch", str(Path(tmp) / "batch.pt"), *shared]
-            else:
-                command = [sys.executable, __file__, "--serve", "--img-scale", f"{w},{h}",
-                           "--batch-size", str(args.batch_size), *shared]
-            workers[variant] = Worker(command, LABELS[variant])
-            built[variant] = workers[variant].ask({"build": NAMES[variant]})
-        runs = {v: [] for v in VARIANTS}
-        faults = {v: [] for v in VARIANTS}
-        for rnd in range(args.rounds):
-            for variant in VARIANTS if rnd % 2 == 0 else VARIANTS[::-1]:  # no variant always first or last
-                answer = workers[variant].ask({"time": NAMES[variant], "steps": args.steps, "warmup": args.warmup})
-                runs[variant].append(statistics.median(answer["ms_per_step"]))
-                faults[variant].append(answer["minflt_per_step"])
-                print(f"[{rnd}] {LABELS[variant]:36s} {runs[variant][-1]:9.1f} ms/step", file=sys.stderr, flush=True)
-        profiles = {}
-        if args.profile:
-            for variant in VARIANTS:
-                profiles[variant] = workers[variant].ask({"profile": NAMES[variant], "steps": args.profile})["ops"]
-        for worker in workers.values():
-            worker.close()
+        try:
+            for variant in VARIANTS:  # one process per variant, built one after the other
+                if variant.startswith("mmdet"):
+                    command = [args.mmdet_python, str(Path(__file__).with_name("mmdet_side.py")),
+                               "--batch", str(Path(tmp) / "batch.pt"), *shared]
+                else:
+                    command = [sys.executable, __file__, "--serve", "--img-scale", f"{w},{h}",
+                               "--batch-size", str(args.batch_size), *shared]
+                workers[variant] = Worker(command, LABELS[variant])
+                built[variant] = workers[variant].ask({"build": NAMES[variant]})
+            runs = {v: [] for v in VARIANTS}
+            faults = {v: [] for v in VARIANTS}
+            for rnd in range(args.rounds):
+                for variant in VARIANTS if rnd % 2 == 0 else VARIANTS[::-1]:  # no variant always first or last
+                    answer = workers[variant].ask({"time": NAMES[variant], "steps": args.steps, "warmup": args.warmup})
+                    runs[variant].append(statistics.median(answer["ms_per_step"]))
+                    faults[variant].append(answer["minflt_per_step"])
+                    print(f"[{rnd}] {LABELS[variant]:36s} {runs[variant][-1]:9.1f} ms/step", file=sys.stderr, flush=True)
+            profiles = {}
+            if args.profile:
+                for variant in VARIANTS:
+                    profiles[variant] = workers[variant].ask({"profile": NAMES[variant], "steps": args.profile})["ops"]
+            for worker in workers.values():
+                worker.close()
+        finally:  # a worker that stopped or an interrupt leaves no other worker behind
+            for worker in workers.values():
+                worker.kill()
     ms = {v: statistics.median(r) for v, r in runs.items()}
 
     def ratio(a: str, b: str) -> tuple[float, float, float]:

@@ -3,7 +3,7 @@
 # tqdm, matplotlib, scipy, opencv, pyyaml, rich, six; no network). It lacks ldcache's zarr stack,
 # pycocotools and the mmdetection oracle of ../shared/tools/mmdet_oracle, so fetch them here, from
 # the repository root, and carry the folder:
-#     bash tools/device/fetch_wheels.sh              # -> .whl/ (ignored by git), about 15 MB
+#     bash tools/device/fetch_wheels.sh              # -> .whl/ (ignored by git), about 16 MB
 #     PYVER=3.11 bash tools/device/fetch_wheels.sh /tmp/whl311   # wheels for a rehearsal here
 # Versions are the ones this project tests with (zarr, numcodecs, pycocotools) and the oracle's.
 set -euo pipefail
