@@ -50,7 +50,7 @@ MODES = {"dense fp16": (None, "float16"), "dense uint8": (None, "uint8"), "spars
          "sparse 0 fp16": (0.0, "float16"), "sparse 0.25 uint8": (0.25, "uint8"), "sparse 0 uint8": (0.0, "uint8")}
 # An 8-GPU node's appetite, from the cache spec's H200 measurements (batch 8, 1344x800, bf16):
 # mmdetection's GFL R-18 step 102.8 ms, and 49.1 ms for the spec's proxy R-18 step (the bare network
-# work: forward + backward, channels-last, a trivial loss), the fastest any GFL R-18 step could be.
+# work: forward + backward, channels-last, a trivial loss, no assignment).
 # Neither is a measurement of ours (no GPU was lent to this project).
 NODE_RATES = {"8 x H200, mmdetection GFL R-18 step (102.8 ms / 8 images)": 8 * 8 / 0.1028,
               "8 x H200, the spec's bare R-18 network step (49.1 ms / 8 images)": 8 * 8 / 0.0491}
