@@ -33,6 +33,7 @@ from detector.coco import CocoDetection  # noqa: E402
 from detector.config import ModelConfig  # noqa: E402
 from detector.model import build_detector  # noqa: E402
 from detector.views import parse_views  # noqa: E402
+from step_worker import sync  # noqa: E402,F401  (one device sync for every benchmark)
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 TEACHER_RECIPE = REPO_ROOT / "configs" / "synthetic-teacher.toml"
@@ -201,11 +202,6 @@ def describe_teacher(t: dict) -> str:
 
 
 # -- timing ---------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median(values) -> float:
     return float(statistics.median(values))
 

@@ -17,13 +17,13 @@ import json
 import platform
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
+import step_worker  # noqa: E402  (standard library and torch only)
 import torch  # noqa: E402
 
 from detector.config import ModelConfig  # noqa: E402
@@ -31,13 +31,8 @@ from detector.model import build_detector  # noqa: E402
 
 
 def _median_ms(fn, steps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+    """Median ms of `steps` calls after one warm-up (step_worker's timing, on the CPU)."""
+    return statistics.median(step_worker.time_steps(fn, steps, 1, torch.device("cpu"))["ms_per_step"])
 
 
 def main() -> None:

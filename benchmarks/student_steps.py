@@ -13,7 +13,7 @@ import contextlib
 import gc
 import time
 
-import common  # noqa: F401  (puts the repository root on sys.path)
+import common  # puts the repository root on sys.path
 import torch
 
 from cache_teacher.dump import DumpConfig, run_dump
@@ -133,11 +133,11 @@ class StepBench:
             launch = time.perf_counter()
             for i in range(warmup):
                 step(i)
-            sync(device)
+            common.sync(device)
             waited, start = 0.0, time.perf_counter()
             with profiler(device) if profile else contextlib.nullcontext() as prof:
                 images = sum(step(warmup + i) for i in range(steps))
-                sync(device)
+                common.sync(device)
             seconds = time.perf_counter() - start
         finally:
             batches.clear()
@@ -174,7 +174,3 @@ def phase_times(prof, steps: int, cuda: bool) -> dict[str, float]:
                 out[f"{event.key} (gpu)"] = event.device_time_total / 1000 / steps
     return {k: out[k] for k in sorted(out, key=lambda k: PHASES.index(k.split(" ")[0]))}
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
