@@ -11,15 +11,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_teacher.reader import TeacherCache, parse_storage_options
+from cache_teacher.reader import TeacherCache
 from cache_teacher.verify import dataset_of_cache, format_verify, verify
-from detector.config import param
+from detector.config import param, validate_fields
+from detector.domains import Flag, JsonObject, Range
 from detector.errors import UserError
+from detector.paths import InputDir, InputFile, OutputPath
 from detector.postprocess import postprocess
 from detector.rows import row_index, row_location, view_maps
-from detector.runtime import resolve_device
+from detector.runtime import Device, resolve_device
 from detector.views import PIXEL_MEAN, PIXEL_STD
-
 
 PICTURE_MIN_SCORE = 0.25
 PICTURE_MAX_DETECTIONS = 12
@@ -166,21 +167,23 @@ def _row_near_largest_gt(record, gt_boxes: torch.Tensor, strides) -> int:
 
 @dataclass(frozen=True)
 class InspectConfig:
-    json: bool = param(False, "print the summary (and verification) as JSON")
-    verify: bool = param(False, "check completeness, finite values, identity (and fidelity with --teacher)")
+    json: bool = param(False, "print the summary (and verification) as JSON", Flag())
+    verify: bool = param(False, "check completeness, finite values, identity (and fidelity with --teacher)", Flag())
     teacher: str | None = param(None, "with --verify: the teacher to re-run on --num-views random views",
-                                shown="none")
-    num_views: int = param(8, "views re-run by --verify --teacher")
+                                InputFile("checkpoint file"), shown="none")
+    num_views: int = param(8, "views re-run by --verify --teacher", Range(1, 10**7))
     ap_images: int = param(1000, "--verify: the teacher's COCO AP from the cache on up to this many cached images "
-                                 "(0: skip)")
+                                 "(0: skip)", Range(0, 10**8))
     png: str | None = param(None, "write a picture of --view: GT, decoded detections, edge distributions",
-                            shown="none")
-    view: int = param(0, "view index for --png")
-    images: str | None = param(None, "image folder", shown="where the dump found it")
-    ann: str | None = param(None, "annotation file", shown="where the dump found it")
-    device: str = param("auto", "auto (cuda when available), cpu, cuda or cuda:N")
-    storage_options: dict | None = param(None, "JSON of fsspec storage options for a URL", shown="none",
-                                         parse=parse_storage_options)
+                            OutputPath("file"), shown="none")
+    view: int = param(0, "view index for --png", Range(0, 10**12))
+    images: str | None = param(None, "image folder", InputDir("image folder"), shown="where the dump found it")
+    ann: str | None = param(None, "annotation file", InputFile("annotation file"), shown="where the dump found it")
+    device: str = param("auto", "auto (cuda when available), cpu, cuda or cuda:N", Device())
+    storage_options: dict | None = param(None, "JSON of fsspec storage options for a URL", JsonObject(), shown="none")
+
+    def __post_init__(self):
+        validate_fields(self, "inspect configuration")
 
 
 def run_inspect(store: str, cfg: InspectConfig) -> tuple[dict, str]:

@@ -15,11 +15,10 @@ package touches the codec or the array names."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,21 +30,6 @@ from cache_teacher.layout import VIEW_FIELDS, records_from_table
 from cache_teacher.rawshards import open_raw
 from detector.errors import UserError
 from detector.views import ViewRecord, ViewSpec
-
-
-def parse_storage_options(text: str | None) -> dict | None:
-    """--storage-options JSON -> the fsspec options dict (None: none)."""
-    if not text:
-        return None
-    if isinstance(text, dict):
-        return text
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"--storage-options must be a JSON object ({err}); e.g. '{{\"anon\": false}}'") from None
-    if not isinstance(options, dict):
-        raise UserError("--storage-options must be a JSON object such as '{\"endpoint_url\": \"http://host:9000\"}'")
-    return options
 
 
 def is_url(location: str) -> bool:

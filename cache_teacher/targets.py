@@ -74,6 +74,9 @@ class CacheTeacher:
         return {"kind": "cache", "location": self.cache.location, "teacher_sha256": self.cache.meta.teacher_sha256,
                 "teacher_config": self.cache.meta.teacher_config}
 
+    def to(self, device: torch.device) -> "CacheTeacher":
+        return self  # rows are read on the host and moved with each batch (rows())
+
     def validate(self, dataset: CocoDetection, student: ModelConfig, needs: TeacherNeeds) -> None:
         """Refuse a cache that does not fit the run, before the first step."""
         cache, meta = self.cache, self.cache.meta

@@ -1,10 +1,12 @@
 """Configs as data: ModelConfig (the architecture of a GFL detector), and the few rules every
 config dataclass of the project follows.
 
-Every field of a config is declared with param(default, help): the one place where an option's
-default and meaning are written. The CLI turns each field into the kebab-case flag of its name
-(--base-width <-> base_width), shows that help and default, and a TOML table of --config sets the
-same fields. Configs are frozen and validate themselves in __post_init__.
+Every field of a config is declared with param(default, help, domain): the one place where an
+option's default, meaning and allowed values (detector.domains) are written. The CLI turns each
+field into the kebab-case flag of its name (--base-width <-> base_width) whose parser is the
+domain, shows that help and default, and a TOML table of --config sets the same fields, checked
+against the same domains when the file is read. Configs are frozen and validate themselves in
+__post_init__ (validate_fields, then their cross-field rules).
 
 ModelConfig's defaults are mmdetection's GFL configuration (R-50, 256 channels, 4 stacked convs,
 reg_max 16, P3-P7 at strides 8-128, 80 classes). The small-model options (base_width,
@@ -18,17 +20,50 @@ import tomllib
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 
-from detector.errors import UserError
+from detector.domains import Domain, Flag, OneOf, Range, quote
+from detector.errors import UserError, first_line
 
 
-def param(default=MISSING, help: str = "", *, factory=None, shown: str | None = None, parse=None, flag: bool = True):
-    """A config field with its help text. shown: the default as the CLI should print it (when the
-    value alone would mislead, e.g. None meaning "resolved later"); parse: text -> value for a
-    field whose CLI form is a string (e.g. "1333,800" for a pair); flag=False: not a flag."""
-    metadata = {"help": help, "shown": shown, "parse": parse, "flag": flag}
+def param(default=MISSING, help: str = "", domain: Domain | None = None, *, factory=None, shown: str | None = None,
+          flag: bool = True):
+    """A config field with its help text and its domain (detector.domains: what it may hold, used by
+    the CLI's parser, the TOML loader and validate_fields alike). shown: the default as the CLI
+    should print it (when the value alone would mislead, e.g. None meaning "resolved later");
+    flag=False: not a flag. A field whose default is None may also be None (unset)."""
+    if domain is None:
+        raise TypeError(f"param({help!r}) needs a domain")
+    metadata = {"help": help, "shown": shown, "domain": domain, "flag": flag}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def domain_of(f: Field) -> Domain:
+    return f.metadata["domain"]
+
+
+def field_problem(f: Field, value) -> str | None:
+    """What is wrong with value for field f (None: nothing); None is allowed where it is the default."""
+    if value is None and f.default is None:
+        return None
+    problem = domain_of(f).check(value)
+    return None if problem is None else f"{f.name} {problem}"
+
+
+def validate_fields(config, what: str) -> None:
+    """Coerce every field of a config dataclass to its canonical form (a TOML list -> a tuple, an
+    integer -> a float) and raise one UserError naming every field outside its domain. Called
+    first in each config's __post_init__; cross-field rules follow it there."""
+    problems = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if value is not None:
+            value = domain_of(f).coerce(value)
+            object.__setattr__(config, f.name, value)
+        problem = field_problem(f, value)
+        if problem:
+            problems.append(problem)
+    check(problems, what)
 
 
 def check(problems: list[str], what: str) -> None:
@@ -46,35 +81,42 @@ def build_config(cls, values: dict, what: str):
     return cls(**values)
 
 
-def parsed_value(f: Field, value):
-    """A value for field f as a flag or a TOML entry gave it: lists become tuples, text of a field
-    with a parser is parsed ("1333,800" -> (1333, 800))."""
-    parse = f.metadata.get("parse")
-    if isinstance(value, list):
-        return tuple(value)
-    return parse(value) if parse and isinstance(value, str) else value
-
-
 def read_toml_tables(path: Path | None, known: dict[str, type], ignored=()) -> dict[str, dict]:
-    """The tables of a --config TOML file, each for the config class `known` maps its name to;
-    values parsed as their fields expect. An unknown table is an error (tables in `ignored` are
-    another command's, skipped); unknown keys are left for build_config to name."""
+    """The tables of a --config TOML file, each for the config class `known` maps its name to,
+    every value coerced and checked against its field's domain here, before any work starts (a
+    bad value is named with its file and table). An unknown table or key is an error (tables in
+    `ignored` are another command's, skipped)."""
     if path is None:
         return {}
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder; pass a TOML file")
     try:
-        tables = tomllib.loads(Path(path).read_text())
+        tables = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist; pass an existing TOML file") from None
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"config file {path} is not valid TOML ({err}); fix it") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"config file {path} is not valid TOML ({first_line(err)}); fix it") from None
     unknown = sorted(set(tables) - set(known) - set(ignored))
     if unknown:
         raise UserError(f"config file {path} has unknown tables {unknown}; use {', '.join(f'[{t}]' for t in known)}")
     out = {}
     for table, values in tables.items():
-        if table in known:
-            by_name = {f.name: f for f in fields(known[table])}
-            out[table] = {k: parsed_value(by_name[k], v) if k in by_name else v for k, v in values.items()}
+        if table not in known:
+            continue
+        if not isinstance(values, dict):
+            raise UserError(f"config file {path}: {table} must be a table [{table}], got {quote(values)}")
+        by_name = {f.name: f for f in fields(known[table]) if f.metadata.get("flag", True)}
+        bad = sorted(set(values) - set(by_name))
+        if bad:
+            raise UserError(f"config file {path}: unknown [{table}] option(s) {bad}; expected some of {sorted(by_name)}")
+        out[table] = {}
+        for key, value in values.items():
+            value = domain_of(by_name[key]).coerce(value)
+            problem = field_problem(by_name[key], value)
+            if problem:
+                raise UserError(f"config file {path}: [{table}] {problem}")
+            out[table][key] = value
     return out
 
 
@@ -86,68 +128,37 @@ def config_to_dict(config) -> dict:
     return {k: plain(v) for k, v in asdict(config).items()}
 
 
-def parse_pair(text: str, name: str = "value") -> tuple[int, int]:
-    """'1333,800' (or '1333x800') -> (1333, 800)."""
-    try:
-        a, b = (int(v) for v in str(text).replace("x", ",").split(","))
-    except ValueError:
-        raise UserError(f"{name} must be two integers LONG,SHORT such as 1333,800, got {text!r}") from None
-    return a, b
-
-
-def parse_pairs(text: str, name: str = "value") -> tuple[tuple[int, int], ...]:
-    """'1333,800;1000,600' -> ((1333, 800), (1000, 600)); '' -> ()."""
-    return tuple(parse_pair(part, name) for part in str(text).split(";") if part.strip())
-
-
-def parse_ints(text: str, name: str = "value") -> tuple[int, ...]:
-    """'8,11' -> (8, 11)."""
-    try:
-        return tuple(int(v) for v in str(text).split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"{name} must be a comma list of integers such as 8,11, got {text!r}") from None
-
 RESNET_DEPTHS = (18, 34, 50, 101)
 GFL_STRIDES = (8, 16, 32, 64, 128)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    depth: int = param(50, "ResNet depth: 18, 34, 50 or 101")
-    num_classes: int = param(80, "foreground classes (sigmoid, no background channel)", shown="the dataset's")
-    base_width: int = param(64, "ResNet stem channels; stages use 1, 2, 4, 8 times this (64 = standard)")
-    fpn_channels: int = param(256, "FPN output channels (= head input channels)")
-    head_channels: int = param(256, "channels of the GFL head's cls and reg towers")
-    stacked_convs: int = param(4, "convs per head tower")
-    gn_groups: int = param(32, "GroupNorm groups in the head towers")
-    reg_max: int = param(16, "box distributions have reg_max + 1 bins per edge")
-    strides: tuple[int, ...] = param(GFL_STRIDES, "FPN strides P3-P7", flag=False)
-    frozen_stages: int = param(1, "stem + this many ResNet stages get no gradient (0 when training from scratch)")
-    norm_eval: bool = param(True, "keep backbone BatchNorm in eval mode (pretrained backbones)")
+    depth: int = param(50, "ResNet depth: 18, 34, 50 or 101", OneOf(*RESNET_DEPTHS))
+    num_classes: int = param(80, "foreground classes (sigmoid, no background channel)", Range(1, 100_000),
+                             shown="the dataset's")
+    base_width: int = param(64, "ResNet stem channels; stages use 1, 2, 4, 8 times this (64 = standard)",
+                            Range(1, 1024))
+    fpn_channels: int = param(256, "FPN output channels (= head input channels)", Range(1, 4096))
+    head_channels: int = param(256, "channels of the GFL head's cls and reg towers", Range(1, 4096))
+    stacked_convs: int = param(4, "convs per head tower", Range(0, 16))
+    gn_groups: int = param(32, "GroupNorm groups in the head towers (a divisor of --head-channels, with at least 2 "
+                               "channels per group)", Range(1, 2048))
+    reg_max: int = param(16, "box distributions have reg_max + 1 bins per edge", Range(1, 255))
+    strides: tuple[int, ...] = param(GFL_STRIDES, "FPN strides P3-P7", OneOf(GFL_STRIDES), flag=False)
+    frozen_stages: int = param(1, "stem + this many ResNet stages get no gradient (0 when training from scratch)",
+                               Range(0, 4))
+    norm_eval: bool = param(True, "keep backbone BatchNorm in eval mode (pretrained backbones)", Flag())
 
     def __post_init__(self):
-        object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
-        problems = []
-        if self.depth not in RESNET_DEPTHS:
-            problems.append(f"depth must be one of {RESNET_DEPTHS}, got {self.depth}")
-        if self.num_classes < 1:
-            problems.append(f"num_classes must be >= 1, got {self.num_classes}")
-        if self.base_width < 1 or self.fpn_channels < 1 or self.head_channels < 1:
-            problems.append("base_width, fpn_channels and head_channels must be positive")
-        if self.stacked_convs < 0:
-            problems.append(f"stacked_convs must be >= 0, got {self.stacked_convs}")
+        if isinstance(self.strides, list):
+            object.__setattr__(self, "strides", tuple(self.strides))
+        validate_fields(self, "model configuration")
         if self.stacked_convs > 0 and (self.head_channels % self.gn_groups or self.head_channels < 2 * self.gn_groups):
             # Two channels per group at least: a group of one channel on a 1x1 map (P7 of a small
             # image) has a single value, which GroupNorm cannot normalise while training.
-            problems.append(f"head_channels ({self.head_channels}) must be a multiple of gn_groups "
-                            f"({self.gn_groups}) with at least 2 channels per group")
-        if self.reg_max < 1:
-            problems.append(f"reg_max must be >= 1, got {self.reg_max}")
-        if self.strides != GFL_STRIDES:
-            problems.append(f"strides must be {GFL_STRIDES} (FPN P3-P7), got {self.strides}")
-        if not 0 <= self.frozen_stages <= 4:
-            problems.append(f"frozen_stages must be in 0..4, got {self.frozen_stages}")
-        check(problems, "model configuration")
+            check([f"head_channels ({self.head_channels}) must be a multiple of gn_groups ({self.gn_groups}) with "
+                   "at least 2 channels per group"], "model configuration")
 
     @property
     def num_levels(self) -> int:

@@ -17,14 +17,16 @@ import torch
 from detector import distributed
 from detector.checkpoint import load_state_dict_strict, read_checkpoint, resolve_model_config
 from detector.coco import CocoDetection, collate
-from detector.config import check, param, parse_pair
+from detector.config import check, param, validate_fields
+from detector.domains import OneOf, Range, Table
 from detector.errors import UserError
 from detector.evaluation import coco_evaluate, detections_to_coco, save_results
 from detector.model import build_detector
+from detector.paths import InputDir, InputFile, OutputPath
 from detector.postprocess import PostprocessConfig, postprocess
-from detector.runtime import AMP_MODES, autocast_for, progress_bar, resolve_device
+from detector.runtime import AMP_MODES, Device, autocast_for, progress_bar, resolve_device
 from detector.synthetic import SYNTHETIC_IMG_SCALE, synthetic_split
-from detector.views import DEFAULT_IMG_SCALE, ViewRecord, ViewSpec
+from detector.views import DEFAULT_IMG_SCALE, Scale, ViewRecord, ViewSpec
 
 
 def canvas_batches(records: list[ViewRecord], batch_size: int) -> list[list[int]]:
@@ -78,29 +80,29 @@ def evaluate_model(model, dataset: CocoDetection, device, batch_size: int = 1, w
 
 @dataclass(frozen=True)
 class EvalConfig:
-    checkpoint: str = param(None, "our checkpoint or an mmdetection GFL checkpoint", shown="required")
-    out: str = param("results.json", "COCO results json to write; the metrics go beside it as OUT.metrics.json")
-    images: str | None = param(None, "image folder", shown="synthetic val")
-    ann: str | None = param(None, "COCO annotation json", shown="synthetic val")
-    img_scale: tuple[int, int] | None = param(None, "keep-ratio resize target LONG,SHORT",
+    checkpoint: str = param(None, "our checkpoint or an mmdetection GFL checkpoint", InputFile("checkpoint file"),
+                            shown="required")
+    out: str = param("results.json", "COCO results json to write; the metrics go beside it as OUT.metrics.json",
+                     OutputPath("file"))
+    images: str | None = param(None, "image folder", InputDir("image folder"), shown="synthetic val")
+    ann: str | None = param(None, "COCO annotation json", InputFile("annotation file"), shown="synthetic val")
+    img_scale: tuple[int, int] | None = param(None, "keep-ratio resize target LONG,SHORT", Scale(),
                                               shown="the checkpoint's training scale, else 1333,800; 256,256 on the "
-                                                    "synthetic data", parse=lambda t: parse_pair(t, "--img-scale"))
-    batch_size: int = param(8, "images per forward (equal canvases only, so results do not change)")
-    device: str = param("auto", "auto (cuda when available), cpu, cuda or cuda:N")
-    workers: int = param(2, "DataLoader worker processes")
-    amp: str = param("auto", "auto (bf16 on CUDA), off, bf16 or fp16")
-    arch: dict = param(help="architecture flags for checkpoints without a config", factory=dict, flag=False)
+                                                    "synthetic data")
+    batch_size: int = param(8, "images per forward (equal canvases only, so results do not change)", Range(1, 4096))
+    device: str = param("auto", "auto (cuda when available), cpu, cuda or cuda:N", Device())
+    workers: int = param(2, "DataLoader worker processes", Range(0, 256))
+    amp: str = param("auto", "auto (bf16 on CUDA), off, bf16 or fp16", OneOf(*AMP_MODES))
+    arch: dict = param(help="architecture flags for checkpoints without a config", domain=Table(), factory=dict,
+                       flag=False)
 
     def __post_init__(self):
+        validate_fields(self, "evaluation configuration")
         problems = []
         if not self.checkpoint:
             problems.append("--checkpoint is required")
         if (self.images is None) != (self.ann is None):
             problems.append("give both --images and --ann (or neither, for the synthetic validation set)")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.amp not in AMP_MODES:
-            problems.append(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         check(problems, "evaluation configuration")
 
 

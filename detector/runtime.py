@@ -8,13 +8,16 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
+from detector.domains import Domain
 from detector.errors import UserError
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
-    """auto = cuda when available. Under torchrun (local_rank given) a CUDA process takes its own GPU."""
+    """The device a process computes on, for its student and (online) teacher alike: auto = cuda
+    when available. Under torchrun (local_rank given) a CUDA process takes its own GPU,
+    cuda:LOCAL_RANK, whatever index was asked for."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -25,6 +28,9 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if local_rank is not None and device.type == "cuda":
         device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{device} was asked for but this machine has {torch.cuda.device_count()} GPU(s) "
+                        f"(cuda:0..cuda:{torch.cuda.device_count() - 1}); choose one of those")
     return device
 
 
@@ -51,3 +57,33 @@ def progress_bar(iterable=None, **kwargs) -> tqdm:
         kwargs.pop("dynamic_ncols", None)
         kwargs["leave"] = True
     return tqdm(iterable, file=sys.stderr, **kwargs)
+
+
+class Device(Domain):
+    """auto, cpu, cuda or cuda:N."""
+
+    allowed = "auto, cpu, cuda or cuda:N"
+    metavar = "auto|cpu|cuda|cuda:N"
+
+    def valid(self, value) -> bool:
+        if not isinstance(value, str):
+            return False
+        if value in ("auto", "cpu", "cuda"):
+            return True
+        prefix, _, index = value.partition(":")
+        return prefix == "cuda" and index.isdigit() and index.isascii()
+
+
+class DeviceList(Domain):
+    """GPU indices 0,1,2 or auto; empty for none (the CPU)."""
+
+    allowed = "GPU indices such as 0,1,2, or auto"
+    metavar = "0,1,..|auto"
+
+    def valid(self, value) -> bool:
+        if not isinstance(value, str):
+            return False
+        if value in ("", "auto"):
+            return True
+        parts = [p.strip() for p in value.split(",")]
+        return all(p.isdigit() and p.isascii() for p in parts) and len(set(parts)) == len(parts)

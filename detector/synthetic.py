@@ -21,15 +21,16 @@ import os
 import shutil
 import tempfile
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from detector.config import param
+from detector.config import check, param, validate_fields
+from detector.domains import MAX_SEED, Range
 from detector.errors import UserError
 from detector.synthetic_render import OBJECTS, SPLITS, render_image
 from detector.synthetic_shapes import SHAPES
@@ -44,18 +45,26 @@ SYNTHETIC_IMG_SCALE = (256, 256)  # the default images' own size: no pointless u
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """What `ldcache make-synthetic` writes; make_synthetic validates it."""
+    """What `ldcache make-synthetic` writes; validated at construction (make_synthetic builds one)."""
 
-    num_train: int = param(1000, "training images")
-    num_val: int = param(200, "validation images")
-    image_size: int = param(256, "upper bound of an image's long side, px")
-    num_classes: int = param(6, f"object classes (at most {len(SHAPES)} shapes)")
-    seed: int = param(0, "random seed; same seed, same dataset")
-    crowd_prob: float = param(0.02, "probability of a crowd region on an image")
-    min_objects: int = param(1, "fewest objects an image gets")
-    max_objects: int = param(8, "most objects an image gets")
-    min_object_px: float = param(12.0, "smallest object side, px (sqrt of its box area; log-uniform up to the largest)")
-    max_object_frac: float = param(0.7, "largest object side as a fraction of the image's short side")
+    num_train: int = param(1000, "training images", Range(1, 10_000_000))
+    num_val: int = param(200, "validation images", Range(1, 10_000_000))
+    image_size: int = param(256, "upper bound of an image's long side, px", Range(64, 4096))
+    num_classes: int = param(6, f"object classes (at most {len(SHAPES)} shapes)", Range(1, len(SHAPES)))
+    seed: int = param(0, "random seed; same seed, same dataset", Range(0, MAX_SEED))
+    crowd_prob: float = param(0.02, "probability of a crowd region on an image", Range(0, 1, integer=False))
+    min_objects: int = param(1, "fewest objects an image gets", Range(1, 200))
+    max_objects: int = param(8, "most objects an image gets (>= --min-objects)", Range(1, 200))
+    min_object_px: float = param(12.0, "smallest object side, px (sqrt of its box area; log-uniform up to the "
+                                       "largest)", Range(4, 4096, integer=False))
+    max_object_frac: float = param(0.7, "largest object side as a fraction of the image's short side",
+                                   Range(0, 0.95, integer=False, low_open=True))
+
+    def __post_init__(self):
+        validate_fields(self, "synthetic dataset")
+        if self.min_objects > self.max_objects:
+            check([f"min_objects ({self.min_objects}) must be <= max_objects ({self.max_objects})"],
+                  "synthetic dataset")
 
 
 def make_synthetic(out_dir, num_train: int = 1000, num_val: int = 200, image_size: int = 256,
@@ -108,40 +117,23 @@ def ensure_synthetic_default(root: Path | None = None) -> Path:
 
 def _validated(num_train, num_val, image_size, seed, num_classes, crowd_prob, objects: dict | None = None) -> dict:
     """The generation parameters as recorded in the JSON, or a UserError naming the bad one."""
-    def is_int(x):
-        return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-    checks = [
-        (is_int(num_train) and num_train >= 1,
-         f"num_train must be an integer >= 1, got {num_train!r}"),
-        (is_int(num_val) and num_val >= 1, f"num_val must be an integer >= 1, got {num_val!r}"),
-        (is_int(image_size) and 64 <= image_size <= 4096,
-         f"image_size must be an integer in [64, 4096], got {image_size!r}"),
-        (is_int(seed) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}"),
-        (is_int(num_classes) and 1 <= num_classes <= len(SHAPES),
-         f"num_classes must be an integer in [1, {len(SHAPES)}], got {num_classes!r}"),
-        (isinstance(crowd_prob, (int, float)) and not isinstance(crowd_prob, bool)
-         and 0.0 <= crowd_prob <= 1.0,
-         f"crowd_prob must be a number in [0, 1], got {crowd_prob!r}"),
-    ]
     objects = {**OBJECTS, **(objects or {})}
     unknown = sorted(set(objects) - set(OBJECTS))
-    checks += [
-        (not unknown, f"unknown synthetic options {unknown}; expected some of {sorted(OBJECTS)}"),
-        (is_int(objects["min_objects"]) and 1 <= objects["min_objects"] <= objects["max_objects"] <= 200,
-         f"objects per image must be integers with 1 <= min_objects <= max_objects <= 200, got "
-         f"{objects['min_objects']!r}..{objects['max_objects']!r}"),
-        (4.0 <= float(objects["min_object_px"]) and 0.0 < float(objects["max_object_frac"]) <= 0.95,
-         "min_object_px must be >= 4 and max_object_frac in (0, 0.95]"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-    params = dict(num_train=int(num_train), num_val=int(num_val), image_size=int(image_size),
-                  seed=int(seed), num_classes=int(num_classes), crowd_prob=float(crowd_prob))
+    if unknown:
+        raise UserError(f"unknown synthetic options {unknown}; expected some of {sorted(OBJECTS)}")
+    as_python = {k: _plain(v) for k, v in objects.items()}
+    cfg = SyntheticConfig(num_train=_plain(num_train), num_val=_plain(num_val), image_size=_plain(image_size),
+                          seed=_plain(seed), num_classes=_plain(num_classes), crowd_prob=_plain(crowd_prob), **as_python)
+    params = {k: getattr(cfg, k) for k in DEFAULT_SYNTHETIC}
     # Object options are recorded only when they differ from the defaults, so datasets made before
     # they existed keep their parameters (and the default dataset stays the default).
-    params.update({k: type(OBJECTS[k])(v) for k, v in objects.items() if v != OBJECTS[k]})
+    params.update({k: getattr(cfg, k) for k in OBJECTS if getattr(cfg, k) != OBJECTS[k]})
     return params
+
+
+def _plain(value):
+    """A numpy scalar as the Python number it holds (what callers from numpy code pass)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def generate_beside(out: Path, params: dict, workers: int) -> Path:

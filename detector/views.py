@@ -19,10 +19,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from detector.domains import Domain, is_int, quote
+
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # RGB, mmdet / ImageNet
 PIXEL_STD = (58.395, 57.12, 57.375)
 SIZE_DIVISOR = 32
 DEFAULT_IMG_SCALE = (1333, 800)  # (long side, short side), mmdet's 1x
+MAX_SIDE = 16384  # px: no run needs a longer side; it would only exhaust memory
 
 
 @dataclass(frozen=True)
@@ -193,3 +196,61 @@ def boxes_to_original(boxes_xyxy: torch.Tensor, record: ViewRecord) -> torch.Ten
         out = torch.stack([w - out[:, 2], out[:, 1], w - out[:, 0], out[:, 3]], dim=1)
     w_scale, h_scale = record.scale_factor
     return out / out.new_tensor([w_scale, h_scale, w_scale, h_scale])
+
+
+# ---- what a user may give for scales and views (domains: detector.domains) ----------------------
+class Scale(Domain):
+    """LONG,SHORT of a keep-ratio resize (also LONGxSHORT, or a TOML [LONG, SHORT])."""
+
+    allowed = f"LONG,SHORT with {MAX_SIDE} >= LONG >= SHORT > 0 (such as 1333,800)"
+    metavar = "LONG,SHORT"
+
+    def parse(self, text: str):
+        try:
+            a, b = (int(v) for v in text.replace("x", ",").split(","))
+        except ValueError:
+            raise ValueError(f"must be {self.allowed}, got {quote(text)}") from None
+        return a, b
+
+    def coerce(self, value):
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        return super().coerce(value)
+
+    def valid(self, value) -> bool:
+        return (isinstance(value, tuple) and len(value) == 2 and all(is_int(v) for v in value)
+                and MAX_SIDE >= value[0] >= value[1] > 0)
+
+
+class Scales(Domain):
+    """More scales: 'L1,S1;L2,S2' (or a TOML list of pairs); empty for none."""
+
+    allowed = f"scales 'L1,S1;L2,S2', each with {MAX_SIDE} >= LONG >= SHORT > 0"
+    metavar = "L1,S1;L2,S2"
+
+    def parse(self, text: str):
+        return tuple(Scale().parse(part) for part in text.split(";") if part.strip())
+
+    def coerce(self, value):
+        if isinstance(value, (list, tuple)):
+            return tuple(Scale().coerce(v) for v in value)
+        return super().coerce(value)
+
+    def valid(self, value) -> bool:
+        return isinstance(value, tuple) and all(Scale().valid(v) for v in value)
+
+
+VIEW_KINDS = ("orig", "hflip")
+
+
+class Views(Domain):
+    """The views of an image: a comma list of orig and hflip."""
+
+    allowed = "a comma list of " + " and ".join(VIEW_KINDS) + " such as orig,hflip"
+    metavar = "orig,hflip"
+
+    def valid(self, value) -> bool:
+        if not isinstance(value, str):
+            return False
+        kinds = [v.strip() for v in value.split(",")]
+        return bool(value.strip()) and all(k in VIEW_KINDS for k in kinds)

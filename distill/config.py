@@ -4,55 +4,60 @@ the resolved values are saved as JSON beside every run."""
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields, replace
+from dataclasses import MISSING, dataclass, replace
 
-from detector.config import build_config, check, config_to_dict, param, parse_ints, parse_pair, parse_pairs
+from detector.config import build_config, check, config_to_dict, param, validate_fields
+from detector.domains import MAX_SEED, Flag, Ints, OneOf, Range
 from detector.errors import UserError
+from detector.paths import InputDir, InputFile
 from detector.regions import VLR_IOUS, TeacherNeeds
-from detector.runtime import AMP_MODES
+from detector.runtime import AMP_MODES, Device
 from detector.synthetic import SYNTHETIC_IMG_SCALE, synthetic_split
-from detector.views import DEFAULT_IMG_SCALE
+from detector.views import DEFAULT_IMG_SCALE, Scale, Scales, Views
 
 __all__ = ["DataConfig", "LossConfig", "TrainConfig", "config_to_dict", "resolve_data"]
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    images: str = param(MISSING, "training image folder", shown="the synthetic dataset's")
-    ann: str = param(MISSING, "COCO annotation json of the training images", shown="the synthetic dataset's")
-    val_images: str | None = param(None, "validation images, evaluated after training", shown="synthetic val")
-    val_ann: str | None = param(None, "validation annotations", shown="synthetic val")
-    img_scale: tuple[int, int] = param(DEFAULT_IMG_SCALE, "keep-ratio resize target LONG,SHORT",
-                                       shown="1333,800; 256,256 on the synthetic data; a cache's own",
-                                       parse=lambda t: parse_pair(t, "--img-scale"))
-    views: str = param("orig,hflip", "views an image may be shown as (one drawn per image each epoch)",
+    images: str = param(MISSING, "training image folder", InputDir("image folder"), shown="the synthetic dataset's")
+    ann: str = param(MISSING, "COCO annotation json of the training images", InputFile("annotation file"),
+                     shown="the synthetic dataset's")
+    val_images: str | None = param(None, "validation images, evaluated after training (with --val-ann)",
+                                   InputDir("image folder"), shown="synthetic val")
+    val_ann: str | None = param(None, "validation annotations (with --val-images)", InputFile("annotation file"),
+                                shown="synthetic val")
+    img_scale: tuple[int, int] = param(DEFAULT_IMG_SCALE, "keep-ratio resize target LONG,SHORT", Scale(),
+                                       shown="1333,800; 256,256 on the synthetic data; a cache's own")
+    views: str = param("orig,hflip", "views an image may be shown as (one drawn per image each epoch)", Views(),
                        shown="orig,hflip; a cache's own")
     extra_scales: tuple[tuple[int, int], ...] = param((), "more scales 'L1,S1;L2,S2', each with the views above",
-                                                      shown="none; a cache's own",
-                                                      parse=lambda t: parse_pairs(t, "--extra-scales"))
+                                                      Scales(), shown="none; a cache's own unless --img-scale is given")
     subset_fraction: float = param(1.0, "train on this seeded random fraction of the training images (a subset "
-                                        "of one cache reads the cache's rows)")
-    subset_seed: int = param(0, "seed of --subset-fraction's draw")
+                                        "of one cache reads the cache's rows)", Range(0, 1, integer=False, low_open=True))
+    subset_seed: int = param(0, "seed of --subset-fraction's draw", Range(0, MAX_SEED))
 
     def __post_init__(self):
-        object.__setattr__(self, "img_scale", tuple(int(v) for v in self.img_scale))
-        object.__setattr__(self, "extra_scales", tuple(tuple(int(v) for v in s) for s in self.extra_scales))
-        problems = []
-        if len(self.img_scale) != 2 or not self.img_scale[0] >= self.img_scale[1] > 0:
-            problems.append(f"img_scale must be LONG,SHORT with LONG >= SHORT > 0, got {self.img_scale}")
+        validate_fields(self, "data configuration")
         if (self.val_images is None) != (self.val_ann is None):
-            problems.append("give both val_images and val_ann, or neither")
-        if not 0 < self.subset_fraction <= 1:
-            problems.append(f"subset_fraction must be in (0, 1], got {self.subset_fraction}")
-        check(problems, "data configuration")
+            check([val_pair_problem(self.val_images is not None)], "data configuration")
+
+
+def val_pair_problem(images_given: bool) -> str:
+    given, missing = ("--val-images", "--val-ann") if images_given else ("--val-ann", "--val-images")
+    return f"{given} was given without {missing}: give both, or neither (the synthetic val split on the default data)"
 
 
 def resolve_data(fields_given: dict) -> DataConfig:
     """DataConfig from the fields given (TOML table and flags); no data at all means the synthetic
-    default: its train split, its val split for evaluation, at its own 256 px scale."""
+    default: its train split, its val split for evaluation, at its own 256 px scale. A half of a
+    pair (images without ann, val images without val annotations) is an error, never completed
+    from the synthetic data."""
     fields_given = dict(fields_given)
     if ("images" in fields_given) != ("ann" in fields_given):
         raise UserError("give both --images and --ann (or neither, for the synthetic dataset)")
+    if ("val_images" in fields_given) != ("val_ann" in fields_given):
+        raise UserError(f"invalid data configuration: {val_pair_problem('val_images' in fields_given)}")
     if "images" not in fields_given:
         fields_given["images"], fields_given["ann"] = synthetic_split("train")
         if "val_ann" not in fields_given:
@@ -64,61 +69,41 @@ def resolve_data(fields_given: dict) -> DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = param(12, "epochs")
-    batch_size: int = param(16, "images per step (per process under torchrun)")
-    lr: float | None = param(None, "learning rate", shown="0.01 x batch / 16 for sgd, 1e-4 x batch / 16 for adamw")
-    optimizer: str = param("sgd", "sgd (the paper's recipe) or adamw (faster from scratch on small data)")
-    momentum: float = param(0.9, "SGD momentum")
-    weight_decay: float = param(1e-4, "weight decay")
-    warmup_iters: int = param(500, "linear warm-up steps from warmup_ratio x lr")
-    warmup_ratio: float = param(0.001, "learning rate at step 0 as a fraction of lr")
+    epochs: int = param(12, "epochs", Range(1, 100_000))
+    batch_size: int = param(16, "images per step (per process under torchrun)", Range(1, 4096))
+    lr: float | None = param(None, "learning rate", Range(0, 100, integer=False, low_open=True),
+                             shown="0.01 x batch / 16 for sgd, 1e-4 x batch / 16 for adamw")
+    optimizer: str = param("sgd", "sgd (the paper's recipe) or adamw (faster from scratch on small data)",
+                           OneOf("sgd", "adamw"))
+    momentum: float = param(0.9, "SGD momentum", Range(0, 1, integer=False, high_open=True))
+    weight_decay: float = param(1e-4, "weight decay", Range(0, 1, integer=False))
+    warmup_iters: int = param(500, "linear warm-up steps from warmup_ratio x lr", Range(0, 10**9))
+    warmup_ratio: float = param(0.001, "learning rate at step 0 as a fraction of lr",
+                                Range(0, 1, integer=False, low_open=True))
     lr_steps: tuple[int, ...] | None = param(None, "epochs after which lr x0.1, e.g. 8,11",
-                                             shown="8/12 and 11/12 of --epochs",
-                                             parse=lambda t: parse_ints(t, "--lr-steps"))
-    max_iters: int | None = param(None, "stop after this many steps", shown="all epochs")
-    seed: int = param(0, "seed of the model init and of the batches")
-    device: str = param("auto", "auto (cuda when available), cpu, cuda or cuda:N")
-    amp: str = param("auto", "auto (bf16 on CUDA), off, bf16 or fp16")
-    workers: int = param(2, "DataLoader worker processes")
-    log_every: int = param(10, "steps per metrics.jsonl record")
-    checkpoint_every: int | None = param(None, "also checkpoint every N steps", shown="each epoch only")
+                                             Ints(Range(1, 100_000), "8,11"), shown="8/12 and 11/12 of --epochs")
+    max_iters: int | None = param(None, "stop after this many steps", Range(1, 10**12), shown="all epochs")
+    seed: int = param(0, "seed of the model init and of the batches", Range(0, MAX_SEED))
+    device: str = param("auto", "auto (cuda when available), cpu, cuda or cuda:N", Device())
+    amp: str = param("auto", "auto (bf16 on CUDA), off, bf16 or fp16", OneOf(*AMP_MODES))
+    workers: int = param(2, "DataLoader worker processes", Range(0, 256))
+    log_every: int = param(10, "steps per metrics.jsonl record", Range(1, 10**9))
+    checkpoint_every: int | None = param(None, "also checkpoint every N steps", Range(1, 10**12),
+                                         shown="each epoch only")
     eval_batch_size: int = param(8, "images per forward when evaluating (equal canvases only, so results do not "
-                                    "change); under torchrun every rank evaluates its share")
-    eval_every: int | None = param(None, "also evaluate every N epochs: AP curves in metrics.jsonl",
+                                    "change); under torchrun every rank evaluates its share", Range(1, 4096))
+    eval_every: int | None = param(None, "also evaluate every N epochs: AP curves in metrics.jsonl", Range(1, 100_000),
                                    shown="at the end only")
     group_by: str = param("orientation", "batch images of one orientation (mmdet) or of one padded canvas "
-                                         "(students see views exactly as the cached teacher did)")
+                                         "(students see views exactly as the cached teacher did)",
+                          OneOf("orientation", "canvas"))
     backbone_weights: str | None = param(None, "torchvision ResNet ImageNet weights (.pth) to start the "
-                                               "backbone from (COCO recipes)")
+                                               "backbone from (COCO recipes)", InputFile("weights file"))
     tensorboard: bool = param(True, "also write every scalar of metrics.jsonl to RUN/tensorboard/ (needs the "
-                                    "tensorboard package: pip install 'ldcache[tensorboard]')")
+                                    "tensorboard package: pip install 'ldcache[tensorboard]')", Flag())
 
     def __post_init__(self):
-        if self.lr_steps is not None:
-            object.__setattr__(self, "lr_steps", tuple(int(s) for s in self.lr_steps))
-        problems = []
-        for name in ("epochs", "batch_size", "log_every", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr is not None and self.lr <= 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if self.warmup_iters < 0 or not 0 < self.warmup_ratio <= 1:
-            problems.append("warmup_iters must be >= 0 and warmup_ratio in (0, 1]")
-        if self.max_iters is not None and self.max_iters < 1:
-            problems.append(f"max_iters must be >= 1, got {self.max_iters}")
-        if self.workers < 0:
-            problems.append(f"workers must be >= 0, got {self.workers}")
-        if self.group_by not in ("orientation", "canvas"):
-            problems.append(f"group_by must be orientation or canvas, got {self.group_by!r}")
-        if self.optimizer not in ("sgd", "adamw"):
-            problems.append(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
-        if self.amp not in AMP_MODES:
-            problems.append(f"amp must be auto, off, bf16 or fp16, got {self.amp!r}")
-        if self.eval_every is not None and self.eval_every < 1:
-            problems.append(f"eval_every must be >= 1, got {self.eval_every}")
-        if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            problems.append(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        check(problems, "training configuration")
+        validate_fields(self, "training configuration")
 
     def base_lr(self, world_size: int = 1) -> float:
         if self.lr is not None:
@@ -157,6 +142,8 @@ RECIPES = {
     "mmdet": {"vlr_weight": 0.0, "kd_weight": 0.0, "ld_normalization": "official", "weight_sum_clamp": False},
     "none": {"ld_weight": 0.0, "vlr_weight": 0.0, "kd_weight": 0.0},
 }
+WEIGHT = Range(0, 10_000, integer=False)  # loss weights
+TEMPERATURE = Range(0, 1000, integer=False, low_open=True)
 PAPER = {"ld_weight": 0.25, "vlr_weight": 0.25, "kd_weight": 10.0, "ld_normalization": "image",
          "weight_sum_clamp": True}
 
@@ -167,57 +154,44 @@ class LossConfig:
     apply when a teacher (cache or online) is given. A recipe fills the fields left unset."""
 
     recipe: str = param("paper", "paper (Main KD + Main LD + VLR LD), mmdet (Main LD only, as mmdetection "
-                                 "ships it, its normalisation) or none (plain training)")
-    qfl_weight: float = param(1.0, "QFL weight")
-    giou_weight: float = param(2.0, "GIoU weight")
-    dfl_weight: float = param(0.25, "DFL weight (the paper notes DFL can be dropped when LD is on)")
-    ld_weight: float = param(None, "Main LD weight: box distributions of the ATSS positives",
+                                 "ships it, its normalisation) or none (plain training)", OneOf(*RECIPES))
+    qfl_weight: float = param(1.0, "QFL weight", WEIGHT)
+    giou_weight: float = param(2.0, "GIoU weight", WEIGHT)
+    dfl_weight: float = param(0.25, "DFL weight (the paper notes DFL can be dropped when LD is on)", WEIGHT)
+    ld_weight: float = param(None, "Main LD weight: box distributions of the ATSS positives", WEIGHT,
                              shown="0.25; 0 with --recipe none")
-    ld_temperature: float = param(None, "LD temperature (Main and VLR)",
+    ld_temperature: float = param(None, "LD temperature (Main and VLR)", TEMPERATURE,
                                   shown=f"{PAPER_LD_TEMPERATURE:g}, the paper's; {SMALL_BOX_LD_TEMPERATURE:g} when the "
                                         f"data's positive box edges lie under {SMALL_BOX_EDGE_BINS:g} bins (median)")
     vlr_weight: float = param(None, "VLR LD weight: box distributions of the valuable localization region",
+                              WEIGHT,
                               shown="0.25; 0 with --recipe mmdet or none")
-    vlr_gamma: float = param(0.25, "VLR band: gamma x thr <= DIoU < thr of a GT's ATSS threshold")
-    vlr_iou: str = param("official", "official (the authors' DIoU variant, intersection / anchor area) or diou")
-    kd_weight: float = param(None, "Main KD weight: class logits of the ATSS positives",
+    vlr_gamma: float = param(0.25, "VLR band: gamma x thr <= DIoU < thr of a GT's ATSS threshold",
+                             Range(0, 1, integer=False))
+    vlr_iou: str = param("official", "official (the authors' DIoU variant, intersection / anchor area) or diou",
+                         OneOf(*VLR_IOUS))
+    kd_weight: float = param(None, "Main KD weight: class logits of the ATSS positives", WEIGHT,
                              shown="10; 0 with --recipe mmdet or none")
-    kd_temperature: float = param(2.0, "KD temperature")
+    kd_temperature: float = param(2.0, "KD temperature", TEMPERATURE)
     kd_mode: str = param("auto", "softmax over classes (paper), sigmoid (per-class binary KL) or auto (softmax; "
-                                 "no Main KD on one-class data, where a softmax is constant)")
+                                 "no Main KD on one-class data, where a softmax is constant)", OneOf(*KD_MODES))
     ld_normalization: str = param(None, "image (per image x 2: the paper's 2 images per GPU at any batch size), "
                                         "official (sums: grow with images per process), positive (per positive, "
                                         "x COCO's) or mean (/ the GIoU weight sum)",
-                                  shown="image; official with --recipe mmdet")
+                                  OneOf(*LD_NORMALIZATIONS), shown="image; official with --recipe mmdet")
     kd_normalization: str = param("coco", "coco (sum over classes / 80: the paper's strength at any class "
-                                          "count) or official (mean over classes: 80/C x as strong)")
+                                          "count) or official (mean over classes: 80/C x as strong)",
+                                  OneOf(*KD_NORMALIZATIONS))
     weight_sum_clamp: bool = param(None, "GIoU and DFL divide by the positives' weight sum clamped at 1, as GFL "
-                                         "(--no-weight-sum-clamp: unclamped, as mmdetection's LD head)",
+                                         "(--no-weight-sum-clamp: unclamped, as mmdetection's LD head)", Flag(),
                                    shown="on; off with --recipe mmdet")
 
     def __post_init__(self):
-        if self.recipe in RECIPES:
+        if isinstance(self.recipe, str) and self.recipe in RECIPES:
             for name, value in {**PAPER, **RECIPES[self.recipe]}.items():
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, value)
-        problems = [f"{f.name} must be >= 0" for f in fields(self)
-                    if isinstance(getattr(self, f.name), float) and getattr(self, f.name) < 0]
-        for name in ("ld_temperature", "kd_temperature"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                problems.append(f"{name} must be > 0")
-        if self.recipe not in RECIPES:
-            problems.append(f"recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
-        if not 0 <= self.vlr_gamma <= 1:
-            problems.append(f"vlr_gamma must be in [0, 1], got {self.vlr_gamma}")
-        if self.vlr_iou not in VLR_IOUS:
-            problems.append(f"vlr_iou must be official or diou, got {self.vlr_iou!r}")
-        if self.kd_mode not in KD_MODES:
-            problems.append(f"kd_mode must be one of {KD_MODES}, got {self.kd_mode!r}")
-        if self.ld_normalization not in LD_NORMALIZATIONS:
-            problems.append(f"ld_normalization must be one of {LD_NORMALIZATIONS}, got {self.ld_normalization!r}")
-        if self.kd_normalization not in KD_NORMALIZATIONS:
-            problems.append(f"kd_normalization must be one of {KD_NORMALIZATIONS}, got {self.kd_normalization!r}")
-        check(problems, "loss configuration")
+        validate_fields(self, "loss configuration")
 
     @property
     def distills(self) -> bool:

@@ -194,6 +194,7 @@ def build_training(data, model_cfg, train, loss, out: Path, resume, extra_config
         extra_config["warnings"] = warnings
     if teacher is not None:
         teacher.validate(dataset, model_cfg, loss.teacher_needs())  # before step 1, not at step 1000
+        teacher = teacher.to(device)  # the student's device: under torchrun this rank's own GPU
         collate_fn, train_dataset = teacher.collate, teacher.dataset(dataset, loss.teacher_needs())
         extra_config["teacher"] = teacher.describe()
     config = resolved_config(data, model_cfg, train, loss, dataset, extra_config)

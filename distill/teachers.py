@@ -31,6 +31,10 @@ class TeacherSource(Protocol):
     def validate(self, dataset: CocoDetection, student: ModelConfig, needs: TeacherNeeds) -> None:
         """Raise UserError before step 1 if the source cannot serve this run."""
 
+    def to(self, device: torch.device) -> "TeacherSource":
+        """Put what the source computes with on the student's device (the process's own GPU under
+        torchrun, known only once the process group exists); returns the source."""
+
     def dataset(self, base: CocoDetection, needs: TeacherNeeds) -> torch.utils.data.Dataset:
         """The training dataset, its items carrying whatever `rows` needs besides the batch."""
 
@@ -61,6 +65,10 @@ class OnlineTeacher:
         if mismatches:
             raise UserError("teacher and student must share classes, strides and reg_max (LD pairs rows anchor by "
                             "anchor): " + "; ".join(mismatches))
+
+    def to(self, device: torch.device) -> "OnlineTeacher":
+        self.model.to(device)
+        return self
 
     def dataset(self, base: CocoDetection, needs: TeacherNeeds) -> CocoDetection:
         return base

@@ -92,7 +92,7 @@ def test_checkpoint_of_another_architecture(data_copy, tmp_path):
 def test_bad_option_values(data_copy, tmp_path):
     assert_user_error(run_cli(*_train_args(data_copy, tmp_path / "run", "--img-scale", "96")), "--img-scale")
     assert_user_error(run_cli(*_train_args(data_copy, tmp_path / "run", "--depth", "19")), "depth must be one of")
-    assert_user_error(run_cli(*_train_args(data_copy, tmp_path / "run", "--batch-size", "0")), "batch_size")
+    assert_user_error(run_cli(*_train_args(data_copy, tmp_path / "run", "--batch-size", "0")), "--batch-size", "got 0")
 
 
 def test_toml_config_with_typed_flags_winning(data_copy, tmp_path):
@@ -117,3 +117,29 @@ def test_user_errors_of_the_installed_command_and_the_checkout_alike(entry, tmp_
     assert_user_error(proc, "missing.pt does not exist")
     (tmp_path / "folder").mkdir()
     assert_user_error(run_cli("inspect-cache", tmp_path / "folder", entry=entry), "no cache at", "dump-teacher")
+
+
+@pytest.mark.parametrize("given, missing", [("--val-images", "--val-ann"), ("--val-ann", "--val-images")])
+def test_half_a_validation_pair_is_refused_naming_the_missing_half(data_copy, tmp_path, given, missing):
+    """Never completed from the synthetic data (which would pair a user's images with synthetic
+    annotations): an error before anything is read or written, the synthetic default included."""
+    value = data_copy / ("val" if given == "--val-images" else "annotations/instances_val.json")
+    home = tmp_path / "home"
+    for args in (["train-detector", given, value, "--out", tmp_path / "a"],  # the synthetic default otherwise
+                 [*_train_args(data_copy, tmp_path / "b"), given, value]):
+        proc = run_cli(*args, env_home=home)
+        assert_user_error(proc, f"{given} was given without {missing}")
+        assert not home.exists() and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cross_field_and_toml_values_are_refused_before_anything_is_written(data_copy, tmp_path):
+    home = tmp_path / "home"
+    # gn_groups must divide the head's channels (a GroupNorm of 16 channels in 3 groups cannot be built)
+    proc = run_cli("train-detector", "--gn-groups", "3", "--head-channels", "16", "--out", tmp_path / "a",
+                   env_home=home)
+    assert_user_error(proc, "head_channels (16) must be a multiple of gn_groups (3)")
+    config = tmp_path / "recipe.toml"
+    config.write_text("[loss]\nld_weight = -1\n")  # an integer: once slipped past the float-only range check
+    proc = run_cli("train-student", "--cache", tmp_path, "--config", config, "--out", tmp_path / "a", env_home=home)
+    assert_user_error(proc, "[loss] ld_weight must be a number in [0, 10000], got -1")
+    assert not home.exists() and not (tmp_path / "a").exists()

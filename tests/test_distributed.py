@@ -103,3 +103,23 @@ def test_distributed_training_evaluates_on_every_rank_and_logs_once(tiny_coco, t
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines if "AP" in r] == [1, 2]  # after epoch 1 and at the end, written once
     assert set(json.loads((tmp_path / "run" / "eval.json").read_text())["metrics"]) >= {"AP", "AP50"}
+
+
+def test_online_teacher_under_torchrun_gives_the_cached_runs_losses(tiny_coco, tiny_teacher, tiny_cache, tmp_path):
+    """Each rank runs its teacher on its own device and batch (the online path), and logs what the
+    same 2-process run reads from the teacher's cache: equal up to the cache's fp16 rounding."""
+    common = ["--images", tiny_coco["images"], "--ann", tiny_coco["ann"], "--img-scale", "96,96", "--workers", "0",
+              *TINY_MODEL_FLAGS, "--max-iters", "2", "--log-every", "1", "--lr", "0.01", "--warmup-iters", "2",
+              "--epochs", "3", "--group-by", "canvas", "--batch-size", "2", "--ld-normalization", "mean"]
+    cached = _torchrun("train-student", *common, "--cache", tiny_cache, "--out", tmp_path / "cached")
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    online = _torchrun("train-student", *common, "--teacher", tiny_teacher["path"], "--out", tmp_path / "online")
+    assert online.returncode == 0, online.stderr[-3000:]
+    a, b = _records(tmp_path / "cached"), _records(tmp_path / "online")
+    assert [r["iter"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "loss_ld", "loss_ld_vlr", "loss_kd"):
+            assert rb[k] != 0.0
+            assert rb[k] == pytest.approx(ra[k], rel=3e-3, abs=1e-6), (ra["iter"], k)
+    teacher = json.loads((tmp_path / "online" / "config.json").read_text())["teacher"]
+    assert teacher["kind"] == "online" and json.loads((tmp_path / "online" / "config.json").read_text())["world_size"] == 2

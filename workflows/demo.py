@@ -17,7 +17,10 @@ from cache_teacher.inspect import format_summary, render_png, summarize
 from cache_teacher.reader import TeacherCache
 from cache_teacher.targets import CacheTeacher
 from cache_teacher.verify import dataset_of_cache, teacher_ap
-from detector.config import ModelConfig, param
+from detector.config import ModelConfig, param, validate_fields
+from detector.domains import Flag, Range
+from detector.paths import OutputPath
+from detector.runtime import Device
 from detector.synthetic import make_synthetic
 from distill.config import DataConfig, LossConfig, TrainConfig
 from distill.engine import build_train_dataset, run_train
@@ -25,10 +28,13 @@ from distill.engine import build_train_dataset, run_train
 
 @dataclass(frozen=True)
 class DemoConfig:
-    workdir: str = param("runs/demo", "every artefact goes here; a second run reuses finished steps")
-    quick: bool = param(False, "a tiny version (under ~2 minutes on 2 CPU cores), for CI")
-    device: str = param("auto", "auto (cuda when available), cpu, cuda or cuda:N")
-    workers: int = param(2, "DataLoader worker processes")
+    workdir: str = param("runs/demo", "every artefact goes here; a second run reuses finished steps", OutputPath("dir"))
+    quick: bool = param(False, "a tiny version (under ~2 minutes on 2 CPU cores), for CI", Flag())
+    device: str = param("auto", "auto (cuda when available), cpu, cuda or cuda:N", Device())
+    workers: int = param(2, "DataLoader worker processes", Range(0, 256))
+
+    def __post_init__(self):
+        validate_fields(self, "demo configuration")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,18 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{run_dir} has no metrics.jsonl; pass the --out folder of a train-detector/train-student run")
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    texts = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = []
+    for number, text in enumerate(texts, 1):
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            if number == len(texts):
+                break  # a run killed while writing its last record
+            raise UserError(f"{path} line {number} is not JSON; is this a metrics.jsonl of ldcache?") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path} line {number} is not a JSON object; is this a metrics.jsonl of ldcache?")
+        lines.append(record)
     return [r for r in lines if "loss" in r], [r for r in lines if "AP" in r]
 
 

@@ -17,35 +17,57 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, fields
 from pathlib import Path
 
-from detector.config import ModelConfig, param
+from detector.config import ModelConfig, domain_of, param, validate_fields
+from detector.domains import Flag, Range, Text, Texts
 from detector.errors import UserError
-from distill.config import LossConfig, TrainConfig
+from detector.paths import OutputPath
+from detector.runtime import DeviceList
+from distill.config import DataConfig, LossConfig, TrainConfig
 from workflows.plots import plot_sweep
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
+class GridAxis(Text):
+    """One --grid axis, name=v1,v2,...: a train-student option and values in its domain."""
+
+    def __init__(self):
+        super().__init__("name=v1,v2,... of a train-student option, each value one it allows", metavar="NAME=V1,V2")
+
+    def check(self, value) -> str | None:
+        if not isinstance(value, str):
+            return f"must be {self.allowed}, got {value!r}"
+        try:
+            parse_axis(value)
+        except UserError as err:
+            return str(err).removeprefix("--grid ")
+        return None
+
+
 @dataclass(frozen=True)
 class SweepConfig:
-    cache: str = param(None, "the teacher cache every point reads (folder or fsspec URL)", shown="required")
+    cache: str = param(None, "the teacher cache every point reads (folder or fsspec URL)",
+                       Text("a teacher cache folder or fsspec URL"), shown="required")
     grid: tuple[str, ...] = param((), "name=v1,v2,... of a train-student option; repeat for a cartesian product",
-                                  shown="required")
-    out: str = param("runs/sweep", "sweep folder: one run per point, sweep.md, sweep.json, sweep.png")
-    jobs: int = param(1, "points trained at once on the CPU (each a process); with --devices: one per device group")
+                                  Texts(GridAxis()), shown="required")
+    out: str = param("runs/sweep", "sweep folder: one run per point, sweep.md, sweep.json, sweep.png",
+                     OutputPath("dir"))
+    jobs: int = param(1, "points trained at once on the CPU (each a process); with --devices: one per device group",
+                      Range(1, 256))
     devices: str = param("", "GPUs to spread the points over: 0,1,2,3 or auto (every visible GPU); each point sees "
-                             "only its own (CUDA_VISIBLE_DEVICES)", shown="none: the CPU")
-    gpus_per_job: int = param(1, "with --devices: GPUs per point, run as a torchrun of that many processes")
+                             "only its own (CUDA_VISIBLE_DEVICES)", DeviceList(), shown="none: the CPU")
+    gpus_per_job: int = param(1, "with --devices: GPUs per point, run as a torchrun of that many processes",
+                              Range(1, 64))
 
     def __post_init__(self):
+        validate_fields(self, "sweep configuration")  # every grid value is checked (GridAxis)
         if not self.cache:
             raise UserError("--cache is required: the teacher cache every point reads")
-        if self.jobs < 1:
-            raise UserError(f"--jobs must be >= 1, got {self.jobs}")
-        if self.gpus_per_job < 1:
-            raise UserError(f"--gpus-per-job must be >= 1, got {self.gpus_per_job}")
+        if self.grid:
+            parse_grid(list(self.grid))  # and the axes together (no name twice)
 
     def device_slots(self) -> list[tuple[str, ...]] | None:
         """Groups of gpus_per_job devices, one point each at a time (None: the CPU)."""
@@ -65,34 +87,63 @@ class SweepConfig:
         return [tuple(names[i:i + k]) for i in range(0, len(names) - k + 1, k)]
 
 
+def sweepable_fields() -> dict[str, Field]:
+    """The config fields a grid may vary (everything a train-student flag sets, except paths and
+    what does not change the result), by name."""
+    out = {f.name: f for cls in (LossConfig, TrainConfig, ModelConfig) for f in fields(cls) if f.metadata["flag"]}
+    out.update({f.name: f for f in fields(DataConfig) if f.name in ("views", "img_scale")})
+    for name in ("device", "workers", "log_every", "checkpoint_every", "backbone_weights"):
+        out.pop(name)
+    return out
 
-def sweepable_options() -> set[str]:
-    """Config fields a grid may vary (everything a train-student flag sets, except paths)."""
-    names = {f.name for cls in (LossConfig, TrainConfig, ModelConfig) for f in fields(cls)}
-    names |= {"views", "img_scale"}
-    return names - {"device", "workers", "log_every", "checkpoint_every", "strides"}
+
+def parse_axis(item: str) -> list[tuple[str, str]]:
+    """"ld_temperature=5,10" -> [("ld_temperature", "5"), ("ld_temperature", "10")], each value
+    checked against its option's domain, so a typo fails the sweep before it starts."""
+    allowed = sweepable_fields()
+    key, sep, values = item.partition("=")
+    key = key.strip().lstrip("-").replace("-", "_")
+    if not sep or not values.strip():
+        raise UserError(f"--grid {item!r} must look like name=v1,v2,... (e.g. ld_temperature=5,10,15)")
+    if key not in allowed:
+        raise UserError(f"--grid {key} is not a train-student option; choose from {', '.join(sorted(allowed))}")
+    # img_scale values contain commas themselves: give them as 1333x800
+    axis = [(key, v.strip().replace("x", ",") if key == "img_scale" else v.strip())
+            for v in values.split(",") if v.strip()]
+    for _, text in axis:
+        problem = grid_value_problem(allowed[key], text)
+        if problem:
+            raise UserError(f"--grid {key}={text}: {problem}")
+    return axis
 
 
 def parse_grid(items: list[str]) -> list[dict[str, str]]:
     """["ld_temperature=5,10", "vlr_gamma=0,0.25"] -> the cartesian product as override dicts."""
-    axes = []
-    allowed = sweepable_options()
-    for item in items:
-        key, sep, values = item.partition("=")
-        key = key.strip().lstrip("-").replace("-", "_")
-        if not sep or not values.strip():
-            raise UserError(f"--grid {item!r} must look like name=v1,v2,... (e.g. ld_temperature=5,10,15)")
-        if key not in allowed:
-            raise UserError(f"--grid {key} is not a train-student option; choose from {', '.join(sorted(allowed))}")
-        # img_scale values contain commas themselves: give them as 1333x800
-        axes.append([(key, v.strip().replace("x", ",") if key == "img_scale" else v.strip())
-                     for v in values.split(",") if v.strip()])
+    axes = [parse_axis(item) for item in items]
     if not axes:
         raise UserError("give at least one --grid name=v1,v2,...")
     keys = [axis[0][0] for axis in axes]
     if len(set(keys)) != len(keys):
         raise UserError(f"--grid names repeat: {keys}")
     return [dict(point) for point in itertools.product(*axes)]
+
+
+def grid_value_problem(f: Field, text: str) -> str | None:
+    try:
+        value = domain_of(f).parse(text)
+    except ValueError as err:
+        return str(err)
+    return domain_of(f).check(value)
+
+
+def option_args(name: str, text: str) -> list[str]:
+    """The train-student arguments that set option `name` to the grid value `text`: an on/off
+    option is the flag itself (--weight-sum-clamp / --no-weight-sum-clamp), anything else takes
+    the value."""
+    flag = name.replace("_", "-")
+    if isinstance(domain_of(sweepable_fields()[name]), Flag):
+        return [f"--{flag}" if Flag().parse(text) else f"--no-{flag}"]
+    return [f"--{flag}", text]
 
 
 def point_name(overrides: dict[str, str]) -> str:
@@ -115,7 +166,7 @@ def point_command(train_student: list[str], overrides: dict, run_dir: Path, slot
     torchrun of one process per GPU when the slot holds several."""
     cmd = [*train_student, "--out", str(run_dir), "--resume"]
     for key, value in overrides.items():
-        cmd += [f"--{key.replace('_', '-')}", value]
+        cmd += option_args(key, value)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if slot is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(slot)

@@ -42,3 +42,26 @@ def test_a_transient_bar_leaves_no_blank_line_in_a_log(monkeypatch):
     frames = [f for f in stream.getvalue().replace("\n", "\r").split("\r") if f]
     assert frames and all(f.strip() for f in frames), frames  # no frame of only spaces
     assert "evaluating" in frames[-1] and "3/3" in frames[-1]  # the finished bar stays
+
+
+def test_a_cuda_rank_computes_on_its_own_gpu(monkeypatch):
+    """The placement rule every command uses for its networks, the student's and an online
+    teacher's alike (distill.engine puts the teacher where the student is): under torchrun a CUDA
+    process takes cuda:LOCAL_RANK, whatever index was asked for; an index the machine lacks is a
+    one-line error, not a CUDA crash later."""
+    import pytest
+    import torch
+
+    from detector.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert runtime.resolve_device("cuda", local_rank=2) == torch.device("cuda", 2)
+    assert runtime.resolve_device("auto", local_rank=3) == torch.device("cuda", 3)
+    assert runtime.resolve_device("cuda:0", local_rank=1) == torch.device("cuda", 1)
+    assert runtime.resolve_device("cuda:3") == torch.device("cuda", 3)  # one process: the GPU asked for
+    assert runtime.resolve_device("cpu", local_rank=2) == torch.device("cpu")  # gloo ranks share the CPU
+    with pytest.raises(UserError, match="has 4 GPU"):
+        runtime.resolve_device("cuda:4")
+    with pytest.raises(UserError, match="has 4 GPU"):
+        runtime.resolve_device("cuda", local_rank=5)

@@ -154,3 +154,41 @@ def test_kill_and_resume_train_student(tiny_coco, tiny_cache, tmp_path):
     iters = [r["iter"] for r in _records(out)]
     assert iters == list(range(1, 13))  # every step logged exactly once across the kill
     assert torch.load(last, weights_only=True)["iter"] == 12
+
+
+def test_the_online_teacher_is_put_where_the_student_computes(tiny_coco, tiny_teacher, tmp_path, monkeypatch):
+    """The teacher is loaded before the process group exists, on the CPU; the run moves it to the
+    device it resolved for the student (under torchrun cuda:LOCAL_RANK: tests/detector/test_runtime)."""
+    import distill.engine
+
+    resolved, moved = [], []
+    real_resolve = distill.engine.resolve_device
+    monkeypatch.setattr(distill.engine, "resolve_device", lambda *a: resolved.append(real_resolve(*a)) or resolved[-1])
+    teacher = OnlineTeacher.from_checkpoint(tiny_teacher["path"], {}, torch.device("cpu"))
+    real_to = teacher.to
+    monkeypatch.setattr(teacher, "to", lambda device: moved.append(device) or real_to(device))
+    data = DataConfig(images=str(tiny_coco["images"]), ann=str(tiny_coco["ann"]), img_scale=(96, 96))
+    run_train(data, ModelConfig(num_classes=5, **TINY_MODEL), TrainConfig(max_iters=1, batch_size=2, workers=0,
+              tensorboard=False), LossConfig(), tmp_path / "run", progress=False, teacher=teacher)
+    assert len(resolved) == 1 and moved == resolved  # the one device the student was put on
+
+
+def test_a_student_on_a_cache_keeps_what_it_was_not_told_to_change(tiny_cache):
+    """Each of views, scale and extra scales defaults to the cache's on its own: --views hflip
+    keeps the cache's scale; a typed --img-scale drops the cache's other scales."""
+    from workflows.student import data_defaults
+
+    source = CacheTeacher(TeacherCache(tiny_cache))  # orig and hflip at 96x96
+    data = {"images": "elsewhere", "ann": "elsewhere.json"}  # given: not the dumped dataset's
+    assert data_defaults(source, {**data, "views": "hflip"}) == {"img_scale": (96, 96), "extra_scales": ()}
+    assert data_defaults(source, {**data, "img_scale": (128, 128)}) == {"views": "orig,hflip"}
+    assert data_defaults(source, {**data, "img_scale": (96, 96), "extra_scales": ((128, 128),), "views": "orig"}) == {}
+    assert data_defaults(source, data) == {"views": "orig,hflip", "img_scale": (96, 96), "extra_scales": ()}
+
+
+def test_train_student_views_alone_trains_at_the_caches_scale(tiny_coco, tiny_cache, tmp_path):
+    proc = run_cli(*_student_args(tiny_coco, tiny_cache, tmp_path / "run", "--views", "hflip", "--max-iters", "1",
+                                  "--no-tensorboard"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    assert data["views"] == "hflip" and data["img_scale"] == [96, 96]  # the cache's, not 1333,800

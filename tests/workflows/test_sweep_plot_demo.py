@@ -27,6 +27,29 @@ def test_parse_grid_is_a_cartesian_product_of_known_options():
         parse_grid(["ld_weight"])
 
 
+def test_an_on_off_grid_value_launches_the_flag_train_student_takes():
+    """A grid point of a boolean option becomes --name or --no-name (train-student's on/off
+    flags take no value), parsed here by train-student's own command line."""
+    import typer
+
+    import cli
+    from workflows.sweep import point_command
+
+    student = typer.main.get_command(cli.app).commands["train-student"]
+    points = parse_grid(["weight_sum_clamp=false,true", "tensorboard=off", "ld_weight=0.5"])
+    assert len(points) == 2
+    for point in points:
+        cmd, _ = point_command(["python", "cli.py", "train-student", "--cache", "C"], point, Path("r"), None, 1)
+        assert ("--no-weight-sum-clamp" in cmd) == (point["weight_sum_clamp"] == "false")
+        params = student.make_context("train-student", cmd[3:]).params
+        assert params["weight_sum_clamp"] is (point["weight_sum_clamp"] == "true")
+        assert params["tensorboard"] is False and params["ld_weight"] == 0.5
+    with pytest.raises(UserError, match="must be true or false"):
+        parse_grid(["norm_eval=maybe"])
+    with pytest.raises(UserError, match="ld_weight=-1"):
+        parse_grid(["ld_weight=1,-1"])  # checked when the sweep starts, not when the point runs
+
+
 def _sweep_cmd(tiny, cache, out):
     return [sys.executable, str(ROOT / "cli.py"), "sweep", "--cache", str(cache), "--grid", "ld_temperature=5,10",
             "--grid", "vlr_gamma=0,0.5", "--out", str(out), "--images", str(tiny["images"]), "--ann", str(tiny["ann"]),

@@ -1,0 +1,68 @@
+"""What a path option may be (detector.domains): an existing file or folder to read, or where a
+command writes. Checked where the value enters, so a wrong path is one line before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from detector.domains import Text, quote
+
+
+class InputFile(Text):
+    """An existing file."""
+
+    def __init__(self, what: str = "file"):
+        super().__init__(f"an existing {what}", metavar="FILE")
+
+    def check(self, value) -> str | None:
+        if not isinstance(value, str) or not value.strip():
+            return f"must be {self.allowed}, got {quote(value)}"
+        path = Path(value).expanduser()
+        if path.is_dir():
+            return f"must be {self.allowed}, got the folder {value}"
+        if not path.is_file():
+            return f"must be {self.allowed}; {value} does not exist"
+        return None
+
+
+class InputDir(Text):
+    """An existing folder."""
+
+    def __init__(self, what: str = "folder"):
+        super().__init__(f"an existing {what}", metavar="DIR")
+
+    def check(self, value) -> str | None:
+        if not isinstance(value, str) or not value.strip():
+            return f"must be {self.allowed}, got {quote(value)}"
+        path = Path(value).expanduser()
+        if path.exists() and not path.is_dir():
+            return f"must be {self.allowed}, got the file {value}"
+        if not path.is_dir():
+            return f"must be {self.allowed}; {value} does not exist"
+        return None
+
+
+class OutputPath(Text):
+    """Where a command writes: a folder (kind "dir") or a file ("file"), local or (url=True) an
+    fsspec URL. It may exist already (runs resume); it must not be of the other kind, and no
+    part of its parent may be a file."""
+
+    def __init__(self, kind: str = "dir", url: bool = False):
+        self.kind, self.url = kind, url
+        super().__init__(f"a path for a {'folder' if kind == 'dir' else 'file'} to write"
+                         + (" (or an fsspec URL)" if url else ""), metavar="DIR" if kind == "dir" else "FILE")
+
+    def check(self, value) -> str | None:
+        if not isinstance(value, str) or not value.strip():
+            return f"must be {self.allowed}, got {quote(value)}"
+        if self.url and "://" in value:
+            return None
+        path = Path(value).expanduser()
+        if self.kind == "dir" and path.exists() and not path.is_dir():
+            return f"must be {self.allowed}, but {value} is a file"
+        if self.kind == "file" and path.is_dir():
+            return f"must be {self.allowed}, but {value} is a folder"
+        blocked = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocked is not None:
+            return f"must be {self.allowed}; {blocked} is a file, not a writable folder"
+        return None

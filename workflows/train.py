@@ -1,0 +1,28 @@
+"""train-detector and train-student from the options a user gave (a TOML table and flags per
+config): every config is built, and so validated, before any data is read, generated or written;
+then one training run. A bad value never costs the synthetic dataset's generation or a run folder."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from detector.config import GFL_STRIDES, ModelConfig, build_config
+from distill.config import LossConfig, TrainConfig, resolve_data
+from distill.engine import build_train_dataset, run_train
+from distill.teachers import TeacherSource
+
+
+def run_training(fields: dict, out: Path, resume: bool, teacher: TeacherSource | None = None, what: str = "GFL",
+                 echo=print) -> dict:
+    """fields: {"data", "model", "train", "loss": option values}. Returns run_train's result."""
+    train_cfg = build_config(TrainConfig, fields["train"], "train")
+    loss_cfg = build_config(LossConfig, fields["loss"], "loss")
+    model_cfg = build_config(ModelConfig, fields["model"], "model")  # num_classes: the dataset's unless given
+    data = resolve_data(fields["data"])
+    dataset = build_train_dataset(data, GFL_STRIDES)
+    if "num_classes" not in fields["model"]:
+        model_cfg = replace(model_cfg, num_classes=dataset.num_classes)
+    echo(f"training {what} R-{model_cfg.depth} ({model_cfg.num_classes} classes) on {data.ann} ({len(dataset)} images) "
+         f"-> {out}")
+    return run_train(data, model_cfg, train_cfg, loss_cfg, out, resume=resume, dataset=dataset, teacher=teacher)
