@@ -1,6 +1,7 @@
-"""The teacher cache contract (format v1): array names and the metadata, parsed and validated once.
-The single source of truth for what a cache holds; docs/cache-format.md describes the same thing
-for other readers, and cache_teacher/layout.py where the rows of each view lie.
+"""The teacher cache contract (format v2; v1 caches are read as before): array names and the
+metadata, parsed and validated once. The single source of truth for what a cache holds;
+docs/cache-format.md describes the same thing for other readers, and cache_teacher/layout.py
+where the rows of each view lie.
 
 A cache is one Zarr v3 group:
 - attrs["ldcache"]: CacheMetadata.to_json() (identity, transform, dtypes, layout, state).
@@ -94,8 +95,9 @@ class CacheLayout:
 
 @dataclass(frozen=True)
 class CacheMetadata:
-    """attrs["ldcache"] of a cache, typed. from_json validates a stored document once; to_json
-    writes the format-v1 document byte for byte as earlier versions of ldcache did."""
+    """attrs["ldcache"] of a cache, typed. from_json validates a stored document once (format v1 or
+    v2); to_json writes the document of the cache's own format version, key for key as the
+    ldcache that wrote it did."""
 
     teacher_config: dict  # the teacher's detector.config.ModelConfig as a dict
     teacher_sha256: str  # of the checkpoint file

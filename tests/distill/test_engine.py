@@ -1,3 +1,4 @@
+import importlib.util
 import json
 
 import pytest
@@ -95,6 +96,12 @@ def test_loss_falls_when_overfitting_one_batch(tiny_coco, tmp_path):
     assert min(losses[-5:]) <= min(losses[:25])  # still improving at the end, not a lucky dip
 
 
+# The tensorboard extra is optional: without it scalars go to metrics.jsonl only (tested above).
+needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
+                                       reason="the tensorboard extra is not installed: pip install "
+                                              "'ldcache[tensorboard]' (make setup installs it)")
+
+
 def _scalars(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -103,6 +110,7 @@ def _scalars(run_dir):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@needs_tensorboard
 def test_tensorboard_events_hold_the_scalars_of_metrics_jsonl(tiny_coco, tmp_path):
     _train(tiny_coco, tmp_path / "run", val=True, eval_every=1)
     records = _losses(tmp_path / "run")
@@ -119,6 +127,7 @@ def test_tensorboard_events_hold_the_scalars_of_metrics_jsonl(tiny_coco, tmp_pat
         assert [v for _, v in scalars[key]] == pytest.approx([v for _, v in points], rel=1e-6), key
 
 
+@needs_tensorboard
 def test_a_resumed_run_logs_each_step_once_to_tensorboard_and_none_without_it(tiny_coco, tmp_path):
     _train(tiny_coco, tmp_path / "split", max_iters=4)
     _train(tiny_coco, tmp_path / "split", resume=True)
