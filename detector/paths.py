@@ -8,38 +8,32 @@ from pathlib import Path
 from detector.domains import Text, quote
 
 
-class InputFile(Text):
-    """An existing file."""
+class InputPath(Text):
+    """An existing file (folder=False) or folder to read."""
 
-    def __init__(self, what: str = "file"):
-        super().__init__(f"an existing {what}", metavar="FILE")
+    folder = False
 
-    def check(self, value) -> str | None:
-        if not isinstance(value, str) or not value.strip():
-            return f"must be {self.allowed}, got {quote(value)}"
-        path = Path(value).expanduser()
-        if path.is_dir():
-            return f"must be {self.allowed}, got the folder {value}"
-        if not path.is_file():
-            return f"must be {self.allowed}; {value} does not exist"
-        return None
-
-
-class InputDir(Text):
-    """An existing folder."""
-
-    def __init__(self, what: str = "folder"):
-        super().__init__(f"an existing {what}", metavar="DIR")
+    def __init__(self, what: str | None = None):
+        kind = "folder" if self.folder else "file"
+        super().__init__(f"an existing {what or kind}", metavar="DIR" if self.folder else "FILE")
 
     def check(self, value) -> str | None:
         if not isinstance(value, str) or not value.strip():
             return f"must be {self.allowed}, got {quote(value)}"
         path = Path(value).expanduser()
-        if path.exists() and not path.is_dir():
-            return f"must be {self.allowed}, got the file {value}"
-        if not path.is_dir():
+        if not path.exists():
             return f"must be {self.allowed}; {value} does not exist"
+        if path.is_dir() != self.folder:
+            return f"must be {self.allowed}, got the {'file' if self.folder else 'folder'} {value}"
         return None
+
+
+class InputFile(InputPath):
+    folder = False
+
+
+class InputDir(InputPath):
+    folder = True
 
 
 class OutputPath(Text):

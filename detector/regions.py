@@ -87,6 +87,8 @@ class TeacherNeeds:
     refuse before step 1 what it cannot serve (a cache without class logits, a region-sparse
     cache dumped for another VLR)."""
 
-    class_logits: bool  # Main KD reads the teacher's class logits
+    class_logits: bool  # Main KD (at the positives) or BCKD (everywhere) reads the teacher's class logits
     vlr_gamma: float | None  # VLR LD's band [gamma x thr, thr); None: no VLR LD
     vlr_iou: str = "official"
+    every_location: bool = False  # BCKD: class logits and boxes at every location, not only Main and VLR
+    box_logits: bool = True  # Main LD or VLR LD: the 68 box logits (at their rows)

@@ -137,15 +137,18 @@ PAPER_LD_TEMPERATURE = 10.0
 SMALL_BOX_LD_TEMPERATURE = 1.0
 SMALL_BOX_EDGE_BINS = 1.5  # COCO-like data: 3.5 bins; objects below the finest anchors: under 1
 # What each recipe sets; a flag typed (or a TOML value) wins over its recipe.
+NO_LD = {"ld_weight": 0.0, "vlr_weight": 0.0, "kd_weight": 0.0}
 RECIPES = {
-    "paper": {},  # Main KD + Main LD + VLR LD, the paper's best
+    "paper": {},  # Main KD + Main LD + VLR LD, the LD paper's best
     "mmdet": {"vlr_weight": 0.0, "kd_weight": 0.0, "ld_normalization": "official", "weight_sum_clamp": False},
-    "none": {"ld_weight": 0.0, "vlr_weight": 0.0, "kd_weight": 0.0},
+    # BCKD (ICCV 2023) as its authors configure it: its two terms, no LD term, the GFL task losses kept
+    "bckd": {**NO_LD, "bckd_cls_weight": 1.0, "bckd_box_weight": 4.0},
+    "none": NO_LD,
 }
 WEIGHT = Range(0, 10_000, integer=False)  # loss weights
 TEMPERATURE = Range(0, 1000, integer=False, low_open=True)
-PAPER = {"ld_weight": 0.25, "vlr_weight": 0.25, "kd_weight": 10.0, "ld_normalization": "image",
-         "weight_sum_clamp": True}
+PAPER = {"ld_weight": 0.25, "vlr_weight": 0.25, "kd_weight": 10.0, "bckd_cls_weight": 0.0, "bckd_box_weight": 0.0,
+         "ld_normalization": "image", "weight_sum_clamp": True}
 
 
 @dataclass(frozen=True)
@@ -153,8 +156,9 @@ class LossConfig:
     """One weight per loss key, applied in one place (distill.criterion). Distillation terms only
     apply when a teacher (cache or online) is given. A recipe fills the fields left unset."""
 
-    recipe: str = param("paper", "paper (Main KD + Main LD + VLR LD), mmdet (Main LD only, as mmdetection "
-                                 "ships it, its normalisation) or none (plain training)", OneOf(*RECIPES))
+    recipe: str = param("paper", "paper (LD: Main KD + Main LD + VLR LD), mmdet (Main LD only, as mmdetection "
+                                 "ships it, its normalisation), bckd (BCKD's two terms, no LD term) or none (plain "
+                                 "training); typed weights add to or override a recipe", OneOf(*RECIPES))
     qfl_weight: float = param(1.0, "QFL weight", WEIGHT)
     giou_weight: float = param(2.0, "GIoU weight", WEIGHT)
     dfl_weight: float = param(0.25, "DFL weight (the paper notes DFL can be dropped when LD is on)", WEIGHT)
@@ -175,6 +179,12 @@ class LossConfig:
     kd_temperature: float = param(2.0, "KD temperature", TEMPERATURE)
     kd_mode: str = param("auto", "softmax over classes (paper), sigmoid (per-class binary KL) or auto (softmax; "
                                  "no Main KD on one-class data, where a softmax is constant)", OneOf(*KD_MODES))
+    bckd_cls_weight: float = param(None, "BCKD binary classification KD: every class of every location, the "
+                                         "teacher's probability as target, / positives", WEIGHT,
+                                   shown="0; 1 with --recipe bckd")
+    bckd_box_weight: float = param(None, "BCKD box KD: GIoU of student and teacher boxes at every location, "
+                                         "weighted by their largest class disagreement, / positives", WEIGHT,
+                                   shown="0; 4 with --recipe bckd")
     ld_normalization: str = param(None, "image (per image x 2: the paper's 2 images per GPU at any batch size), "
                                         "official (sums: grow with images per process), positive (per positive, "
                                         "x COCO's) or mean (/ the GIoU weight sum)",
@@ -195,7 +205,11 @@ class LossConfig:
 
     @property
     def distills(self) -> bool:
-        return self.ld_weight > 0 or self.vlr_weight > 0 or self.kd_weight > 0
+        return self.ld_weight > 0 or self.vlr_weight > 0 or self.kd_weight > 0 or self.bckd
+
+    @property
+    def bckd(self) -> bool:
+        return self.bckd_cls_weight > 0 or self.bckd_box_weight > 0
 
     def kd_mode_for(self, num_classes: int) -> str:
         """auto: the softmax KD of the paper; no Main KD on one class (see for_classes)."""
@@ -227,8 +241,9 @@ class LossConfig:
 
     def teacher_needs(self) -> TeacherNeeds:
         """What these losses read from a teacher (a term whose weight is 0 reads nothing)."""
-        return TeacherNeeds(class_logits=self.kd_weight > 0, vlr_gamma=self.vlr_gamma if self.vlr_weight > 0 else None,
-                            vlr_iou=self.vlr_iou)
+        return TeacherNeeds(class_logits=self.kd_weight > 0 or self.bckd,
+                            vlr_gamma=self.vlr_gamma if self.vlr_weight > 0 else None, vlr_iou=self.vlr_iou,
+                            every_location=self.bckd, box_logits=self.ld_weight > 0 or self.vlr_weight > 0)
 
     def strength_warnings(self, images_per_process: int, num_classes: int) -> list[str]:
         """One line for each setting that puts a distillation term far from the paper's strength."""

@@ -4,8 +4,9 @@ The student's head outputs are flattened into rows (each image's own locations: 
 order), ATSS assigns them, the GFL task losses follow, and, with teacher rows aligned to the
 student's, the full LD recipe: Main LD (box distributions of the ATSS positives, weighted by the
 student's score w_i), VLR LD (box distributions of the valuable localization region, weighted by
-IoU) and Main KD (class logits of the positives). Every value returned is weighted; "loss" is
-their sum."""
+IoU) and Main KD (class logits of the positives); and BCKD's two terms at every location (binary
+classification KD, and GIoU between student and teacher boxes weighted by their class
+disagreement). Every value returned is weighted; "loss" is their sum."""
 
 from __future__ import annotations
 
@@ -15,14 +16,17 @@ from torch.profiler import record_function
 from detector.distributed import reduce_mean
 from detector.errors import UserError
 from detector.atss import BatchAssignment, assign_batch
-from detector.gfl_loss import GFLLossOutput, gfl_losses
+from detector.box_ops import aligned_giou, distance_to_box
+from detector.gfl_loss import GFLLossOutput, gfl_losses, integral
+from detector.priors import anchor_centres
 from distill.config import (REF_IMAGES_PER_PROCESS, REF_NUM_CLASSES, REF_POSITIVES_PER_IMAGE,
                             REF_VLR_WEIGHT_PER_IMAGE, LossConfig)
 from detector.regions import vlr_region
 from detector.rows import flatten_rows
-from distill.losses import distill_kl, sigmoid_kl
+from distill.losses import bckd_box_weights, bckd_cls_loss, distill_kl, sigmoid_kl
 
-LOSS_KEYS = ("loss_qfl", "loss_giou", "loss_dfl", "loss_ld", "loss_ld_vlr", "loss_kd")
+LOSS_KEYS = ("loss_qfl", "loss_giou", "loss_dfl", "loss_ld", "loss_ld_vlr", "loss_kd", "loss_bckd_cls",
+             "loss_bckd_box")
 
 
 def compute_losses(cls_logits_per_level: list[torch.Tensor], box_logits_per_level: list[torch.Tensor],
@@ -30,8 +34,9 @@ def compute_losses(cls_logits_per_level: list[torch.Tensor], box_logits_per_leve
                    gt_labels_per_image: list[torch.Tensor], cfg: LossConfig, num_classes: int,
                    reg_max: int, strides: tuple[int, ...],
                    teacher_rows: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
-    """teacher_rows: (box [N, 4(n+1)], cls [N, C] or None), row-aligned with the student's rows.
-    -> {"loss_qfl", "loss_giou", "loss_dfl"(, "loss_ld", "loss_ld_vlr", "loss_kd"), "loss"}."""
+    """teacher_rows: (box [N, 4(n+1)], cls [N, C] or None) or detector.rows.TeacherRows, row-aligned
+    with the student's rows. -> {"loss_qfl", "loss_giou", "loss_dfl"(, "loss_ld", "loss_ld_vlr",
+    "loss_kd", "loss_bckd_cls", "loss_bckd_box"), "loss"}; the BCKD keys only when a BCKD weight is set."""
     cls_rows = flatten_rows(cls_logits_per_level, level_hw_per_image)  # [N, C]
     box_rows = flatten_rows(box_logits_per_level, level_hw_per_image)  # [N, 4(n+1)]
     with record_function("assignment"):
@@ -55,6 +60,11 @@ def compute_losses(cls_logits_per_level: list[torch.Tensor], box_logits_per_leve
         weighted["loss_ld"] = cfg.ld_weight * terms["loss_ld"]
         weighted["loss_ld_vlr"] = cfg.vlr_weight * terms["loss_ld_vlr"]
         weighted["loss_kd"] = cfg.kd_weight * terms["loss_kd"]
+        if cfg.bckd:
+            with record_function("bckd"):
+                bckd = bckd_losses(cls_rows, box_rows, teacher_rows, assign, gfl, cfg, reg_max, holes)
+            weighted["loss_bckd_cls"] = cfg.bckd_cls_weight * bckd["loss_bckd_cls"]
+            weighted["loss_bckd_box"] = cfg.bckd_box_weight * bckd["loss_bckd_box"]
     weighted["loss"] = sum(weighted.values())
     return weighted
 
@@ -107,6 +117,34 @@ def distillation_losses(cls_rows: torch.Tensor, box_rows: torch.Tensor, teacher_
     return out
 
 
+def bckd_losses(cls_rows: torch.Tensor, box_rows: torch.Tensor, teacher_rows, assign: BatchAssignment,
+                gfl: GFLLossOutput, cfg: LossConfig, reg_max: int, holes: bool = True) -> dict[str, torch.Tensor]:
+    """Unweighted BCKD terms at every location of the batch (positives and negatives), each summed
+    and divided by QFL's positive count (averaged over ranks): batch-size invariant as written.
+    The student's box keeps its gradient; the teacher's box, probabilities and the box weights do
+    not. Teacher boxes are its expected edges (TeacherRows.edges where the source stores them, else
+    the integral of its box logits), decoded around each anchor centre in stride units."""
+    teacher_cls = teacher_rows[1]
+    if teacher_cls is None:
+        raise UserError("BCKD needs the teacher's class logits at every location, which this cache does not hold "
+                        "(dumped with --no-cls); dump the teacher with class logits")
+    edges = getattr(teacher_rows, "edges", None)
+    if edges is None:
+        edges = integral(_needed(teacher_rows[0], "BCKD", holes).float(), reg_max)  # [N, 4]
+    teacher_cls = _needed(teacher_cls, "BCKD", holes)
+    zero = box_rows.sum() * 0
+    out = {"loss_bckd_cls": zero, "loss_bckd_box": zero}
+    if cfg.bckd_cls_weight > 0:
+        out["loss_bckd_cls"] = bckd_cls_loss(cls_rows, teacher_cls).sum() / gfl.num_pos
+    if cfg.bckd_box_weight > 0:
+        centres = anchor_centres(assign.anchors) / assign.strides[:, None]  # [N, 2] stride units
+        student_boxes = distance_to_box(centres, integral(box_rows.float(), reg_max))  # [N, 4]
+        teacher_boxes = distance_to_box(centres, edges.detach().float())
+        weights = bckd_box_weights(cls_rows, teacher_cls)  # [N]
+        out["loss_bckd_box"] = (weights * (1 - aligned_giou(student_boxes, teacher_boxes))).sum() / gfl.num_pos
+    return out
+
+
 def _ld_norm(cfg: LossConfig, assign: BatchAssignment, gfl: GFLLossOutput, amount, ref_per_image: float):
     """What an official LD sum is divided by. image: the images of this process / 2, so the
     official at the paper's 2 images per GPU; positive: `amount` (positives, or VLR weight) averaged
@@ -125,6 +163,7 @@ def _needed(teacher_rows: torch.Tensor, term: str, holes: bool) -> torch.Tensor:
     """Teacher rows a loss reads must exist: a region-sparse cache marks the rows it lacks with NaN
     (holes=True; checked only then, the check waits for the device)."""
     if holes and torch.isnan(teacher_rows).any():
-        raise UserError(f"{term} needs teacher rows that this region-sparse cache does not store; use the VLR "
-                        "settings it was dumped for (inspect-cache shows them) or a dense cache")
+        hint = ("a dense or an ld+bckd cache (dump-teacher --store-regions dense or ld+bckd)" if term == "BCKD" else
+                "the VLR settings it was dumped for (inspect-cache shows them) or a dense cache")
+        raise UserError(f"{term} needs teacher rows that this region-sparse cache does not store; use {hint}")
     return teacher_rows

@@ -72,3 +72,13 @@ def store_array_files(store: Path) -> dict[str, bytes]:
     """Every stored object except the root metadata (whose attrs carry the creation time)."""
     return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*"))
             if p.is_file() and p.relative_to(store) != Path("zarr.json")}
+
+
+def equal_canvas_keys(dataset, cache, count: int = 6) -> list[tuple[int, int]]:
+    """(image, view) keys of `count` cached views that share one padded canvas, original and flipped
+    mixed: a batch the live teacher sees exactly as the cache's dump saw each view alone."""
+    by_canvas: dict = {}
+    for i in range(len(dataset)):
+        for s in range(len(cache.specs)):
+            by_canvas.setdefault(dataset.view_record(i, s).padded_hw, []).append((i, s))
+    return max(by_canvas.values(), key=len)[:count]
