@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the repository root on sys.path)
 import numpy as np  # noqa: E402
 
-from cache_teacher.dump import plan_region_rows  # noqa: E402
+from cache_teacher.plan import plan_region_rows  # noqa: E402
 from detector.coco import CocoDetection  # noqa: E402
 from detector.views import parse_views  # noqa: E402
 

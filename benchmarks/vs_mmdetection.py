@@ -39,7 +39,7 @@ import common  # noqa: E402  (puts the repository root on sys.path)
 import step_worker  # noqa: E402
 import torch  # noqa: E402
 
-from cache_teacher.reader import TeacherCache  # noqa: E402
+from cache_teacher.codec import decode_rows  # noqa: E402
 from detector.coco import Batch  # noqa: E402
 from detector.config import ModelConfig  # noqa: E402
 from detector.model import build_detector  # noqa: E402
@@ -66,8 +66,7 @@ class CachedRows:
         self.stored = stored
 
     def rows(self, batch, stored, device) -> TeacherRows:
-        box, cls, _ = TeacherCache.decode(self.stored, device)
-        return TeacherRows(box, cls)
+        return TeacherRows(decode_rows(self.stored["box"], device=device), decode_rows(self.stored["cls"], device=device))
 
 
 def random_batch(b: int, h: int, w: int, strides) -> tuple[Batch, dict]:

@@ -36,7 +36,7 @@ def encode_rows(rows: torch.Tensor, dtype: str, reg_max: int | None = None) -> d
 
 def all_finite(encoded: dict[str, np.ndarray]) -> np.ndarray:
     """Per row: did the logits encode to finite values? (a NaN or inf poisons lo/scale for uint8)"""
-    checks = [np.isfinite(a).all(axis=1) for a in encoded.values() if a.dtype != np.uint8]
+    checks = [np.isfinite(a.reshape(len(a), -1)).all(axis=1) for a in encoded.values() if a.dtype.kind == "f"]
     return np.logical_and.reduce(checks) if checks else np.ones(len(next(iter(encoded.values()))), dtype=bool)
 
 
@@ -64,3 +64,50 @@ def _fp16_up(x: torch.Tensor) -> torch.Tensor:
     h = x.half()
     too_small = h.float() < x
     return torch.where(too_small, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+
+
+def encode_topk(cls_rows: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """Class logits [n, C] -> {"topk": [n, k] fp16 (the k largest), "index": [n, k] their classes
+    (uint8, or int16 above 256 classes), "floor": [n] fp16}: every other class is given the logit
+    of the mean probability of those classes, so the mass BCKD's targets put on them is kept."""
+    cls_rows = cls_rows.float()
+    n, num_classes = cls_rows.shape
+    k = min(k, num_classes)
+    values, index = cls_rows.topk(k, dim=1)  # [n, k]
+    rest = num_classes - k
+    if rest:
+        mass = torch.sigmoid(cls_rows).sum(dim=1) - torch.sigmoid(values).sum(dim=1)
+        mean = (mass / rest).clamp(1e-6, 1 - 1e-6)
+        floor = torch.log(mean) - torch.log1p(-mean)  # logit of the mean probability of the rest
+    else:
+        floor = torch.zeros(n, device=cls_rows.device)
+    index_dtype = torch.uint8 if num_classes <= 256 else torch.int16
+    return {"topk": values.half(), "index": index.to(index_dtype), "floor": floor.half()}
+
+
+def decode_topk(topk, index, floor, num_classes: int, device=None) -> torch.Tensor:
+    """The stored top-k rows back to class logits [n, C] float32 (the floor everywhere else)."""
+    topk = torch.as_tensor(topk).to(device, non_blocking=True).float()
+    index = torch.as_tensor(index).to(device, non_blocking=True).long()
+    floor = torch.as_tensor(floor).to(device, non_blocking=True).float()
+    out = floor[:, None].expand(-1, num_classes).clone()
+    return out.scatter_(1, index, topk)
+
+
+def encode_edges(box_rows: torch.Tensor, reg_max: int) -> torch.Tensor:
+    """Box logits [n, 4(n+1)] -> the expected distance of each edge [n, 4] fp16, in stride units
+    (softmax over the bins . bin positions: the distances the boxes are decoded from)."""
+    probs = box_rows.float().reshape(-1, 4, reg_max + 1).softmax(-1)
+    return (probs @ torch.arange(reg_max + 1, dtype=probs.dtype, device=probs.device)).half()
+
+
+def logits_of_edges(edges: torch.Tensor, reg_max: int) -> torch.Tensor:
+    """Expected edge distances [n, 4] -> box logits [n, 4(n+1)] whose expectation they are: each
+    edge's mass on the two bins around it (as DFL's target), so anything that decodes box logits
+    (post-processing, pictures) decodes an ld+bckd cache's every location to the teacher's box."""
+    e = edges.float().clamp(0, reg_max - 1e-4).reshape(-1, 4, 1)
+    left = e.floor()
+    bins = torch.arange(reg_max + 1, dtype=torch.float32, device=edges.device)
+    mass = (1 - (bins - e).abs()).clamp(min=0)  # left + 1 - e at floor(e), e - left at floor(e) + 1
+    mass = torch.where((bins == left) | (bins == left + 1), mass, torch.zeros_like(mass))
+    return torch.log(mass.clamp(min=1e-30)).clamp(min=-1e4).reshape(len(edges), -1)

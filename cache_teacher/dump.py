@@ -20,16 +20,16 @@ import numpy as np
 import torch
 
 from cache_teacher import schema
-from cache_teacher.codec import all_finite, encode_rows
+from cache_teacher.codec import all_finite, encode_edges, encode_rows, encode_topk
 from cache_teacher.dump_config import DumpConfig, package_version, resolve_dump
-from cache_teacher.layout import Layout, plan_layout
+from cache_teacher.layout import Layout, plan_layout, with_region_space
+from cache_teacher.plan import plan_region_rows
 from cache_teacher.reader import is_url, open_group
 from cache_teacher.writer import CacheWriter
 from detector.checkpoint import file_sha256, load_model
 from detector.coco import CocoDetection, collate
 from detector.distributed import barrier, init_from_env, run_on_main
 from detector.errors import UserError
-from detector.regions import distillation_rows
 from detector.rows import flatten_rows
 from detector.runtime import autocast_for, progress_bar, resolve_device
 from detector.views import parse_views
@@ -80,32 +80,40 @@ def _check_writable(path: str) -> None:
         raise UserError(f"cannot write {path}: {parent} is not a writable folder; choose a writable --out")
 
 
+# Encoded keys (codec outputs) -> the arrays that store them.
+ARRAY_OF_KEY = {"box.data": schema.BOX, "box.lo": schema.BOX_LO, "box.scale": schema.BOX_SCALE, "cls.data": schema.CLS,
+                "location": schema.LOCATION, "edges": schema.EDGES, "cls.topk": schema.CLS_TOPK,
+                "cls.index": schema.CLS_INDEX, "cls.floor": schema.CLS_FLOOR}
+
+
 class ShardAssembler:
     """Runs in the writer thread: copies encoded view rows into whole-shard buffers and stores a
-    shard as soon as all its views arrived."""
+    shard as soon as all its views arrived. An ld+bckd cache's box arrays live in the region row
+    space (space_of), everything else in the view's dense (or, region-sparse, only) rows."""
 
-    def __init__(self, writer: CacheWriter, layout: Layout, names: dict[str, str]):
-        self.writer, self.layout, self.names = writer, layout, names  # names: encoded key -> array name
+    def __init__(self, writer: CacheWriter, layout: Layout, space_of: dict[str, str]):
+        self.writer, self.layout, self.space_of = writer, layout, space_of  # encoded key -> "rows" / "region"
         self.buffers: dict[int, dict[str, np.ndarray]] = {}
         self.missing: dict[int, int] = {}
         self.bytes_written = 0
 
     def add(self, views: list[int], encoded: dict[str, np.ndarray]) -> None:
-        """encoded: arrays holding the batch's views one after another (view v: num_rows[v] rows)."""
-        start = 0
+        """encoded: arrays holding the batch's views one after another (view v: its rows in the
+        array's space)."""
+        starts = dict.fromkeys(encoded, 0)
         for v in views:
-            rows = int(self.layout.num_rows[v])
             shard = int(self.layout.shard_of_view[v])
             if shard not in self.buffers:
                 self.buffers[shard] = {
-                    self.names[k]: np.full((self.layout.rows_per_shard, *a.shape[1:]), -1 if k == "location" else 0,
-                                           a.dtype) for k, a in encoded.items()}
+                    ARRAY_OF_KEY[k]: np.full((self.layout.rows_of(self.space_of[k])[2], *a.shape[1:]),
+                                             -1 if k == "location" else 0, a.dtype) for k, a in encoded.items()}
                 self.missing[shard] = len(self.layout.views_of_shard(shard))
-            local = int(self.layout.row_offset[v]) - shard * self.layout.rows_per_shard
             for key, array in encoded.items():
-                self.buffers[shard][self.names[key]][local:local + rows] = array[start:start + rows]
-                self.bytes_written += array[start:start + rows].nbytes  # the rows, not the shard's padding
-            start += rows
+                offsets, counts, per_shard = self.layout.rows_of(self.space_of[key])
+                rows, local = int(counts[v]), int(offsets[v]) - shard * per_shard
+                self.buffers[shard][ARRAY_OF_KEY[key]][local:local + rows] = array[starts[key]:starts[key] + rows]
+                self.bytes_written += array[starts[key]:starts[key] + rows].nbytes  # rows, not the padding
+                starts[key] += rows
             self.missing[shard] -= 1
             if self.missing[shard] == 0:
                 buffers = self.buffers.pop(shard)
@@ -124,9 +132,13 @@ def _writer_loop(work: queue.Queue, assembler: ShardAssembler, layout: Layout, e
             if event is not None:
                 event.synchronize()  # the device-to-host copy of this batch has landed
             encoded = {k: t.numpy() for k, t in encoded.items()}
-            finite_rows = all_finite({k: a for k, a in encoded.items() if k != "location"})
-            bounds = np.cumsum([0] + [int(layout.num_rows[v]) for v in views])
-            finite = np.array([finite_rows[a:b].all() for a, b in zip(bounds[:-1], bounds[1:])])
+            finite = np.ones(len(views), dtype=bool)
+            for space in set(assembler.space_of.values()):
+                arrays = {k: a for k, a in encoded.items() if assembler.space_of[k] == space and k != "location"}
+                if arrays:
+                    finite_rows = all_finite(arrays)
+                    bounds = np.cumsum([0] + [int(layout.rows_of(space)[1][v]) for v in views])
+                    finite &= np.array([finite_rows[a:b].all() for a, b in zip(bounds[:-1], bounds[1:])])
             if not finite.all():
                 rec = layout.records[views[int(np.argmin(finite))]]
                 raise UserError(f"the teacher produced NaN or inf logits on image {rec.image_id} "
@@ -151,18 +163,26 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
         raise UserError(f"the teacher predicts {teacher_cfg.num_classes} classes but {cfg.ann} has "
                         f"{dataset.num_classes}; dump with the teacher trained for this dataset")
     dataset.check_files()
-    box_width = 4 * (teacher_cfg.reg_max + 1)
-    row_bytes = box_width * np.dtype(cfg.box_dtype).itemsize + (
-        teacher_cfg.num_classes * np.dtype(cfg.cls_dtype).itemsize if cfg.cls_dtype else 0)
-    sparse = cfg.store_regions != "dense"
-    region_rows = plan_region_rows(dataset, cfg.min_vlr_gamma, cfg.vlr_iou, cfg.workers, progress) if sparse else None  # [image][spec] -> dense row indices
+    sparse, two = cfg.store_regions != "dense", cfg.store_regions == "ld+bckd"  # two row spaces
+    topk = min(cfg.cls_topk, teacher_cfg.num_classes)
+    box_bytes = 4 * (teacher_cfg.reg_max + 1) * np.dtype(cfg.box_dtype).itemsize
+    if two:  # the dense rows: edges, top-k values and classes, floor
+        row_bytes = 8 + topk * (2 + (1 if teacher_cfg.num_classes <= 256 else 2)) + 2
+    else:
+        row_bytes = box_bytes + (teacher_cfg.num_classes * np.dtype(cfg.cls_dtype).itemsize if cfg.cls_dtype else 0)
+    # [image][spec] -> the dense row indices of the Main and VLR regions, from the annotations alone
+    region_rows = plan_region_rows(dataset, cfg.min_vlr_gamma, cfg.vlr_iou, cfg.workers, progress) if sparse else None
+    counts = [[len(r) for r in rows] for rows in region_rows] if sparse else None
     layout = plan_layout([[dataset.view_record(i, s) for s in range(len(specs))] for i in range(len(dataset))],
-                                row_bytes=row_bytes + (4 if sparse else 0), shard_mb=cfg.shard_mb,
-                                rows_per_view=[[len(r) for r in rows] for rows in region_rows] if sparse else None)
+                         row_bytes=row_bytes + (4 if sparse and not two else 0), shard_mb=cfg.shard_mb,
+                         rows_per_view=None if two else counts)
+    if two:
+        layout = with_region_space(layout, counts)
     regions = schema.Regions()
     if sparse:
-        regions = schema.Regions(cfg.store_regions, cfg.min_vlr_gamma, cfg.vlr_iou, "atss-topk9",
-                                 int(layout.num_rows.sum()), int(sum(r.num_rows for r in layout.records)))
+        stored = layout.region_rows if two else layout.num_rows
+        regions = schema.Regions(cfg.store_regions, cfg.min_vlr_gamma, cfg.vlr_iou, "atss-topk9", int(stored.sum()),
+                                 int(sum(r.num_rows for r in layout.records)), cls_topk=topk if two else None)
     meta = schema.build_metadata(
         teacher_config=teacher_cfg.to_dict(), teacher_sha256=file_sha256(cfg.teacher), ann_sha256=dataset.ann_sha256,
         image_ids=dataset.image_ids, specs=specs, strides=teacher_cfg.strides,
@@ -183,9 +203,8 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
     batches = [b for s in todo for b in layout.batches_of_shard(s, cfg.batch_size)]
     num_views = sum(len(b) for b in batches)
 
-    names = {"box.data": schema.BOX, "box.lo": schema.BOX_LO, "box.scale": schema.BOX_SCALE, "cls.data": schema.CLS,
-             "location": schema.LOCATION}
-    assembler = ShardAssembler(writer, layout, names)
+    space_of = {key: "region" if two and ARRAY_OF_KEY[key] in schema.REGION_ARRAYS else "rows" for key in ARRAY_OF_KEY}
+    assembler = ShardAssembler(writer, layout, space_of)
     work: queue.Queue = queue.Queue(maxsize=4)
     errors: list = []
     thread = threading.Thread(target=_writer_loop, args=(work, assembler, layout, errors), daemon=True)
@@ -208,13 +227,17 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
                     cls_maps, box_maps = teacher(batch.images.to(device, non_blocking=True))
                 level_hw = [layout.records[v].level_hw for v in views]  # equal canvases: the maps' own sizes
                 box_rows, cls_rows = flatten_rows(box_maps, level_hw), flatten_rows(cls_maps, level_hw)  # [B * n, K]
-                if sparse:  # keep only the rows the distillation losses read
+                encoded = {}
+                if two:  # every location: what BCKD reads
+                    encoded["edges"] = encode_edges(box_rows, teacher_cfg.reg_max)
+                    encoded.update({f"cls.{k}": t for k, t in encode_topk(cls_rows, topk).items()})
+                if sparse:  # keep only the rows the LD losses read
                     picks = [region_rows[layout.image_index[v]][layout.spec_index[v]] for v in views]
                     n = layout.records[views[0]].num_rows  # equal canvases: equal dense rows
                     take = torch.cat([p.long() + i * n for i, p in enumerate(picks)]).to(box_rows.device)
                     box_rows, cls_rows = box_rows[take], cls_rows[take]
-                encoded = {f"box.{k}": t for k, t in encode_rows(box_rows, cfg.box_dtype, teacher_cfg.reg_max).items()}
-                if cfg.cls_dtype is not None:
+                encoded.update({f"box.{k}": t for k, t in encode_rows(box_rows, cfg.box_dtype, teacher_cfg.reg_max).items()})
+                if cfg.cls_dtype is not None and not two:
                     encoded["cls.data"] = encode_rows(cls_rows, cfg.cls_dtype)["data"]
                 if sparse:
                     encoded["location"] = torch.cat(picks)
@@ -251,39 +274,6 @@ def format_dump_result(result: dict, out: str) -> str:
     return (f"wrote {result['views']:,} views{share} ({result['bytes_written'] / 2**20:,.1f} MiB of rows) in "
             f"{result['seconds']:.1f} s ({result['views'] / max(result['seconds'], 1e-9):.1f} views/s); "
             f"{'complete' if result['complete'] else 'incomplete'}: {out}")
-
-
-class _RegionRows(torch.utils.data.Dataset):
-    """Image i -> for each of its views, the dense row indices a region-sparse cache stores."""
-
-    def __init__(self, dataset: CocoDetection, min_vlr_gamma: float, vlr_iou: str):
-        self.dataset, self.min_vlr_gamma, self.vlr_iou = dataset, min_vlr_gamma, vlr_iou
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> list[torch.Tensor]:
-        out = []
-        for s in range(len(self.dataset.views)):
-            record = self.dataset.view_record(i, s)
-            boxes, _ = self.dataset.view_boxes(i, record)
-            rows = distillation_rows(record.level_hw, boxes, self.dataset.strides, self.min_vlr_gamma, self.vlr_iou)
-            out.append(rows.to(torch.int32))
-        return out
-
-
-def _as_is(item):
-    return item
-
-
-def plan_region_rows(dataset: CocoDetection, min_vlr_gamma: float, vlr_iou: str, workers: int = 0,
-                     progress: bool = False) -> list[list[torch.Tensor]]:
-    """The stored rows of every view of a region-sparse cache, from the annotations alone (ATSS and
-    the VLR band per view, in loader workers): known before the teacher runs, like dense offsets."""
-    loader = torch.utils.data.DataLoader(_RegionRows(dataset, min_vlr_gamma, vlr_iou), batch_size=None,
-                                         num_workers=workers, collate_fn=_as_is)
-    return [rows for rows in progress_bar(loader, total=len(dataset), desc="plan regions", unit="img", disable=not progress,
-                                  leave=False)]
 
 
 def _to_pinned(t: torch.Tensor) -> torch.Tensor:

@@ -53,8 +53,12 @@ class DumpConfig:
     storage_options: dict | None = param(None, "JSON of fsspec storage options for a URL, e.g. "
                                                "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (credentials also "
                                                "come from the usual environment variables)", JsonObject(), shown="none")
-    store_regions: str = param("dense", "dense (every location) or main+vlr (only the rows LD and KD read)",
+    store_regions: str = param("dense", "dense (every location), main+vlr (only the rows LD and KD read) or "
+                                        "ld+bckd (box logits at those rows; at every location the expected edges "
+                                        "and the --cls-topk largest class logits: serves LD and BCKD, compact)",
                                OneOf(*schema.REGION_KINDS))
+    cls_topk: int = param(4, "ld+bckd: class logits stored per location (the others share one floor logit)",
+                          Range(1, 4096))
     min_vlr_gamma: float = param(0.25, "main+vlr: store the VLR for every gamma >= this", Range(0, 1, integer=False))
     vlr_iou: str = param("official", "main+vlr: official or diou, as the students will use", OneOf(*VLR_IOUS))
 
@@ -66,6 +70,9 @@ class DumpConfig:
             problems.append("--teacher is required (a teacher checkpoint)")
         if (self.images is None) != (self.ann is None):
             problems.append("give both --images and --ann (or neither, for the synthetic dataset)")
+        if self.store_regions == "ld+bckd" and not self.cls:
+            problems.append("--store-regions ld+bckd stores the class logits BCKD reads: drop --no-cls (or store "
+                            "main+vlr)")
         check(problems, "dump configuration")
 
     @property

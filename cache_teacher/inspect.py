@@ -31,12 +31,7 @@ def summarize(cache: TeacherCache) -> dict:
     done = cache.shards_done()
     used_rows = int(cache.num_rows.sum())
     stored = cache.bytes_on_disk()
-    row_bytes = {  # bytes of one stored row in each array
-        "box": meta.box_row_width * np.dtype(meta.box_dtype).itemsize,
-        "box_lo": 8, "box_scale": 8, "location": 4,
-        "cls": meta.num_classes * np.dtype(meta.cls_dtype).itemsize if meta.has_cls else 0,
-    }
-    logical = {name: used_rows * row_bytes[name] for name in stored}
+    logical = cache.row_bytes()
     canvases = Counter(r.padded_hw for r in cache.records)
     total_stored = sum(stored.values())
     num_views = len(cache.records)
@@ -73,8 +68,11 @@ def summarize(cache: TeacherCache) -> dict:
 def _regions_line(r: dict) -> str:
     if r["kind"] == "dense":
         return "dense: every prior location of every view"
-    return (f"{r['kind']} (VLR gamma >= {r['min_vlr_gamma']}, {r['vlr_iou']} DIoU): {r['rows_stored']:,} of "
-            f"{r['rows_dense']:,} rows stored ({r['rows_stored'] / max(r['rows_dense'], 1):.1%})")
+    line = (f"{r['kind']} (VLR gamma >= {r['min_vlr_gamma']}, {r['vlr_iou']} DIoU): box logits at {r['rows_stored']:,} "
+            f"of {r['rows_dense']:,} rows ({r['rows_stored'] / max(r['rows_dense'], 1):.1%})")
+    if r.get("cls_topk"):
+        line += f"; every row: expected edges and the top {r['cls_topk']} class logits + a floor"
+    return line
 
 
 def _mb(n: float) -> str:

@@ -5,10 +5,13 @@ Views are ordered by padded canvas, then image, then view spec, so a dump can ba
 (GroupNorm makes a view's maps depend on its canvas); they are packed into shards of
 rows_per_shard rows without straddling a shard boundary; each shard is written whole by one writer,
 and the unused tail of a shard is fill value (nothing on disk when a whole inner chunk is unused).
+An ld+bckd cache has a second row space for its region rows (with_region_space): shard s of it
+holds the region rows of the views of dense shard s, so one writer still owns whole shards.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +21,7 @@ from detector.views import ViewRecord
 
 VIEW_FIELDS = ("image_id", "image_index", "spec_index", "flip", "img_scale", "orig_hw", "resized_hw",
                "padded_hw", "level_hw", "row_offset", "num_rows")
+REGION_FIELDS = ("region_offset", "region_rows")  # ld+bckd caches only
 
 
 @dataclass(frozen=True)
@@ -33,10 +37,20 @@ class Layout:
     rows_per_shard: int
     chunk_rows: int
     num_shards: int
+    region_offset: np.ndarray | None = None  # [V] ld+bckd: where each view's region rows start
+    region_rows: np.ndarray | None = None  # [V] and how many it has
+    region_rows_per_shard: int | None = None
+    region_chunk_rows: int | None = None
 
     @property
     def total_rows(self) -> int:
         return self.num_shards * self.rows_per_shard
+
+    def rows_of(self, space: str) -> tuple[np.ndarray, np.ndarray, int]:
+        """(row offsets, row counts, rows per shard) of the dense space or the region space."""
+        if space == "region":
+            return self.region_offset, self.region_rows, self.region_rows_per_shard
+        return self.row_offset, self.num_rows, self.rows_per_shard
 
     def views_of_shard(self, shard: int) -> range:
         idx = np.nonzero(self.shard_of_view == shard)[0]
@@ -100,6 +114,26 @@ def plan_layout(records_per_image: list[list[ViewRecord]], row_bytes: int, shard
     )
 
 
+def with_region_space(layout: Layout, rows_per_view: list[list[int]], chunk_rows: int | None = None) -> Layout:
+    """The layout with a second row space: view v's rows_per_view[image][spec] region rows, packed
+    in shard order (shard s of the region space holds the views of dense shard s)."""
+    rows = np.array([rows_per_view[int(i)][int(s)] for i, s in zip(layout.image_index, layout.spec_index)],
+                    dtype=np.int64)
+    per_shard = np.bincount(layout.shard_of_view, weights=rows, minlength=layout.num_shards).astype(np.int64)
+    if chunk_rows is None:
+        typical = int(np.median(rows[rows > 0])) if (rows > 0).any() else 1
+        chunk_rows = min(16384, max(64, _pow2_floor(max(typical // 2, 1))))
+    rows_per_shard = -(-max(int(per_shard.max()), 1) // chunk_rows) * chunk_rows
+    offsets = np.zeros_like(rows)
+    used = np.zeros(layout.num_shards, dtype=np.int64)
+    for v, n in enumerate(rows):
+        shard = int(layout.shard_of_view[v])
+        offsets[v] = shard * rows_per_shard + used[shard]
+        used[shard] += n
+    return dataclasses.replace(layout, region_offset=offsets, region_rows=rows, region_rows_per_shard=rows_per_shard,
+                               region_chunk_rows=chunk_rows)
+
+
 def view_table(layout: Layout) -> dict[str, np.ndarray]:
     """The views/* arrays of a layout."""
     recs = layout.records
@@ -115,6 +149,8 @@ def view_table(layout: Layout) -> dict[str, np.ndarray]:
         "level_hw": np.array([r.level_hw for r in recs], dtype=np.int32),
         "row_offset": layout.row_offset,
         "num_rows": layout.num_rows,
+        **({"region_offset": layout.region_offset, "region_rows": layout.region_rows}
+           if layout.region_offset is not None else {}),
     }
 
 

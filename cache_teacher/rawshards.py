@@ -23,7 +23,7 @@ from pathlib import Path
 import google_crc32c  # a dependency of zarr's crc32c codec
 import numpy as np
 
-_DTYPES = {"float16": "<f2", "float32": "<f4", "uint8": "u1", "int32": "<i4", "int64": "<i8"}
+_DTYPES = {"float16": "<f2", "float32": "<f4", "uint8": "u1", "int16": "<i2", "int32": "<i4", "int64": "<i8"}
 _MISSING = np.iinfo(np.uint64).max  # offset and length of an inner chunk that was never written
 _LITTLE_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
 

@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 import zarr
 
 from cache_teacher import schema
-from cache_teacher.codec import decode_rows
-from cache_teacher.layout import VIEW_FIELDS, records_from_table
+from cache_teacher.codec import decode_rows, decode_topk
+from cache_teacher.decoded import CachedView, DecodedRows
+from cache_teacher.layout import REGION_FIELDS, VIEW_FIELDS, records_from_table
 from cache_teacher.rawshards import open_raw
 from detector.errors import UserError
 from detector.views import ViewRecord, ViewSpec
@@ -76,34 +75,6 @@ def _read_slices(arrays, names, rows: slice) -> dict[str, np.ndarray]:
     return dict(zip(names, values))
 
 
-class DecodedRows(NamedTuple):
-    """A view's (or a batch's) teacher rows as float32 logits."""
-
-    box: torch.Tensor  # [n, 4(reg_max+1)]
-    cls: torch.Tensor | None  # [n, C]; None without class logits (a --no-cls cache, or not asked for)
-    location: torch.Tensor | None  # region-sparse caches: each row's index among the dense rows
-
-
-@dataclass
-class CachedView:
-    record: ViewRecord
-    box: torch.Tensor  # [n, 4(reg_max+1)] float32 logits
-    cls: torch.Tensor | None  # [n, C] float32 logits (None for --no-cls caches)
-    location: torch.Tensor | None = None  # region-sparse caches: each row's index among the dense rows
-
-    def dense(self) -> "CachedView":
-        """A sparse view spread over all its locations: box logits 0 (flat distributions) and class
-        logits -1e4 (probability 0) where nothing is stored. Dense views are returned as they are."""
-        if self.location is None:
-            return self
-        n, loc = self.record.num_rows, self.location.long()
-        box = self.box.new_zeros((n, self.box.shape[1])).index_copy(0, loc, self.box)
-        cls = None
-        if self.cls is not None:
-            cls = self.cls.new_full((n, self.cls.shape[1]), -1e4).index_copy(0, loc, self.cls)
-        return CachedView(self.record, box, cls)
-
-
 class TeacherCache:
     def __init__(self, location, storage_options: dict | None = None):
         self.location = str(location)
@@ -111,11 +82,14 @@ class TeacherCache:
         group = open_group(self.location, "r", storage_options)
         self.meta = schema.CacheMetadata.from_json(dict(group.attrs.get(schema.ATTRS_KEY, {})), self.location)
         self.specs: list[ViewSpec] = list(self.meta.specs)
-        table = {name: group["views"][name][:] for name in VIEW_FIELDS}
+        fields = VIEW_FIELDS + (REGION_FIELDS if self.meta.regions.two_spaces else ())
+        table = {name: group["views"][name][:] for name in fields}
         self.view_table = table
         self.records: list[ViewRecord] = records_from_table(table)
         self.row_offset = table["row_offset"].astype(np.int64)
         self.num_rows = table["num_rows"].astype(np.int64)
+        self.region_offset = table["region_offset"].astype(np.int64) if "region_offset" in table else None
+        self.region_rows = table["region_rows"].astype(np.int64) if "region_rows" in table else None
         self.lookup = group["dataset"]["lookup"][:]
         self.image_ids = group["dataset"]["image_ids"][:]
         names = set(group["dataset"].array_keys())
@@ -210,42 +184,83 @@ class TeacherCache:
     # -- rows -----------------------------------------------------------------------------------
     def read_rows(self, v: int, kinds=("box", "cls"), direct: bool = True) -> dict[str, np.ndarray]:
         """The stored (encoded) rows of view v, one contiguous slice per array: straight from the
-        shard files where the layout allows (direct=False: always through zarr)."""
-        start, stop = int(self.row_offset[v]), int(self.row_offset[v] + self.num_rows[v])
+        shard files where the layout allows (direct=False: always through zarr). kinds: any of box,
+        cls and edges (an ld+bckd cache's expected edges)."""
+        two = self.meta.regions.two_spaces
         names = []
         if "box" in kinds:
             names.append(schema.BOX)
             if self.meta.box_dtype == "uint8":
                 names += [schema.BOX_LO, schema.BOX_SCALE]
+            if self.sparse:
+                names.append(schema.LOCATION)
         if "cls" in kinds and self.has_cls:
-            names.append(schema.CLS)
-        if self.sparse:
-            names.append(schema.LOCATION)
-        raw = [self.raw(name) for name in names] if direct else [None]
-        if all(r is not None for r in raw):
-            return {name: r.read(start, stop) for name, r in zip(names, raw)}
-        return _read_slices([self.array(name) for name in names], names, slice(start, stop))
+            names += [schema.CLS_TOPK, schema.CLS_INDEX, schema.CLS_FLOOR] if two else [schema.CLS]
+        if "edges" in kinds and two:
+            names.append(schema.EDGES)
+        if self.sparse and not two and schema.LOCATION not in names:
+            names.append(schema.LOCATION)  # a main+vlr cache's rows are its box rows' places
+        out = {}
+        for rows, group in self._by_row_space(v, names):
+            raw = [self.raw(name) for name in group] if direct else [None]
+            if all(r is not None for r in raw):
+                out.update({name: r.read(rows.start, rows.stop) for name, r in zip(group, raw)})
+            else:
+                out.update(_read_slices([self.array(name) for name in group], group, rows))
+        return out
 
-    @staticmethod
-    def decode(stored: dict, device=None) -> DecodedRows:
+    def _by_row_space(self, v: int, names: list[str]) -> list[tuple[slice, list[str]]]:
+        """The arrays to read for view v grouped by the row slice they share (one group, or two in
+        an ld+bckd cache: its region rows and its dense rows)."""
+        dense = slice(int(self.row_offset[v]), int(self.row_offset[v] + self.num_rows[v]))
+        if not self.meta.regions.two_spaces:
+            return [(dense, names)] if names else []
+        region = slice(int(self.region_offset[v]), int(self.region_offset[v] + self.region_rows[v]))
+        groups = [(region, [n for n in names if n in schema.REGION_ARRAYS]),
+                  (dense, [n for n in names if n not in schema.REGION_ARRAYS])]
+        return [(rows, group) for rows, group in groups if group]
+
+    def decode(self, stored: dict, device=None) -> DecodedRows:
         """Rows as read_rows returns them (numpy or torch, one view or several concatenated) ->
         float32 logits on `device`. Only the stored bytes travel; the decode runs on the device."""
-        box = decode_rows(stored[schema.BOX], stored.get(schema.BOX_LO), stored.get(schema.BOX_SCALE), device)
+        box = None
+        if schema.BOX in stored:
+            box = decode_rows(stored[schema.BOX], stored.get(schema.BOX_LO), stored.get(schema.BOX_SCALE), device)
         cls = decode_rows(stored[schema.CLS], device=device) if schema.CLS in stored else None
+        if schema.CLS_TOPK in stored:
+            cls = decode_topk(stored[schema.CLS_TOPK], stored[schema.CLS_INDEX], stored[schema.CLS_FLOOR],
+                              self.meta.num_classes, device)
+        edges = decode_rows(stored[schema.EDGES], device=device) if schema.EDGES in stored else None
         location = stored.get(schema.LOCATION)
         if location is not None:
             location = torch.as_tensor(location).to(device, non_blocking=True).long()
-        return DecodedRows(box, cls, location)
+        return DecodedRows(box, cls, location, edges)
 
-    def read_view(self, v: int, kinds=("box", "cls")) -> CachedView:
-        box, cls, location = self.decode(self.read_rows(v, kinds))
-        return CachedView(self.records[v], box, cls, location)
+    def read_view(self, v: int, kinds=("box", "cls", "edges")) -> CachedView:
+        box, cls, location, edges = self.decode(self.read_rows(v, kinds))
+        return CachedView(self.records[v], box, cls, location, edges)
 
     def read_shard(self, shard: int) -> dict[str, np.ndarray]:
-        """The stored logits of one whole shard (box, box_lo, box_scale, cls): contiguous reads."""
-        rows = self.meta.layout.rows_per_shard
-        names = [n for n in (schema.BOX, schema.BOX_LO, schema.BOX_SCALE, schema.CLS) if n in self.array_names()]
-        return {name: self.array(name)[shard * rows:(shard + 1) * rows] for name in names}
+        """The stored values of one whole shard, each array's own rows of it (every row array but
+        location): contiguous reads."""
+        out = {}
+        for name in self.array_names():
+            if name != schema.LOCATION:
+                rows = self.meta.layout.rows_per_shard_of(name, self.meta.regions)
+                out[name] = self.array(name)[shard * rows:(shard + 1) * rows]
+        return out
+
+    def row_bytes(self) -> dict[str, int]:
+        """Bytes of the rows each array holds for the views (no shard padding): what is stored before
+        compression."""
+        group = self._arrays()
+        out = {}
+        for name in self.array_names():
+            array = group[name]
+            per_row = array.dtype.itemsize * int(np.prod(array.shape[1:]))
+            space = self.region_rows if self.meta.regions.two_spaces and name in schema.REGION_ARRAYS else self.num_rows
+            out[name] = int(space.sum()) * per_row
+        return out
 
     def bytes_on_disk(self) -> dict[str, int]:
         """Stored bytes per array (local stores and fsspec stores that can list sizes)."""

@@ -1,4 +1,4 @@
-"""The teacher cache contract (format v2; v1 caches are read as before): array names and the
+"""The teacher cache contract (format v3; v1 and v2 caches are read as before): array names and the
 metadata, parsed and validated once. The single source of truth for what a cache holds;
 docs/cache-format.md describes the same thing for other readers, and cache_teacher/layout.py
 where the rows of each view lie.
@@ -16,6 +16,13 @@ A cache is one Zarr v3 group:
   never share an object).
 - location [R] int32 (region-sparse caches only): the row's index among its view's dense rows; a
   sparse view stores only the rows its distillation losses read (CacheMetadata.regions).
+
+ld+bckd caches (v3) serve LD and BCKD compactly, in two row spaces sharing the shards. Dense rows
+(every location; views/row_offset, num_rows): edges [R, 4] fp16 (expected edge distances, stride
+units), cls_topk [R, k] fp16 + cls_index [R, k] uint8 (int16 above 256 classes): the k largest
+logits and their classes, cls_floor [R] fp16: every other class (the logit of their mean
+probability). Region rows (views/region_offset, region_rows: ATSS positives and the VLR band): box
+(+ box_lo, box_scale) and location, as in a main+vlr cache.
 """
 
 from __future__ import annotations
@@ -31,18 +38,21 @@ from detector.errors import UserError
 from detector.views import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISOR, ViewSpec
 
 FORMAT_NAME = "ldcache.teacher_cache"
-FORMAT_VERSION = 2  # v2: dataset/image_digests (per-image annotation digests: subsets of one cache)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # v2: dataset/image_digests (subsets of one cache); v3: ld+bckd caches
+READABLE_VERSIONS = (1, 2, 3)
 ATTRS_KEY = "ldcache"
 RESIZE_METHOD = "bilinear-half-pixel-round-v1"  # detector.views.bilinear_resize + rounding to uint8
 
 BOX, CLS, BOX_LO, BOX_SCALE = "box", "cls", "box_lo", "box_scale"
 LOCATION = "location"  # region-sparse caches: each stored row's index among its view's dense rows
-ROW_ARRAYS = (BOX, BOX_LO, BOX_SCALE, CLS, LOCATION)
+EDGES, CLS_TOPK, CLS_INDEX, CLS_FLOOR = "edges", "cls_topk", "cls_index", "cls_floor"  # ld+bckd caches
+ROW_ARRAYS = (BOX, BOX_LO, BOX_SCALE, CLS, LOCATION, EDGES, CLS_TOPK, CLS_INDEX, CLS_FLOOR)
+REGION_ARRAYS = (BOX, BOX_LO, BOX_SCALE, LOCATION)  # in an ld+bckd cache: the region row space
 PROGRESS = "progress"
-REGION_KINDS = ("dense", "main+vlr")
+REGION_KINDS = ("dense", "main+vlr", "ld+bckd")
 BOX_DTYPES = ("float16", "uint8", "float32")
 CLS_DTYPES = ("float16", "float32")
+TOPK_ENCODING = "topk+floor: the k largest logits at their classes, every other class cls_floor"
 UINT8_QUANTIZATION = {"kind": "affine-per-row-edge", "formula": "logit = box_lo + q * box_scale",
                       "params_dtype": "float16", "arrays": [BOX_LO, BOX_SCALE]}
 # What records a cache's history rather than what it holds: not part of its identity.
@@ -62,7 +72,9 @@ def transform_spec() -> dict:
 @dataclass(frozen=True)
 class Regions:
     """Which rows a cache stores: every prior location (dense), or main+vlr: the ATSS positives
-    and the VLR band for every gamma >= min_vlr_gamma, selected with vlr_iou."""
+    and the VLR band for every gamma >= min_vlr_gamma, selected with vlr_iou; or ld+bckd: box
+    logits at those rows, and at every location the expected edges and the cls_topk largest
+    class logits with a floor for the rest."""
 
     kind: str = "dense"
     min_vlr_gamma: float | None = None
@@ -70,15 +82,25 @@ class Regions:
     assigner: str | None = None
     rows_stored: int | None = None
     rows_dense: int | None = None
+    cls_topk: int | None = None  # ld+bckd: class logits stored per location (the rest: one floor)
 
     @property
     def sparse(self) -> bool:
         return self.kind != "dense"
 
+    @property
+    def every_location(self) -> bool:
+        """Does the cache hold something (class logits, expected edges) at every location?"""
+        return self.kind != "main+vlr"
+
+    @property
+    def two_spaces(self) -> bool:  # ld+bckd: box logits in the region row space, the rest in the dense rows
+        return self.kind == "ld+bckd"
+
     def to_json(self) -> dict:
         if not self.sparse:
             return {"kind": "dense"}
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k != "cls_topk"}
 
 
 @dataclass(frozen=True)
@@ -91,6 +113,20 @@ class CacheLayout:
     total_rows: int
     compressor: str = "none"
     order: str = "padded_hw,image,spec"
+    region_rows_per_shard: int | None = None  # ld+bckd: the region row space's shard and chunk rows
+    region_chunk_rows: int | None = None
+
+    def rows_per_shard_of(self, name: str, regions: Regions) -> int:
+        """Rows of one shard of array `name` (the region space's own for an ld+bckd box array)."""
+        region = regions.two_spaces and name in REGION_ARRAYS
+        return self.region_rows_per_shard if region else self.rows_per_shard
+
+    def to_json(self) -> dict:
+        out = {"rows_per_shard": self.rows_per_shard, "chunk_rows": self.chunk_rows, "num_shards": self.num_shards,
+               "total_rows": self.total_rows, "order": self.order, "compressor": self.compressor}
+        if self.region_rows_per_shard is not None:
+            out.update(region_rows_per_shard=self.region_rows_per_shard, region_chunk_rows=self.region_chunk_rows)
+        return out
 
 
 @dataclass(frozen=True)
@@ -162,10 +198,10 @@ class CacheMetadata:
             "num_classes": self.num_classes,
             "box": {"dtype": self.box_dtype, "quantization": UINT8_QUANTIZATION if self.box_dtype == "uint8" else None,
                     "row_width": self.box_row_width},
-            "cls": None if self.cls_dtype is None else {"dtype": self.cls_dtype, "row_width": self.num_classes},
-            "layout": {"rows_per_shard": self.layout.rows_per_shard, "chunk_rows": self.layout.chunk_rows,
-                       "num_shards": self.layout.num_shards, "total_rows": self.layout.total_rows,
-                       "order": self.layout.order, "compressor": self.layout.compressor},
+            "cls": None if self.cls_dtype is None else {"dtype": self.cls_dtype, "row_width": self.num_classes,
+                                                        **({"encoding": TOPK_ENCODING, "k": self.regions.cls_topk}
+                                                           if self.regions.two_spaces else {})},
+            "layout": self.layout.to_json(),
         }
 
     @classmethod
@@ -258,6 +294,7 @@ def build_metadata(*, teacher_config: dict, teacher_sha256: str, ann_sha256: str
         num_images=len(image_ids), image_ids_sha256=image_ids_sha256(image_ids), specs=tuple(specs),
         num_views=len(layout.records), strides=tuple(int(s) for s in strides), reg_max=int(reg_max),
         num_classes=int(num_classes), box_dtype=box_dtype, cls_dtype=cls_dtype,
-        layout=CacheLayout(layout.rows_per_shard, layout.chunk_rows, layout.num_shards, layout.total_rows, compressor),
+        layout=CacheLayout(layout.rows_per_shard, layout.chunk_rows, layout.num_shards, layout.total_rows, compressor,
+                           region_rows_per_shard=layout.region_rows_per_shard, region_chunk_rows=layout.region_chunk_rows),
         regions=regions, package_version=package_version, created=created, source=dict(source or {}),
     )

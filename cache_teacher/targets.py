@@ -94,8 +94,14 @@ class CacheTeacher:
         if problems:
             raise UserError(f"cache {cache.location} does not match this run: " + "; ".join(problems))
         if needs.class_logits and not cache.has_cls:
-            raise UserError(f"cache {cache.location} holds no class logits (dumped with --no-cls) but Main KD "
-                            "needs them; pass --kd-weight 0 or dump the teacher with class logits")
+            users = "BCKD" if needs.every_location else "Main KD"
+            fix = "--kd-weight 0" if not needs.every_location else "no BCKD weight"
+            raise UserError(f"cache {cache.location} holds no class logits (dumped with --no-cls) but {users} "
+                            f"needs them; pass {fix} or dump the teacher with class logits")
+        if needs.every_location and not meta.regions.every_location:
+            raise UserError(f"cache {cache.location} stores only the Main and VLR rows (--store-regions "
+                            f"{meta.regions.kind}) but BCKD reads every location; dump the teacher with "
+                            "--store-regions ld+bckd (serves LD and BCKD, compact) or dense")
         if meta.regions.sparse and needs.vlr_gamma is not None:
             if needs.vlr_gamma < meta.regions.min_vlr_gamma:
                 raise UserError(f"cache {cache.location} stores the VLR for gamma >= {meta.regions.min_vlr_gamma} "
@@ -106,18 +112,27 @@ class CacheTeacher:
                                 f"pass --vlr-iou {meta.regions.vlr_iou} or dump a cache for {needs.vlr_iou}")
 
     def dataset(self, base: CocoDetection, needs: TeacherNeeds) -> CachedTargets:
-        # A run without Main KD reads only the box bytes.
-        return CachedTargets(base, self.cache, ("box", "cls") if needs.class_logits else ("box",))
+        """Only the arrays the losses read: a run without Main KD or BCKD reads no class logits; from
+        an ld+bckd cache, BCKD alone reads no box logits and LD alone no edges."""
+        two = self.cache.meta.regions.two_spaces
+        kinds = ("box",) if needs.box_logits or not two else ()
+        kinds += ("cls",) if needs.class_logits else ()
+        kinds += ("edges",) if needs.every_location and two else ()
+        return CachedTargets(base, self.cache, kinds)
 
     collate = staticmethod(collate_with_targets)
 
     def rows(self, batch: Batch, stored: dict, device: torch.device) -> TeacherRows:
-        box, cls, location = self.cache.decode(stored, device)
-        if location is None:
+        box, cls, location, edges = self.cache.decode(stored, device)
+        two = self.cache.meta.regions.two_spaces  # ld+bckd: class logits and edges at every location
+        if not self.cache.sparse:
             return TeacherRows(box, cls)
         # Sparse: NaN marks rows the cache does not hold (the criterion checks the rows it reads).
-        n = sum(r.num_rows for r in batch.records)
-        box = box.new_full((n, box.shape[1]), float("nan")).index_copy(0, location, box)
-        if cls is not None:
+        n, width = sum(r.num_rows for r in batch.records), 4 * (self.cache.meta.reg_max + 1)
+        if box is None:  # not read (BCKD alone from an ld+bckd cache): every row a hole, no memory
+            box = torch.full((1, width), float("nan"), device=device).expand(n, width)
+        else:
+            box = box.new_full((n, width), float("nan")).index_copy(0, location, box)
+        if cls is not None and not two:  # main+vlr: class logits at the stored rows only
             cls = cls.new_full((n, cls.shape[1]), float("nan")).index_copy(0, location, cls)
-        return TeacherRows(box, cls, holes=True)
+        return TeacherRows(box, cls, holes=True, edges=edges)

@@ -16,6 +16,7 @@ from detector.checkpoint import file_sha256, load_model
 from detector.coco import CocoDetection
 from detector.errors import UserError
 from detector.evaluation import coco_evaluate, detections_to_coco
+from detector.gfl_loss import integral
 from detector.postprocess import postprocess
 from detector.rows import flatten_rows, view_maps
 
@@ -38,7 +39,7 @@ def verify(cache: TeacherCache, teacher: str | None = None, images=None, ann=Non
         problems.append(f"incomplete: {int(done.sum())}/{len(done)} shards written")
     bad_rows = 0
     for shard in np.nonzero(done)[0]:  # whole shards: contiguous reads
-        bad_rows += int((~all_finite(cache.read_shard(int(shard)))).sum())
+        bad_rows += sum(int((~all_finite({name: a})).sum()) for name, a in cache.read_shard(int(shard)).items())
         if progress:
             progress()
     if bad_rows:
@@ -82,23 +83,29 @@ def fidelity(cache: TeacherCache, teacher: str, dataset: CocoDetection, num_view
     model, config = load_model(teacher, {}, dev, role="teacher checkpoint")
     gen = np.random.default_rng(seed)
     chosen = gen.choice(len(cache.records), size=min(num_views, len(cache.records)), replace=False)
-    kls, cls_err = [], 0.0
+    kls, cls_err, prob_err, edge_err = [], 0.0, 0.0, 0.0
+    two = cache.meta.regions.two_spaces  # ld+bckd: class logits (top-k + floor) and edges at every location
     for v in chosen:
         cached = cache.read_view(int(v))
         image_index, spec_index = int(cache.view_table["image_index"][v]), int(cache.view_table["spec_index"][v])
         sample = dataset[(image_index, spec_index)]
         cls_maps, box_maps = model(sample.image[None].to(dev))
         rows = cached.location.long() if cached.location is not None else slice(None)  # sparse: stored rows only
-        fresh_box = flatten_rows(box_maps, [cached.record.level_hw]).float().cpu()[rows]
-        if len(fresh_box) == 0:
-            continue
-        kls.append(edge_kl(fresh_box, cached.box, 10.0, config.reg_max + 1))
+        all_box = flatten_rows(box_maps, [cached.record.level_hw]).float().cpu()
+        if two:
+            edge_err = max(edge_err, float((integral(all_box, config.reg_max) - cached.edges).abs().max()))
+        fresh_box = all_box[rows]
+        if len(fresh_box):
+            kls.append(edge_kl(fresh_box, cached.box, 10.0, config.reg_max + 1))
         if cached.cls is not None:
-            fresh_cls = flatten_rows(cls_maps, [cached.record.level_hw]).float().cpu()[rows]
-            cls_err = max(cls_err, float((fresh_cls - cached.cls).abs().max()))
-    kl = torch.cat(kls)
+            fresh_cls = flatten_rows(cls_maps, [cached.record.level_hw]).float().cpu()[slice(None) if two else rows]
+            prob_err = max(prob_err, float((fresh_cls.sigmoid() - cached.cls.sigmoid()).abs().amax() if fresh_cls.numel() else 0.0))
+            if not two:  # top-k + floor is exact only in probability mass: its logit error says little
+                cls_err = max(cls_err, float((fresh_cls - cached.cls).abs().amax()) if fresh_cls.numel() else 0.0)
+    kl = torch.cat(kls) if kls else torch.zeros(1)
     return {"views": len(chosen), "kl_t10_mean": float(kl.mean()), "kl_t10_p99": float(kl.quantile(0.99)),
-            "kl_t10_max": float(kl.max()), "cls_max_abs_err": cls_err if cache.has_cls else None}
+            "kl_t10_max": float(kl.max()), "cls_max_abs_err": cls_err if cache.has_cls and not two else None,
+            "cls_max_prob_err": prob_err if cache.has_cls else None, "edges_max_abs_err": edge_err if two else None}
 
 
 @torch.no_grad()
@@ -150,5 +157,9 @@ def format_verify(r: dict) -> str:
                      f"max {f['kl_t10_max']:.3g}")
         if f["cls_max_abs_err"] is not None:
             lines.append(f"  class logits max |error| {f['cls_max_abs_err']:.3g}")
+        if f.get("cls_max_prob_err") is not None:
+            lines.append(f"  class probabilities max |error| {f['cls_max_prob_err']:.3g}")
+        if f.get("edges_max_abs_err") is not None:
+            lines.append(f"  expected edges max |error| {f['edges_max_abs_err']:.3g} (bins)")
     lines += [f"  problem: {p}" for p in r["problems"]]
     return "\n".join(lines)

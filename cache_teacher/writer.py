@@ -35,7 +35,6 @@ class CacheWriter:
     def __init__(self, group, meta: schema.CacheMetadata):
         self.group = group
         self.meta = meta
-        self.rows_per_shard = meta.layout.rows_per_shard
         self.num_shards = meta.layout.num_shards
         self._progress = group[schema.PROGRESS]
         self._arrays = {name: group[name] for name in schema.ROW_ARRAYS if name in group}
@@ -48,22 +47,32 @@ class CacheWriter:
         # arrays leaves a store that a re-run recognises as its own and creates again.
         group = open_group(url, mode="w", storage_options=storage_options,
                            attributes={schema.ATTRS_KEY: meta.to_json()})
-        total, chunk, shard = layout.total_rows, layout.chunk_rows, layout.rows_per_shard
         compressors = _compressors(meta.layout.compressor)
-        width = meta.box_row_width
-        group.create_array(schema.BOX, shape=(total, width), chunks=(chunk, width), shards=(shard, width),
-                           dtype=meta.box_dtype, fill_value=0, compressors=compressors)
+        two = meta.regions.two_spaces
+        dense = (layout.total_rows, layout.chunk_rows, layout.rows_per_shard)
+        region = (layout.num_shards * layout.region_rows_per_shard, layout.region_chunk_rows,
+                  layout.region_rows_per_shard) if two else dense
+
+        def create(name, width, dtype, space, fill=0, compress=True):
+            total, chunk, shard = space
+            inner = (width,) if width else ()
+            group.create_array(name, shape=(total, *inner), chunks=(chunk, *inner), shards=(shard, *inner),
+                               dtype=dtype, fill_value=fill, compressors=compressors if compress else None)
+
+        create(schema.BOX, meta.box_row_width, meta.box_dtype, region)
         if meta.box_dtype == "uint8":
             for name in (schema.BOX_LO, schema.BOX_SCALE):
-                group.create_array(name, shape=(total, 4), chunks=(chunk, 4), shards=(shard, 4), dtype="float16",
-                                   fill_value=0, compressors=None)
+                create(name, 4, "float16", region, compress=False)
         if meta.regions.sparse:
-            group.create_array(schema.LOCATION, shape=(total,), chunks=(chunk,), shards=(shard,), dtype="int32",
-                               fill_value=-1, compressors=None)
-        if meta.has_cls:
-            width = meta.num_classes
-            group.create_array(schema.CLS, shape=(total, width), chunks=(chunk, width), shards=(shard, width),
-                               dtype=meta.cls_dtype, fill_value=0, compressors=compressors)
+            create(schema.LOCATION, None, "int32", region, fill=-1, compress=False)
+        if two:  # every location: the expected edges and the top-k class logits
+            k = meta.regions.cls_topk
+            create(schema.EDGES, 4, "float16", dense)
+            create(schema.CLS_TOPK, k, "float16", dense)
+            create(schema.CLS_INDEX, k, "uint8" if meta.num_classes <= 256 else "int16", dense)
+            create(schema.CLS_FLOOR, None, "float16", dense)
+        elif meta.has_cls:
+            create(schema.CLS, meta.num_classes, meta.cls_dtype, dense)
         # One chunk per flag: ranks of a distributed dump never write the same object.
         group.create_array(schema.PROGRESS, shape=(layout.num_shards,), chunks=(1,), dtype="uint8", fill_value=0)
         views = group.create_group("views")
@@ -93,13 +102,13 @@ class CacheWriter:
         return self._progress[:].astype(bool)
 
     def write_shard(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
-        """arrays: name -> [rows_per_shard, width] buffer holding the whole shard (unused rows = 0)."""
-        start = shard * self.rows_per_shard
+        """arrays: name -> [rows per shard of its space, width] buffer holding the whole shard
+        (unused rows = fill)."""
         for name, array in self._arrays.items():
-            data = arrays[name]
-            if data.shape[0] != self.rows_per_shard:
-                raise ValueError(f"shard buffer {name} has {data.shape[0]} rows, expected {self.rows_per_shard}")
-            array[start:start + self.rows_per_shard] = data
+            data, rows = arrays[name], self.meta.layout.rows_per_shard_of(name, self.meta.regions)
+            if data.shape[0] != rows:
+                raise ValueError(f"shard buffer {name} has {data.shape[0]} rows, expected {rows}")
+            array[shard * rows:(shard + 1) * rows] = data
         self._progress[shard] = 1  # only now is the shard done
 
     def finalize(self) -> None:

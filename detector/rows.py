@@ -18,7 +18,9 @@ class TeacherRows(NamedTuple):
 
     box: torch.Tensor  # [N, 4(n+1)] float32
     cls: torch.Tensor | None  # [N, C] float32, None when the source holds no class logits
-    holes: bool = False  # rows the source does not hold are NaN (a region-sparse cache)
+    holes: bool = False  # box rows the source does not hold are NaN (a region-sparse cache)
+    edges: torch.Tensor | None = None  # [N, 4] the expected edge distances (stride units), where the
+    # source stores them instead of every box logit (an ld+bckd cache); else the box rows' integral
 
 
 def image_level_rows(level_map: torch.Tensor, image: int, hw: tuple[int, int]) -> torch.Tensor:

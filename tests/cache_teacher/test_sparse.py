@@ -15,15 +15,15 @@ from tests.conftest import TINY_MODEL, dump_tiny_cache
 from tests.cli_runner import assert_user_error, run_cli
 
 
-def _dump(tiny, teacher, out, **kw):
+def dump_at_160(tiny, teacher, out, **kw):
     return TeacherCache(dump_tiny_cache(tiny, teacher, out, img_scale=(160, 160), shard_mb=0.2, **kw))
 
 
 @pytest.fixture(scope="module")
 def caches(tiny_coco, tiny_teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("sparse")
-    dense = _dump(tiny_coco, tiny_teacher["path"], root / "dense.zarr")
-    sparse = _dump(tiny_coco, tiny_teacher["path"], root / "sparse.zarr", store_regions="main+vlr", min_vlr_gamma=0.25)
+    dense = dump_at_160(tiny_coco, tiny_teacher["path"], root / "dense.zarr")
+    sparse = dump_at_160(tiny_coco, tiny_teacher["path"], root / "sparse.zarr", store_regions="main+vlr", min_vlr_gamma=0.25)
     return dense, sparse
 
 
@@ -35,7 +35,7 @@ def test_sparse_cache_is_smaller_and_says_so(caches):
     assert s["bytes_on_disk_total"] < 0.7 * d["bytes_on_disk_total"]
 
 
-def _losses(tiny, cache, cfg, keys):
+def cache_losses(tiny, cache, cfg, keys):
     dataset = CocoDetection(tiny["images"], tiny["ann"], views=cache.specs, train=True)
     teacher = CacheTeacher(cache)
     teacher.validate(dataset, ModelConfig(num_classes=5, **TINY_MODEL), cfg.teacher_needs())
@@ -53,7 +53,7 @@ def test_sparse_gives_the_dense_losses(tiny_coco, caches, gamma):
     dense, sparse = caches
     keys = [(0, 0), (3, 1), (5, 0), (7, 1)]  # mixed views and canvases
     cfg = LossConfig(vlr_gamma=gamma)
-    a, b = _losses(tiny_coco, dense, cfg, keys), _losses(tiny_coco, sparse, cfg, keys)
+    a, b = cache_losses(tiny_coco, dense, cfg, keys), cache_losses(tiny_coco, sparse, cfg, keys)
     for key in ("loss_ld", "loss_ld_vlr", "loss_kd", "loss"):
         assert float(a[key].detach()) != 0.0
         assert float(b[key].detach()) == float(a[key].detach()), key  # the same stored values, bit for bit
@@ -62,11 +62,11 @@ def test_sparse_gives_the_dense_losses(tiny_coco, caches, gamma):
 def test_sparse_cache_refuses_what_it_cannot_serve(tiny_coco, caches, tmp_path):
     _, sparse = caches
     with pytest.raises(UserError, match="gamma >= 0.25 only"):
-        _losses(tiny_coco, sparse, LossConfig(vlr_gamma=0.1), [(0, 0)])
+        cache_losses(tiny_coco, sparse, LossConfig(vlr_gamma=0.1), [(0, 0)])
     with pytest.raises(UserError, match="--vlr-iou official"):
-        _losses(tiny_coco, sparse, LossConfig(vlr_iou="diou"), [(0, 0)])
+        cache_losses(tiny_coco, sparse, LossConfig(vlr_iou="diou"), [(0, 0)])
     # Without a VLR term any gamma is fine: nothing reads those rows.
-    _losses(tiny_coco, sparse, LossConfig(vlr_gamma=0.1, vlr_weight=0), [(0, 0)])
+    cache_losses(tiny_coco, sparse, LossConfig(vlr_gamma=0.1, vlr_weight=0), [(0, 0)])
     proc = run_cli("train-student", "--cache", sparse.location, "--images", tiny_coco["images"], "--ann",
                    tiny_coco["ann"], "--out", tmp_path / "s", "--vlr-gamma", "0", "--workers", "0")
     assert_user_error(proc, "--vlr-gamma 0.0 needs more rows")
