@@ -30,8 +30,9 @@ import numpy as np
 from PIL import Image
 
 from detector.config import check, param, validate_fields
-from detector.domains import MAX_SEED, Range
+from detector.domains import MAX_SEED, OneOf, Range
 from detector.errors import UserError
+from detector.synthetic_photos import PHOTO_CLASSES, photo_folder, render_photo_image
 from detector.synthetic_render import OBJECTS, SPLITS, render_image
 from detector.synthetic_shapes import SHAPES
 
@@ -50,7 +51,8 @@ class SyntheticConfig:
     num_train: int = param(1000, "training images", Range(1, 10_000_000))
     num_val: int = param(200, "validation images", Range(1, 10_000_000))
     image_size: int = param(256, "upper bound of an image's long side, px", Range(64, 4096))
-    num_classes: int = param(6, f"object classes (at most {len(SHAPES)} shapes)", Range(1, len(SHAPES)))
+    num_classes: int = param(6, f"object classes (at most {len(SHAPES)} shapes or {len(PHOTO_CLASSES)} photographs)",
+                             Range(1, max(len(SHAPES), len(PHOTO_CLASSES))))
     seed: int = param(0, "random seed; same seed, same dataset", Range(0, MAX_SEED))
     crowd_prob: float = param(0.02, "probability of a crowd region on an image", Range(0, 1, integer=False))
     min_objects: int = param(1, "fewest objects an image gets", Range(1, 200))
@@ -59,12 +61,19 @@ class SyntheticConfig:
                                        "largest)", Range(4, 4096, integer=False))
     max_object_frac: float = param(0.7, "largest object side as a fraction of the image's short side",
                                    Range(0, 0.95, integer=False, low_open=True))
+    pixels: str = param("shapes", "what objects are made of: shapes (drawn by our code) or photos (real pixels: "
+                                  "cut from the photographs scikit-image ships; pip install 'ldcache[photos]')",
+                        OneOf("shapes", "photos"))
 
     def __post_init__(self):
         validate_fields(self, "synthetic dataset")
+        problems = []
         if self.min_objects > self.max_objects:
-            check([f"min_objects ({self.min_objects}) must be <= max_objects ({self.max_objects})"],
-                  "synthetic dataset")
+            problems.append(f"min_objects ({self.min_objects}) must be <= max_objects ({self.max_objects})")
+        if self.pixels == "shapes" and self.num_classes > len(SHAPES):
+            problems.append(f"num_classes must be at most {len(SHAPES)} with --pixels shapes (up to "
+                            f"{len(PHOTO_CLASSES)} with --pixels photos), got {self.num_classes}")
+        check(problems, "synthetic dataset")
 
 
 def make_synthetic(out_dir, num_train: int = 1000, num_val: int = 200, image_size: int = 256,
@@ -73,6 +82,8 @@ def make_synthetic(out_dir, num_train: int = 1000, num_val: int = 200, image_siz
     """Write the dataset into out_dir atomically and return it; `workers` never changes output.
     objects: min_objects, max_objects, min_object_px, max_object_frac (SyntheticConfig)."""
     params = _validated(num_train, num_val, image_size, seed, num_classes, crowd_prob, objects)
+    if params.get("pixels") == "photos":
+        photo_folder()  # scikit-image installed? (a one-line error before anything is written)
     if not isinstance(workers, int) or workers < 1:
         raise UserError(f"workers must be an integer >= 1, got {workers!r}")
     out = Path(out_dir).expanduser()
@@ -160,9 +171,13 @@ def generate_beside(out: Path, params: dict, workers: int) -> Path:
 
 def render_to_file(task) -> tuple[int, int, list[dict]]:
     folder, split, index, params = task
-    image, anns = render_image(params["seed"], split, index, params["image_size"],
-                               params["num_classes"], params["crowd_prob"],
-                               {k: params[k] for k in OBJECTS if k in params})
+    objects = {k: params[k] for k in OBJECTS if k in params}
+    if params.get("pixels") == "photos":
+        image, anns = render_photo_image(params["seed"], split, index, params["image_size"], params["num_classes"],
+                                         objects)
+    else:
+        image, anns = render_image(params["seed"], split, index, params["image_size"], params["num_classes"],
+                                   params["crowd_prob"], objects)
     # compress_level 1: under half the time of the default 6, files ~13% larger (noise dominates)
     Image.fromarray(image).save(folder / f"{index + 1:06d}.png", compress_level=1)
     return image.shape[1], image.shape[0], anns
@@ -176,7 +191,9 @@ def _coco_json(split: str, params: dict, results: list) -> dict:
                        "height": height})
         for ann in anns:
             annotations.append({"id": len(annotations) + 1, "image_id": index + 1, **ann})
-    categories = [{"id": k + 1, "name": SHAPES[k], "supercategory": "shape"}
+    photos = params.get("pixels") == "photos"
+    names = list(PHOTO_CLASSES) if photos else SHAPES
+    categories = [{"id": k + 1, "name": names[k], "supercategory": "photo" if photos else "shape"}
                   for k in range(params["num_classes"])]
     info = {"description": "ldcache synthetic shapes", "generator": "detector.synthetic",
             "version": GENERATOR_VERSION, "split": split, "seed": params["seed"],

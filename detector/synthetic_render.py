@@ -17,7 +17,7 @@ MIN_SIDE = 6.0  # px; a thinner object would be little more than its own blurred
 LOW_CONTRAST_PROB = 0.15
 MIN_VISIBLE = 0.5  # later paint may hide at most half of an annotated object
 # Objects per image and their sizes; other datasets of the project (benchmarks/ld_defaults.py) vary them.
-OBJECTS = {"min_objects": 1, "max_objects": 8, "min_object_px": 12.0, "max_object_frac": 0.7}
+OBJECTS = {"min_objects": 1, "max_objects": 8, "min_object_px": 12.0, "max_object_frac": 0.7, "pixels": "shapes"}
 
 
 def render_image(seed: int, split: str, index: int, image_size: int, num_classes: int,
@@ -37,7 +37,7 @@ def render_image(seed: int, split: str, index: int, image_size: int, num_classes
         _paint_crowd(rng, canvas, num_classes, shown)
     # Largest first, so that small objects often lie on big ones rather than vanish under them.
     count = int(rng.integers(objects["min_objects"], objects["max_objects"] + 1))
-    sizes = [_sample_size(rng, width, height, objects["min_object_px"], objects["max_object_frac"])
+    sizes = [sample_size(rng, width, height, objects["min_object_px"], objects["max_object_frac"])
              for _ in range(count)]
     for w, h in sorted(sizes, key=lambda wh: -wh[0] * wh[1]):
         _paint_object(rng, canvas, w, h, int(rng.integers(num_classes)), shown)
@@ -51,7 +51,7 @@ def render_image(seed: int, split: str, index: int, image_size: int, num_classes
     return image, anns
 
 
-def _sample_size(rng, width: int, height: int, min_px: float = 12.0, max_frac: float = 0.7) -> tuple[float, float]:
+def sample_size(rng, width: int, height: int, min_px: float = 12.0, max_frac: float = 0.7) -> tuple[float, float]:
     """Box (w, h): sqrt(area) log-uniform from min_px to max_frac of the short side, w/h in [1/4, 4]."""
     side = math.exp(rng.uniform(math.log(min_px), math.log(max(max_frac * min(width, height), min_px * 1.01))))
     ratio = math.exp(rng.uniform(math.log(0.25), math.log(4.0)))
