@@ -1,0 +1,186 @@
+"""LD against BCKD from ONE teacher dump per dataset: plain, LD (--recipe paper), BCKD (--recipe
+bckd) and the best combination of the two, each over seeds, with no weight flags.
+
+    .venv/bin/python benchmarks/distill_methods.py                  # everything: ~4 hours on 2 CPU cores
+    .venv/bin/python benchmarks/distill_methods.py --report-only    # the tables from the runs so far
+
+Every run is an `ldcache` command as a user types it (all in the JSON), in its own folder under
+--workdir; finished runs are never redone and killed ones resume (benchmarks/command_queue.py).
+Datasets, teachers and students are benchmarks/ld_defaults.py's (500 train / 150 val images of at
+most 160 px; R-34 x 1/2 teachers, 30 epochs; R-18 x 1/4 students, 16 epochs, batch 8), plus
+`photos`: real pixels (make-synthetic --pixels photos: objects cut from scikit-image's sample
+photographs, 12 classes, 1,000 train / 200 val images). Per dataset ONE dense dump serves every
+distilled student, so the teacher's forwards are paid once. The combination is chosen from
+candidates run with seed 0 on every dataset (the largest mean gain over plain), then run with the
+other seeds. On the synthetic default the same students also learn from a compact ld+bckd cache
+(dump-teacher --store-regions ld+bckd, its default top-k), to check it trains students as the
+dense cache does. Tables: per dataset mean +- sd of AP and the share of the teacher-to-plain gap
+each method closes; the compact cache against the dense one; the combination candidates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (puts the repository root on sys.path)
+from command_queue import Job, needed, run  # noqa: E402
+from ld_defaults import DATASETS as SHAPE_DATASETS  # noqa: E402
+from ld_defaults import SIZE, STUDENT_FLAGS, TEACHER_FLAGS  # noqa: E402
+
+DATASETS = {**SHAPE_DATASETS,
+            "photos": ["--pixels", "photos", "--num-classes", "12", "--num-train", "1000", "--num-val", "200"]}
+METHODS = {"ld": ["--recipe", "paper"], "bckd": ["--recipe", "bckd"]}
+# Combinations (LD's terms are typed on top of --recipe bckd, or BCKD's on top of the paper's)
+COMBOS = {"bckd+ld": ["--recipe", "bckd", "--ld-weight", "0.25", "--vlr-weight", "0.25"],
+          "bckd+vlr": ["--recipe", "bckd", "--vlr-weight", "0.25"],
+          "paper+bckd": ["--recipe", "paper", "--bckd-cls-weight", "1", "--bckd-box-weight", "4"]}
+COMPACT = ["--store-regions", "ld+bckd"]  # the compact cache, at its default --cls-topk
+SEEDS = 3
+
+
+def plan(work: Path, datasets: list[str], seeds: int, best: str | None) -> list[Job]:
+    jobs: list[Job] = []
+    for name in datasets:
+        root, d = work / name, work / "data" / name
+        jobs.append(Job(f"{name}/data", ["make-synthetic", str(d), *SIZE, *DATASETS[name]], d))
+        data = ["--images", str(d / "train"), "--ann", str(d / "annotations" / "instances_train.json"),
+                "--val-images", str(d / "val"), "--val-ann", str(d / "annotations" / "instances_val.json"),
+                "--img-scale", "160,160"]
+        teacher = root / "teacher"
+        jobs.append(Job(f"{name}/teacher", ["train-detector", *TEACHER_FLAGS, *data, "--out", str(teacher)], teacher,
+                        (f"{name}/data",)))
+        caches = {"cache": []} | ({"cache-compact": COMPACT} if name == "synth" else {})
+        for cache, flags in caches.items():
+            jobs.append(Job(f"{name}/{cache}", ["dump-teacher", "--teacher", str(teacher / "checkpoints" / "last.pt"),
+                                                *data[:4], *flags, "--out", str(root / f"{cache}.zarr")],
+                            root / f"{cache}.zarr", (f"{name}/teacher",)))
+        for s in range(seeds):
+            seed = ["--seed", str(s)] if s else []
+            out = root / f"plain-s{s}"
+            jobs.append(Job(f"{name}/plain-s{s}", ["train-detector", *STUDENT_FLAGS, *data, *seed, "--out", str(out)],
+                            out, (f"{name}/data",)))
+            methods = {**METHODS, **{c: COMBOS[c] for c in COMBOS if s == 0 or c == best}}
+            for cache in caches:
+                for method, flags in methods.items():
+                    if cache != "cache" and method not in (*METHODS, best):
+                        continue  # the compact cache: LD, BCKD and the chosen combination
+                    label = f"{method}-s{s}" + ("" if cache == "cache" else "-compact")
+                    out = root / label
+                    jobs.append(Job(f"{name}/{label}", ["train-student", "--cache", str(root / f"{cache}.zarr"),
+                                                        *STUDENT_FLAGS, *data, *flags, *seed, "--out", str(out)],
+                                    out, (f"{name}/{cache}",)))
+    order = ["/data", "/teacher", "/cache", "/plain-s0", "/ld-s0", "/bckd-s0", "-s0", "/plain-s", "/ld-s", "/bckd-s"]
+    return sorted(jobs, key=lambda j: next((i for i, o in enumerate(order) if o in j.name), len(order)))
+
+
+def _ap(work: Path, run_name: str) -> float | None:
+    path = work / run_name / "eval.json"
+    return 100 * json.loads(path.read_text())["metrics"]["AP"] if path.is_file() else None
+
+
+def _stats(work: Path, pattern: str, seeds: int) -> dict:
+    aps = [a for s in range(seeds) if (a := _ap(work, pattern.format(s))) is not None]
+    return {"aps": aps, "mean": statistics.mean(aps) if aps else None, "sd": statistics.stdev(aps) if len(aps) > 1 else None}
+
+
+def choose_combo(work: Path, datasets: list[str]) -> tuple[str | None, dict]:
+    """The combination with the largest mean gain over plain (seed 0) over the datasets that ran them all."""
+    gains = {}
+    for combo in COMBOS:
+        pairs = [(_ap(work, f"{n}/{combo}-s0"), _ap(work, f"{n}/plain-s0")) for n in datasets]
+        if pairs and all(a is not None and p is not None for a, p in pairs):
+            gains[combo] = statistics.mean(a - p for a, p in pairs)
+    return (max(gains, key=gains.get) if len(gains) == len(COMBOS) else None), gains
+
+
+def report(work: Path, jobs: list[Job], datasets: list[str], seeds: int, best: str | None, gains: dict) -> dict:
+    f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    ms = lambda c: "-" if c["mean"] is None else f"{c['mean']:.1f} +- {f(c['sd'])} ({len(c['aps'])})"  # noqa: E731
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+    methods = ["plain", *METHODS, *([best] if best else [])]
+    out, text = {"datasets": {}, "best_combination": best, "combination_gains_seed0": gains}, []
+    text += [f"### Plain, LD, BCKD and the best combination ({best or 'not chosen yet'}), batch 8, no weight flags, "
+             "one dense dump per dataset (AP: mean +- sd (seeds); share of the teacher-plain gap closed)", "",
+             "| dataset | classes | teacher | " + " | ".join(methods) + " | " + " | ".join(f"{m} gap" for m in methods[1:]) + " |",
+             "|---" * (3 + 2 * len(methods) - 1) + "|"]
+    for name in datasets:
+        ann = work / "data" / name / "annotations" / "instances_train.json"
+        classes = len(json.loads(ann.read_text())["categories"]) if ann.is_file() else None
+        teacher = _ap(work, f"{name}/teacher")
+        cells = {m: _stats(work, f"{name}/{m}-s{{}}", seeds) for m in methods}
+        plain = cells["plain"]["mean"]
+        gap = {m: (cells[m]["mean"] - plain) / (teacher - plain)
+               if None not in (teacher, plain, cells[m]["mean"]) and teacher > plain else None for m in methods[1:]}
+        out["datasets"][name] = {"classes": classes, "teacher": teacher, "runs": cells, "gap_closed": gap}
+        text.append(f"| {name} | {classes or '-'} | {f(teacher)} | " + " | ".join(ms(cells[m]) for m in methods) + " | "
+                    + " | ".join(pct(gap[m]) for m in methods[1:]) + " |")
+    text += ["", "### Combination candidates (seed 0; AP, and the mean gain over plain)", "",
+             "| combination | flags | " + " | ".join(datasets) + " | mean gain |", "|---|---|" + "---|" * len(datasets) + "---|"]
+    for combo, flags in COMBOS.items():
+        text.append(f"| {combo} | `{' '.join(flags)}` | " + " | ".join(f(_ap(work, f"{n}/{combo}-s0")) for n in datasets)
+                    + f" | {f(gains.get(combo))} |")
+    if "synth" in datasets:
+        text += ["", "### The compact ld+bckd cache against the dense one (synth, mean +- sd over seeds)", "",
+                 "| method | dense cache | ld+bckd cache |", "|---|---|---|"]
+        out["compact"] = {}
+        for m in [*METHODS, *([best] if best else [])]:
+            dense, compact = _stats(work, f"synth/{m}-s{{}}", seeds), _stats(work, f"synth/{m}-s{{}}-compact", seeds)
+            out["compact"][m] = {"dense": dense, "compact": compact}
+            text.append(f"| {m} | {ms(dense)} | {ms(compact)} |")
+        sizes = {c: sum(p.stat().st_size for p in (work / "synth" / f"{c}.zarr").rglob("*") if p.is_file())
+                 for c in ("cache", "cache-compact") if (work / "synth" / f"{c}.zarr").is_dir()}
+        out["cache_bytes"] = sizes
+        if len(sizes) == 2:
+            text.append(f"\nsynth caches on disk: dense fp16 {sizes['cache'] / 2**20:.1f} MiB, ld+bckd "
+                        f"{sizes['cache-compact'] / 2**20:.1f} MiB ({sizes['cache-compact'] / sizes['cache']:.3f}x)")
+    out["commands"] = {j.name: "ldcache " + " ".join(j.argv) for j in jobs}
+    out["table"] = "\n".join(text)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default=str(common.REPO_ROOT / "runs" / "distill_methods"))
+    p.add_argument("--parallel", type=int, default=2, help="runs at once")
+    p.add_argument("--threads", type=int, help="threads per run (default: cores / parallel)")
+    p.add_argument("--seeds", type=int, default=SEEDS)
+    p.add_argument("--datasets", default=",".join(DATASETS), help="which of " + ", ".join(DATASETS))
+    p.add_argument("--only", help="a regular expression: run only the matching runs (and what they wait on)")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--out", default=str(common.RESULTS_DIR / "distill_methods.json"))
+    args = p.parse_args()
+    work, datasets = Path(args.workdir), args.datasets.split(",")
+    unknown = sorted(set(datasets) - set(DATASETS))
+    if unknown:
+        p.error(f"unknown dataset(s) {', '.join(unknown)}: choose from {', '.join(DATASETS)}")
+    if not args.report_only:
+        work.mkdir(parents=True, exist_ok=True)
+        with open(work / "progress.log", "a") as log_file:
+            def log(message):
+                line = f"{time.strftime('%H:%M:%S')} {message}"
+                print(line, flush=True)
+                log_file.write(line + "\n")
+                log_file.flush()
+            # Phase 1: every method with every seed, and the candidates with seed 0; phase 2: the
+            # chosen combination with the other seeds.
+            run(needed(plan(work, datasets, args.seeds, None), args.only), args.parallel, log, args.threads)
+            best, _ = choose_combo(work, datasets)
+            if best is not None:
+                log(f"best combination: {best}")
+                run(needed(plan(work, datasets, args.seeds, best), args.only), args.parallel, log, args.threads)
+    best, gains = choose_combo(work, datasets)
+    jobs = plan(work, datasets, args.seeds, best)
+    result = report(work, jobs, datasets, args.seeds, best, gains)
+    print(result["table"])
+    common.write_results(args.out, args, [], common.resolve_device("cpu"), **result)
+    print(f"\nwrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
