@@ -10,10 +10,13 @@ Data: --num-images images of COCO train2017's published statistics (benchmarks/s
 images (pixels do not change a random teacher's cost). Modes, all measured on the same fresh fp32
 teacher rows of every view (KL at T=10 of the stored box distributions, per edge, on the rows each
 mode stores): dense fp16 (the reference), dense uint8, region-sparse main+vlr at min VLR gamma
-0.25 and 0, and sparse + uint8; bytes per view are the stored rows' bytes (uncompressed: what is
-on disk but the shard index). Dumps: dense fp16 and sparse(0.25) + uint8 (the candidate for large
-datasets), timed against the forward-only pass, their bytes on disk measured; reads of both with
-1, 2 and 4 DataLoader workers (benchmarks/read_throughput.py). train2017: 118,287 images x 2 views
+0.25 and 0, sparse + uint8, and ld+bckd (what serves LD and BCKD: box logits at the main+vlr rows,
+every location's expected edges and top-k class logits + floor) for k = 1, 2, 4, 8 and fp16 or
+uint8 boxes (the fidelity of its class logits needs a trained teacher: benchmarks/compact_fidelity.py);
+bytes per view are the stored rows' bytes (uncompressed: what is on disk but the shard index).
+Dumps: dense fp16, sparse(0.25) + uint8 and ld+bckd k=2 fp16, timed against the forward-only pass,
+their bytes on disk measured; reads of each with 1, 2 and 4 DataLoader workers
+(benchmarks/read_throughput.py). train2017: 118,287 images x 2 views
 x the measured bytes per view (an estimate: COCO's own images differ from these).
 """
 
@@ -45,9 +48,13 @@ from detector.views import parse_views  # noqa: E402
 
 SCRIPT = "coco_geometry"
 TRAIN2017_IMAGES = 118_287
-# (sparse min VLR gamma or None for dense, box dtype)
-MODES = {"dense fp16": (None, "float16"), "dense uint8": (None, "uint8"), "sparse 0.25 fp16": (0.25, "float16"),
-         "sparse 0 fp16": (0.0, "float16"), "sparse 0.25 uint8": (0.25, "uint8"), "sparse 0 uint8": (0.0, "uint8")}
+# (sparse min VLR gamma or None for dense, box dtype, ld+bckd's top-k or None)
+MODES = {"dense fp16": (None, "float16", None), "dense uint8": (None, "uint8", None),
+         "sparse 0.25 fp16": (0.25, "float16", None), "sparse 0 fp16": (0.0, "float16", None),
+         "sparse 0.25 uint8": (0.25, "uint8", None), "sparse 0 uint8": (0.0, "uint8", None),
+         # ld+bckd (serves LD and BCKD): box logits at the main+vlr rows, every row edges + top-k classes
+         **{f"ld+bckd k={k} {name}": (0.25, dtype, k) for k in (1, 2, 4, 8)
+            for name, dtype in (("fp16", "float16"), ("uint8", "uint8"))}}
 # An 8-GPU node's appetite, from the cache spec's H200 measurements (batch 8, 1344x800, bf16):
 # mmdetection's GFL R-18 step 102.8 ms, and 49.1 ms for the spec's proxy R-18 step (the bare network
 # work: forward + backward, channels-last, a trivial loss, no assignment).
@@ -89,14 +96,16 @@ def measure(teacher, dataset, device, batch_size: int, workers: int) -> tuple[di
         for i, (image_index, spec_index) in enumerate(views):
             record = dataset.view_record(image_index, spec_index)
             gt, _ = dataset.view_boxes(image_index, record)
-            for mode, (gamma, box_dtype) in MODES.items():
+            for mode, (gamma, box_dtype, topk) in MODES.items():
                 rows = slice(None) if gamma is None else distillation_rows(record.level_hw, gt, dataset.strides, gamma)
                 fresh = box[i][rows]
                 enc = encode_rows(fresh, box_dtype, teacher.config.reg_max)
                 stored = decode_rows(enc["data"], enc.get("lo"), enc.get("scale"))
-                row_bytes = sum(t.element_size() * t.shape[1] for t in enc.values()) + 2 * teacher.config.num_classes
-                row_bytes += 4 if gamma is not None else 0  # the location index
-                sizes[mode].append(fresh.shape[0] * row_bytes)
+                row_bytes = sum(t.element_size() * t.shape[1] for t in enc.values()) + 4 * (gamma is not None)  # location
+                if topk is None:
+                    sizes[mode].append(fresh.shape[0] * (row_bytes + 2 * teacher.config.num_classes))  # + fp16 cls
+                else:  # every row: 4 fp16 edges, k fp16 logits + k uint8 classes, one fp16 floor
+                    sizes[mode].append(fresh.shape[0] * row_bytes + n * (8 + 3 * topk + 2))
                 kls[mode].append(edge_kl(fresh, stored, 10.0, bins).float())
     out = {}
     for mode in MODES:
@@ -155,7 +164,8 @@ def main() -> None:
         modes, forward = measure(teacher, dataset, device, args.batch_size, args.workers)
         dumps, reads = {}, {}
         for name, kw in {"dense fp16": {}, "sparse 0.25 uint8": {"store_regions": "main+vlr", "min_vlr_gamma": 0.25,
-                                                                   "box_dtype": "uint8"}}.items():
+                                                                   "box_dtype": "uint8"},
+                         "ld+bckd k=2 fp16": {"store_regions": "ld+bckd", "cls_topk": 2}}.items():
             store = work / f"{name.replace(' ', '-')}.zarr"
             result = run_dump(DumpConfig(teacher=path, images=images, ann=ann, out=str(store), img_scale=args.img_scale,
                                          batch_size=args.batch_size, device=str(device), workers=args.workers, **kw),

@@ -96,15 +96,7 @@ class RandomViews(torch.utils.data.Sampler):
 
 def stored_bytes_per_view(cache: TeacherCache, kinds) -> np.ndarray:
     """[V] encoded bytes of the arrays a read of these kinds touches."""
-    meta = cache.meta
-    per_row = 0
-    if "box" in kinds:
-        per_row += meta.box_row_width * np.dtype(meta.box_dtype).itemsize
-        if meta.box_dtype == "uint8":
-            per_row += 2 * 4 * 2  # box_lo and box_scale: [4] fp16 each
-    if "cls" in kinds and meta.has_cls:
-        per_row += meta.num_classes * np.dtype(meta.cls_dtype).itemsize
-    return cache.num_rows * per_row
+    return cache.stored_bytes(kinds)
 
 
 def measure(dataset: ViewReads, workers: int, sampler: RandomViews, seconds: float, nbytes: np.ndarray) -> dict:
@@ -185,6 +177,7 @@ def main(argv=None) -> None:
         cache.require_complete()
         num_views = len(cache.records)
         both = ("box", "cls") if cache.has_cls else ("box",)
+        both += ("edges",) if cache.meta.regions.two_spaces else ()  # an ld+bckd cache: what BCKD reads too
         variants = [("single process, box+cls" if cache.has_cls else "single process, box", 0, both)]
         if cache.has_cls:
             variants.append(("single process, box only", 0, ("box",)))

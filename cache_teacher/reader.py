@@ -186,6 +186,17 @@ class TeacherCache:
         """The stored (encoded) rows of view v, one contiguous slice per array: straight from the
         shard files where the layout allows (direct=False: always through zarr). kinds: any of box,
         cls and edges (an ld+bckd cache's expected edges)."""
+        out = {}
+        for rows, group in self._by_row_space(v, self.arrays_of(kinds)):
+            raw = [self.raw(name) for name in group] if direct else [None]
+            if all(r is not None for r in raw):
+                out.update({name: r.read(rows.start, rows.stop) for name, r in zip(group, raw)})
+            else:
+                out.update(_read_slices([self.array(name) for name in group], group, rows))
+        return out
+
+    def arrays_of(self, kinds) -> list[str]:
+        """The arrays a read of these kinds (box, cls, edges) touches."""
         two = self.meta.regions.two_spaces
         names = []
         if "box" in kinds:
@@ -200,14 +211,17 @@ class TeacherCache:
             names.append(schema.EDGES)
         if self.sparse and not two and schema.LOCATION not in names:
             names.append(schema.LOCATION)  # a main+vlr cache's rows are its box rows' places
-        out = {}
-        for rows, group in self._by_row_space(v, names):
-            raw = [self.raw(name) for name in group] if direct else [None]
-            if all(r is not None for r in raw):
-                out.update({name: r.read(rows.start, rows.stop) for name, r in zip(group, raw)})
-            else:
-                out.update(_read_slices([self.array(name) for name in group], group, rows))
-        return out
+        return names
+
+    def stored_bytes(self, kinds=("box", "cls", "edges")) -> np.ndarray:
+        """[V] the encoded bytes a read of view v of these kinds returns."""
+        group, total = self._arrays(), np.zeros(len(self.records), dtype=np.int64)
+        for name in self.arrays_of(kinds):
+            array = group[name]
+            region = self.meta.regions.two_spaces and name in schema.REGION_ARRAYS
+            total += (self.region_rows if region else self.num_rows) * array.dtype.itemsize * int(
+                np.prod(array.shape[1:]))
+        return total
 
     def _by_row_space(self, v: int, names: list[str]) -> list[tuple[slice, list[str]]]:
         """The arrays to read for view v grouped by the row slice they share (one group, or two in
@@ -256,10 +270,9 @@ class TeacherCache:
         group = self._arrays()
         out = {}
         for name in self.array_names():
-            array = group[name]
-            per_row = array.dtype.itemsize * int(np.prod(array.shape[1:]))
-            space = self.region_rows if self.meta.regions.two_spaces and name in schema.REGION_ARRAYS else self.num_rows
-            out[name] = int(space.sum()) * per_row
+            region = self.meta.regions.two_spaces and name in schema.REGION_ARRAYS
+            rows = int((self.region_rows if region else self.num_rows).sum())
+            out[name] = rows * group[name].dtype.itemsize * int(np.prod(group[name].shape[1:]))
         return out
 
     def bytes_on_disk(self) -> dict[str, int]:
