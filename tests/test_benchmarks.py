@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -207,6 +208,32 @@ def test_distill_methods_plans_one_dump_per_dataset_and_picks_the_best_combinati
     synth = result["datasets"]["synth"]
     assert synth["gap_closed"]["bckd"] == pytest.approx((32 - 21) / (40 - 21))  # seed means: 32 and 21
     assert synth["runs"]["bckd"]["aps"] == pytest.approx([30.0, 34.0])
+
+
+def test_compact_fidelity_compares_every_term_with_the_dense_cache(tiny_coco, tiny_teacher, tmp_path):
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_coco["root"], work / "data" / "tiny")
+    from detector import build_detector, save_checkpoint
+
+    for run in ("teacher", "plain-s0"):
+        (work / "tiny" / run / "checkpoints").mkdir(parents=True)
+    shutil.copy(tiny_teacher["path"], work / "tiny" / "teacher" / "checkpoints" / "last.pt")
+    torch.manual_seed(5)  # a student unlike its teacher: BCKD's terms do not vanish
+    save_checkpoint(work / "tiny" / "plain-s0" / "checkpoints" / "last.pt", build_detector(tiny_teacher["config"]),
+                    tiny_teacher["config"])
+    out = tmp_path / "fidelity.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compact_fidelity.py"), "--workdir", str(work),
+                           "--views", "4", "--batch-size", "2", "--out", str(out)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    exact = rows["ld+bckd k=8 fp16"]  # 8 >= the 5 classes: only the edges are rounded
+    assert exact["err ld"] == 0 and exact["err kd"] == 0 and exact["err bckd_cls"] == 0
+    assert 0 < exact["err bckd_box"] < 0.01
+    assert rows["ld+bckd k=1 fp16"]["err bckd_cls"] > 0 and rows["ld+bckd k=1 uint8"]["err ld"] > 0
 
 
 def test_gap_decomposition_swaps_scores_and_boxes_location_by_location(tiny_coco, tmp_path):
