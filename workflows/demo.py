@@ -1,7 +1,7 @@
 """`ldcache demo`: the whole product on the synthetic data in one work folder, end to end.
 
-make data -> train a teacher -> dump-teacher -> inspect-cache (+ picture) -> plain student and LD
-student from the cache -> one table. Every step leaves its artefacts under the work folder and is
+make data -> train a teacher -> dump-teacher -> inspect-cache (+ picture) -> a plain student, an
+LD student and a BCKD student, both distilled from the same cache -> one table. Every step leaves its artefacts under the work folder and is
 skipped when they are already complete, so running the demo again reuses what exists (a killed
 training run continues from its checkpoint)."""
 
@@ -72,7 +72,7 @@ PLANS = {
 
 
 def _train(name: str, workdir: Path, plan: DemoPlan, data: DataConfig, model: dict, epochs: int, device: str,
-           workers: int, teacher=None, echo=print) -> dict:
+           workers: int, teacher=None, echo=print, loss: LossConfig = LossConfig()) -> dict:
     out = workdir / name
     if (out / "eval.json").exists():
         echo(f"  {name}: already trained, reusing {out}")
@@ -80,8 +80,8 @@ def _train(name: str, workdir: Path, plan: DemoPlan, data: DataConfig, model: di
     dataset = build_train_dataset(data, ModelConfig().strides)
     train = TrainConfig(epochs=epochs, batch_size=plan.batch_size, optimizer="adamw", lr=plan.lr, weight_decay=0.05,
                         warmup_iters=50, device=device, workers=workers, log_every=5)
-    # The default losses: the paper's recipe and weights, normalised for any batch size and class count.
-    run_train(data, ModelConfig(num_classes=dataset.num_classes, **model), train, LossConfig(), out,
+    # A recipe's default losses (the LD paper's, or BCKD's), normalised for any batch size and class count.
+    run_train(data, ModelConfig(num_classes=dataset.num_classes, **model), train, loss, out,
               resume=True, dataset=dataset, teacher=teacher)
     return json.loads((out / "eval.json").read_text())
 
@@ -91,7 +91,7 @@ def run_demo(workdir: Path, quick: bool = False, device: str = "auto", workers: 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    steps = 6
+    steps = 7
 
     echo(f"[1/{steps}] synthetic dataset ({plan.num_train} train / {plan.num_val} val images, <= {plan.image_size} px)")
     root = workdir / "data"
@@ -130,12 +130,19 @@ def run_demo(workdir: Path, quick: bool = False, device: str = "auto", workers: 
     ld_eval = _train("student-ld", workdir, plan, data, plan.student, plan.student_epochs, device, workers,
                      teacher=CacheTeacher(cache), echo=echo)
 
+    echo(f"[7/{steps}] BCKD student from the same cache (--recipe bckd): its classification and box KD at every "
+         "location, same schedule and seed")
+    bckd_eval = _train("student-bckd", workdir, plan, data, plan.student, plan.student_epochs, device, workers,
+                       teacher=CacheTeacher(cache), echo=echo, loss=LossConfig(recipe="bckd"))
+
     images_seen = plan.student_epochs * summary["images"]
     rows = [
         {"model": f"teacher {_describe(plan.teacher)}", **_row(teacher_eval), "teacher forwards avoided": "-"},
         {"model": f"student {_describe(plan.student)}, no distillation", **_row(plain_eval),
          "teacher forwards avoided": "-"},
         {"model": f"student {_describe(plan.student)}, LD from the cache", **_row(ld_eval),
+         "teacher forwards avoided": f"{images_seen:,}"},
+        {"model": f"student {_describe(plan.student)}, BCKD from the same cache", **_row(bckd_eval),
          "teacher forwards avoided": f"{images_seen:,}"},
     ]
     report = {"workdir": str(workdir), "plan": plan.__dict__, "rows": rows, "teacher_ap_from_cache": from_cache,

@@ -27,6 +27,18 @@ def test_parse_grid_is_a_cartesian_product_of_known_options():
         parse_grid(["ld_weight"])
 
 
+def test_a_sweep_compares_ld_and_bckd_from_one_cache():
+    """--grid recipe=paper,bckd: one student per method, each point a train-student of that recipe."""
+    from workflows.sweep import point_command
+
+    points = parse_grid(["recipe=paper,bckd", "bckd_box_weight=2,4"])
+    assert [p["recipe"] for p in points] == ["paper", "paper", "bckd", "bckd"]
+    cmd, _ = point_command(["python", "cli.py", "train-student", "--cache", "C"], points[3], Path("r"), None, 1)
+    assert cmd[cmd.index("--recipe") + 1] == "bckd" and cmd[cmd.index("--bckd-box-weight") + 1] == "4"
+    with pytest.raises(UserError, match="recipe=ld2"):
+        parse_grid(["recipe=ld2"])
+
+
 def test_an_on_off_grid_value_launches_the_flag_train_student_takes():
     """A grid point of a boolean option becomes --name or --no-name (train-student's on/off
     flags take no value), parsed here by train-student's own command line."""
@@ -102,12 +114,15 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path):
     proc = run_cli("demo", "--quick", "--workdir", tmp_path / "demo", "--workers", "0", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = proc.stdout[proc.stdout.index("| model |"):]
-    assert table.count("| student") == 2 and "| teacher" in table
+    assert table.count("| student") == 3 and "| teacher" in table and "BCKD from the same cache" in table
     for artefact in ("data/annotations/instances_train.json", "teacher/eval.json", "teacher-cache.zarr/zarr.json",
-                     "cache-view.png", "student-plain/eval.json", "student-ld/eval.json", "demo.md", "demo.json"):
+                     "cache-view.png", "student-plain/eval.json", "student-ld/eval.json", "student-bckd/eval.json",
+                     "demo.md", "demo.json"):
         assert (tmp_path / "demo" / artefact).exists(), artefact
+    config = json.loads((tmp_path / "demo" / "student-bckd" / "config.json").read_text())
+    assert config["loss"]["recipe"] == "bckd" and config["teacher"]["kind"] == "cache"
     again = run_cli("demo", "--quick", "--workdir", tmp_path / "demo", "--workers", "0")
-    assert again.returncode == 0 and again.stdout.count("already trained") == 3  # finished steps are reused
+    assert again.returncode == 0 and again.stdout.count("already trained") == 4  # finished steps are reused
 
 
 def _fake_sweep(tmp_path, **kw):
