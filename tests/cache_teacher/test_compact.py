@@ -102,6 +102,11 @@ def test_bad_dumps_and_runs_are_refused_in_one_line(tiny_coco, tiny_teacher, cac
     assert_user_error(run_cli(*args, "--cache", sparse.location, "--recipe", "bckd"), "BCKD reads every location",
                       "--store-regions ld+bckd")
     assert_user_error(run_cli(*args, "--cache", compact.location, "--vlr-gamma", "0.1"), "gamma >= 0.25")
+    no_cls = dump_at_160(tiny_coco, tiny_teacher["path"], tmp_path / "no-cls.zarr", cls=False)
+    assert_user_error(run_cli(*args, "--cache", no_cls.location, "--recipe", "bckd"), "holds no class logits",
+                      "BCKD needs them")
+    assert_user_error(run_cli(*args, "--cache", dense.location, "--recipe", "bckd", "--bckd-cls-weight", "-1"),
+                      "--bckd-cls-weight must be a number in [0, 10000]")
     assert not (tmp_path / "run").exists()
     proc = run_cli("dump-teacher", "--teacher", tiny_teacher["path"], "--images", tiny_coco["images"], "--ann",
                    tiny_coco["ann"], "--store-regions", "ld+bckd", "--no-cls", "--out", tmp_path / "c.zarr")
