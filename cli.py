@@ -3,7 +3,7 @@ arguments and prints for humans.
 
 Commands only declare their options and map them onto config dataclasses: every config field
 (declared once, with its default, help and domain, via detector.config.param) becomes the
-kebab-case flag of its name, parsed and checked by its domain (detector.domains). A command's own
+kebab-case flag of its name, parsed and checked by its domain (core.domains). A command's own
 options are declared the same way (Opt). Options resolve as dataclass defaults < the command's
 --config TOML tables (checked when read) < flags actually typed; the resolved configuration is
 saved beside every output. Every command runs on the embedded synthetic dataset when no data is
@@ -25,12 +25,13 @@ import typer
 from cache_teacher.dump_config import DumpConfig
 from cache_teacher.inspect import InspectConfig
 from cli_options import Group, Opt, UsageError, command
-from detector.config import ARCH_FIELDS, ModelConfig, build_config, read_toml_tables
-from detector.domains import Flag, JsonObject, Range, Text
-from detector.errors import UserError, one_line
+from core.config import build_config, read_toml_tables
+from detector.config import ARCH_FIELDS, ModelConfig
+from core.domains import Flag, JsonObject, Range, Text
+from core.errors import UserError, one_line
 from detector.inference import EvalConfig
-from detector.paths import InputDir, InputFile, OutputPath
-from detector.synthetic import SyntheticConfig
+from core.paths import InputDir, InputFile, OutputPath
+from data.synthetic import SyntheticConfig
 from distill.config import DataConfig, LossConfig, TrainConfig
 from workflows.demo import DemoConfig
 from workflows.sweep import SweepConfig
@@ -66,7 +67,7 @@ def make_synthetic_cmd(out: Annotated[Path, Opt(OutputPath("dir"), "folder to cr
                                                 positional=True)],
                        overwrite: Annotated[bool, Opt(Flag(), "replace a non-empty OUT")] = False, *, fields, config):
     """Write a seeded synthetic COCO-format detection dataset (no download needed)."""
-    from detector.synthetic import make_synthetic
+    from data.synthetic import make_synthetic
 
     cfg = build_config(SyntheticConfig, fields["synthetic"], "synthetic")
     path = make_synthetic(out, **dataclasses.asdict(cfg), overwrite=overwrite, workers=2)
@@ -203,7 +204,7 @@ def plot_cmd(
 def main(argv: list[str] | None = None) -> None:
     """The console script: runs one command and exits 0, or 2 with one line for bad input (a
     UserError or a flag its parser refused); anything else is a bug and keeps its traceback."""
-    from detector.distributed import shutdown
+    from core.distributed import shutdown
 
     try:
         code = app(args=argv, standalone_mode=False)

@@ -1,5 +1,5 @@
 """How the CLI's options are made (typer): one option per config field, parsed and checked by the
-field's domain (detector.domains), the commands' own options declared the same way (Opt), and
+field's domain (core.domains), the commands' own options declared the same way (Opt), and
 --config TOML tables merged under the flags typed. Only cli.py imports this module; with cli.py
 it is the one place that knows typer. OPTIONS records every command's options and their domains
 (the CLI-wide fuzz test draws bad values from them)."""
@@ -14,9 +14,9 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from detector.config import domain_of, read_toml_tables
-from detector.domains import Domain, Flag, Texts
-from detector.paths import InputFile
+from core.config import domain_of, read_toml_tables
+from core.domains import Domain, Flag, Texts
+from core.paths import InputFile
 
 TYPED = ("COMMANDLINE", "ENVIRONMENT")  # parameter sources of values the user gave (typer vendors click)
 # Every option of every command: command -> {parameter name: (what the user types, domain)}.

@@ -41,7 +41,7 @@ from detector.rows import flatten_rows  # noqa: E402
 from cache_teacher.fidelity import edge_kl  # noqa: E402
 from cache_teacher.inspect import summarize  # noqa: E402
 from cache_teacher.reader import TeacherCache  # noqa: E402
-from detector.coco import collate  # noqa: E402
+from data.coco import collate  # noqa: E402
 
 SCRIPT = "cache_size_fidelity"
 # name -> (box dtype, cls dtype or None, compressor)

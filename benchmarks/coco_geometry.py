@@ -41,10 +41,10 @@ from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
 from cache_teacher.fidelity import edge_kl  # noqa: E402
 from cache_teacher.reader import TeacherCache  # noqa: E402
 from detector.checkpoint import load_model, save_checkpoint  # noqa: E402
-from detector.coco import CocoDetection, collate  # noqa: E402
+from data.coco import CocoDetection, collate  # noqa: E402
 from detector.regions import distillation_rows  # noqa: E402
 from detector.rows import flatten_rows  # noqa: E402
-from detector.views import parse_views  # noqa: E402
+from data.views import parse_views  # noqa: E402
 
 SCRIPT = "coco_geometry"
 TRAIN2017_IMAGES = 118_287

@@ -29,10 +29,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from detector.checkpoint import read_checkpoint, resolve_model_config, save_checkpoint  # noqa: E402
-from detector.coco import CocoDetection  # noqa: E402
+from data.coco import CocoDetection  # noqa: E402
 from detector.config import ModelConfig  # noqa: E402
 from detector.model import build_detector  # noqa: E402
-from detector.views import parse_views  # noqa: E402
+from data.views import parse_views  # noqa: E402
 from step_worker import sync  # noqa: E402,F401  (one device sync for every benchmark)
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -112,7 +112,7 @@ def work_folder(path: str | None, keep: bool = False):
 
 
 def resolve_device(name: str) -> torch.device:
-    from detector.runtime import resolve_device as resolve  # the project's one device rule
+    from core.runtime import resolve_device as resolve  # the project's one device rule
 
     return resolve(name)
 
@@ -129,7 +129,7 @@ def prepare_data(args, workdir: Path) -> tuple[str, str]:
     file and their annotations, written deterministically so that its sha256 (part of a cache's
     dataset identity) is the same on every run."""
     if args.images is None or args.ann is None:
-        from detector.synthetic import ensure_synthetic_default
+        from data.synthetic import ensure_synthetic_default
 
         root = ensure_synthetic_default()
         images = args.images or str(root / "train")

@@ -26,9 +26,9 @@ import torch  # noqa: E402
 
 from cache_teacher.codec import decode_rows, decode_topk, encode_edges, encode_rows, encode_topk  # noqa: E402
 from detector.checkpoint import load_model  # noqa: E402
-from detector.coco import CocoDetection, collate  # noqa: E402
+from data.coco import CocoDetection, collate  # noqa: E402
 from detector.rows import TeacherRows, flatten_rows  # noqa: E402
-from detector.views import parse_views  # noqa: E402
+from data.views import parse_views  # noqa: E402
 from distill.config import LossConfig  # noqa: E402
 from distill.criterion import compute_losses  # noqa: E402
 

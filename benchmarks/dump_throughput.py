@@ -32,8 +32,8 @@ import torch  # noqa: E402
 from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
 from detector.checkpoint import load_model  # noqa: E402
 from cache_teacher.reader import TeacherCache  # noqa: E402
-from detector.coco import collate  # noqa: E402
-from detector.runtime import autocast_for  # noqa: E402
+from data.coco import collate  # noqa: E402
+from core.runtime import autocast_for  # noqa: E402
 
 SCRIPT = "dump_throughput"
 MB = 2**20

@@ -23,11 +23,11 @@ import common  # noqa: E402  (puts the repository root on sys.path)
 import torch  # noqa: E402
 
 from detector.checkpoint import load_model  # noqa: E402
-from detector.coco import CocoDetection, collate  # noqa: E402
+from data.coco import CocoDetection, collate  # noqa: E402
 from detector.evaluation import coco_evaluate, detections_to_coco  # noqa: E402
 from detector.inference import canvas_batches  # noqa: E402
 from detector.postprocess import postprocess  # noqa: E402
-from detector.views import ViewSpec  # noqa: E402
+from data.views import ViewSpec  # noqa: E402
 
 SCRIPT = "gap_decomposition"
 KEYS = ("AP", "AP50", "AP75", "APs")

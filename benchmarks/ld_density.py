@@ -25,9 +25,9 @@ import common  # noqa: E402  (puts the repository root on sys.path)
 from sparse_size import write_coco_like  # noqa: E402
 
 from detector.atss import assign_batch  # noqa: E402
-from detector.coco import CocoDetection  # noqa: E402
+from data.coco import CocoDetection  # noqa: E402
 from detector.regions import vlr_region  # noqa: E402
-from detector.views import parse_views  # noqa: E402
+from data.views import parse_views  # noqa: E402
 from distill.config import LossConfig  # noqa: E402
 from distill.geometry import positive_edge_distances  # noqa: E402
 
@@ -64,7 +64,7 @@ def main() -> None:
     args = p.parse_args()
     specs = []
     if not args.no_synthetic_default:
-        from detector.synthetic import synthetic_split
+        from data.synthetic import synthetic_split
 
         images, ann = synthetic_split("train")
         specs.append(("synthetic default @256", str(images), str(ann), (256, 256)))

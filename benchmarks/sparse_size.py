@@ -29,8 +29,8 @@ import common  # noqa: E402  (puts the repository root on sys.path)
 import numpy as np  # noqa: E402
 
 from cache_teacher.plan import plan_region_rows  # noqa: E402
-from detector.coco import CocoDetection  # noqa: E402
-from detector.views import parse_views  # noqa: E402
+from data.coco import CocoDetection  # noqa: E402
+from data.views import parse_views  # noqa: E402
 
 
 # COCO train2017 in published figures: 118k images of mostly 640x480 (long side 640), 860k boxes
@@ -88,7 +88,7 @@ def main() -> None:
         args.ann = str(write_coco_like(args.coco_like, Path(tempfile.mkdtemp()) / "coco_like.json", args.seed))
         args.images = str(Path(args.ann).parent)  # only listed, never read
     elif args.ann is None:
-        from detector.synthetic import ensure_synthetic_default
+        from data.synthetic import ensure_synthetic_default
 
         root = ensure_synthetic_default()
         args.images, args.ann = str(root / "train"), str(root / "annotations" / "instances_train.json")

@@ -18,12 +18,12 @@ import torch
 
 from cache_teacher.dump import DumpConfig, run_dump
 from cache_teacher.targets import CacheTeacher, TargetSample
-from detector.coco import collate
+from data.coco import collate
 from detector.config import ModelConfig
 from detector.model import build_detector
 from distill.config import LossConfig, TrainConfig
 from distill.engine import batch_groups, build_optimizer, lr_at
-from distill.sampler import ViewBatchSampler
+from data.sampler import ViewBatchSampler
 from distill.step import Learner, train_step
 from distill.teachers import OnlineTeacher
 

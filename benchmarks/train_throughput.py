@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from cache_teacher.reader import TeacherCache  # noqa: E402
 from cache_teacher.targets import CacheTeacher  # noqa: E402
 from detector.config import ModelConfig  # noqa: E402
-from detector.errors import UserError  # noqa: E402
+from core.errors import UserError  # noqa: E402
 from distill.config import LossConfig, config_to_dict  # noqa: E402
 from distill.teachers import OnlineTeacher  # noqa: E402
 

@@ -40,11 +40,11 @@ import step_worker  # noqa: E402
 import torch  # noqa: E402
 
 from cache_teacher.codec import decode_rows  # noqa: E402
-from detector.coco import Batch  # noqa: E402
+from data.coco import Batch  # noqa: E402
 from detector.config import ModelConfig  # noqa: E402
 from detector.model import build_detector  # noqa: E402
 from detector.rows import TeacherRows, flatten_rows  # noqa: E402
-from detector.views import ViewRecord, level_sizes  # noqa: E402
+from data.views import ViewRecord, level_sizes  # noqa: E402
 from distill.config import LossConfig  # noqa: E402
 from distill.step import Learner, train_step  # noqa: E402
 from distill.teachers import OnlineTeacher  # noqa: E402

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 from cache_teacher.codec import logits_of_edges
-from detector.views import ViewRecord
+from data.views import ViewRecord
 
 
 class DecodedRows(NamedTuple):

@@ -27,12 +27,12 @@ from cache_teacher.plan import plan_region_rows
 from cache_teacher.reader import is_url, open_group
 from cache_teacher.writer import CacheWriter
 from detector.checkpoint import file_sha256, load_model
-from detector.coco import CocoDetection, collate
-from detector.distributed import barrier, init_from_env, run_on_main
-from detector.errors import UserError
+from data.coco import CocoDetection, collate
+from core.distributed import barrier, init_from_env, run_on_main
+from core.errors import UserError
 from detector.rows import flatten_rows
-from detector.runtime import autocast_for, progress_bar, resolve_device
-from detector.views import parse_views
+from core.runtime import autocast_for, progress_bar, resolve_device
+from data.views import parse_views
 
 
 def _open_store(cfg: DumpConfig, meta: schema.CacheMetadata, layout: Layout, dataset, num_specs: int) -> CacheWriter:

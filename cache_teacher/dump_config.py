@@ -10,13 +10,13 @@ from importlib import metadata as importlib_metadata
 from cache_teacher import schema
 from cache_teacher.writer import COMPRESSORS
 from detector.checkpoint import read_checkpoint
-from detector.config import check, param, validate_fields
-from detector.domains import Flag, JsonObject, OneOf, Range, Table
-from detector.paths import InputDir, InputFile, OutputPath
+from core.config import check, param, validate_fields
+from core.domains import Flag, JsonObject, OneOf, Range, Table
+from core.paths import InputDir, InputFile, OutputPath
 from detector.regions import VLR_IOUS
-from detector.runtime import AMP_MODES, Device
-from detector.synthetic import SYNTHETIC_IMG_SCALE, synthetic_split
-from detector.views import DEFAULT_IMG_SCALE, Scale, Scales, Views
+from core.runtime import AMP_MODES, Device
+from data.synthetic import SYNTHETIC_IMG_SCALE, synthetic_split
+from data.views import DEFAULT_IMG_SCALE, Scale, Scales, Views
 
 BOX_DTYPE_NAMES = {"fp16": "float16", "uint8": "uint8", "fp32": "float32"}  # the CLI's short names
 

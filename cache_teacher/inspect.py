@@ -13,14 +13,14 @@ import torch
 
 from cache_teacher.reader import TeacherCache
 from cache_teacher.verify import dataset_of_cache, format_verify, verify
-from detector.config import param, validate_fields
-from detector.domains import Flag, JsonObject, Range
-from detector.errors import UserError
-from detector.paths import InputDir, InputFile, OutputPath
+from core.config import param, validate_fields
+from core.domains import Flag, JsonObject, Range
+from core.errors import UserError
+from core.paths import InputDir, InputFile, OutputPath
 from detector.postprocess import postprocess
 from detector.rows import row_index, row_location, view_maps
-from detector.runtime import Device, resolve_device
-from detector.views import PIXEL_MEAN, PIXEL_STD
+from core.runtime import Device, resolve_device
+from data.views import PIXEL_MEAN, PIXEL_STD
 
 PICTURE_MIN_SCORE = 0.25
 PICTURE_MAX_DETECTIONS = 12

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from detector.errors import UserError
-from detector.views import ViewRecord
+from core.errors import UserError
+from data.views import ViewRecord
 
 VIEW_FIELDS = ("image_id", "image_index", "spec_index", "flip", "img_scale", "orig_hw", "resized_hw",
                "padded_hw", "level_hw", "row_offset", "num_rows")

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from detector.coco import CocoDetection
+from data.coco import CocoDetection
 from detector.regions import distillation_rows
-from detector.runtime import progress_bar
+from core.runtime import progress_bar
 
 
 class RegionRows(torch.utils.data.Dataset):

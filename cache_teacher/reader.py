@@ -27,8 +27,8 @@ from cache_teacher.codec import decode_rows, decode_topk
 from cache_teacher.decoded import CachedView, DecodedRows
 from cache_teacher.layout import REGION_FIELDS, VIEW_FIELDS, records_from_table
 from cache_teacher.rawshards import open_raw
-from detector.errors import UserError
-from detector.views import ViewRecord, ViewSpec
+from core.errors import UserError
+from data.views import ViewRecord, ViewSpec
 
 
 def is_url(location: str) -> bool:

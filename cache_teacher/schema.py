@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cache_teacher.layout import Layout
-from detector.errors import UserError
-from detector.views import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISOR, ViewSpec
+from core.errors import UserError
+from data.views import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISOR, ViewSpec
 
 FORMAT_NAME = "ldcache.teacher_cache"
 FORMAT_VERSION = 3  # v2: dataset/image_digests (subsets of one cache); v3: ld+bckd caches
 READABLE_VERSIONS = (1, 2, 3)
 ATTRS_KEY = "ldcache"
-RESIZE_METHOD = "bilinear-half-pixel-round-v1"  # detector.views.bilinear_resize + rounding to uint8
+RESIZE_METHOD = "bilinear-half-pixel-round-v1"  # data.views.bilinear_resize + rounding to uint8
 
 BOX, CLS, BOX_LO, BOX_SCALE = "box", "cls", "box_lo", "box_scale"
 LOCATION = "location"  # region-sparse caches: each stored row's index among its view's dense rows

@@ -14,9 +14,9 @@ import torch
 
 from cache_teacher.reader import TeacherCache
 from cache_teacher.schema import LOCATION, transform_spec
-from detector.coco import Batch, CocoDetection, Sample, collate
+from data.coco import Batch, CocoDetection, Sample, collate
 from detector.config import ModelConfig
-from detector.errors import UserError
+from core.errors import UserError
 from detector.regions import TeacherNeeds
 from detector.rows import TeacherRows
 

@@ -13,8 +13,8 @@ from cache_teacher.codec import all_finite
 from cache_teacher.fidelity import edge_kl
 from cache_teacher.reader import TeacherCache
 from detector.checkpoint import file_sha256, load_model
-from detector.coco import CocoDetection
-from detector.errors import UserError
+from data.coco import CocoDetection
+from core.errors import UserError
 from detector.evaluation import coco_evaluate, detections_to_coco
 from detector.gfl_loss import integral
 from detector.postprocess import postprocess

@@ -16,7 +16,7 @@ import zarr
 from cache_teacher import schema
 from cache_teacher.layout import Layout, view_table
 from cache_teacher.reader import is_url, open_group
-from detector.errors import UserError
+from core.errors import UserError
 
 COMPRESSORS = ("none", "zstd", "lz4")
 

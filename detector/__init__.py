@@ -3,7 +3,7 @@ COCO data and views, evaluation and checkpoints (mmdetection compatible)."""
 
 from detector.checkpoint import load_checkpoint, save_checkpoint
 from detector.config import ModelConfig
-from detector.errors import UserError
+from core.errors import UserError
 from detector.model import GFL, build_detector
 
 __all__ = ["GFL", "ModelConfig", "UserError", "build_detector", "load_checkpoint", "save_checkpoint"]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from detector.config import ModelConfig
-from detector.errors import UserError
+from core.errors import UserError
 from detector.model import build_detector
 
 FORMAT = "ldcache.detector"

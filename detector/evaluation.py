@@ -20,8 +20,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detector.coco_json import labels_to_cat_ids, load_coco
-from detector.errors import UserError
+from data.coco_json import labels_to_cat_ids, load_coco
+from core.errors import UserError
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # pycocotools stats[0:6], in this order
 MAX_DETS = [100, 300, 1000]  # mmdet's proposal_nums

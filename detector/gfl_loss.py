@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from detector.atss import BatchAssignment
 from detector.box_ops import aligned_giou, aligned_iou, box_to_distance, distance_to_box
-from detector.distributed import reduce_mean, world_size
+from core.distributed import reduce_mean, world_size
 from detector.priors import anchor_centres
 
 DFL_EPS = 0.1  # DFL targets live in [0, reg_max - 0.1] so both neighbouring bins exist

@@ -14,19 +14,19 @@ from pathlib import Path
 
 import torch
 
-from detector import distributed
+from core import distributed
 from detector.checkpoint import load_state_dict_strict, read_checkpoint, resolve_model_config
-from detector.coco import CocoDetection, collate
-from detector.config import check, param, validate_fields
-from detector.domains import OneOf, Range, Table
-from detector.errors import UserError
+from data.coco import CocoDetection, collate
+from core.config import check, param, validate_fields
+from core.domains import OneOf, Range, Table
+from core.errors import UserError
 from detector.evaluation import coco_evaluate, detections_to_coco, save_results
 from detector.model import build_detector
-from detector.paths import InputDir, InputFile, OutputPath
+from core.paths import InputDir, InputFile, OutputPath
 from detector.postprocess import PostprocessConfig, postprocess
-from detector.runtime import AMP_MODES, Device, autocast_for, progress_bar, resolve_device
-from detector.synthetic import SYNTHETIC_IMG_SCALE, synthetic_split
-from detector.views import DEFAULT_IMG_SCALE, Scale, ViewRecord, ViewSpec
+from core.runtime import AMP_MODES, Device, autocast_for, progress_bar, resolve_device
+from data.synthetic import SYNTHETIC_IMG_SCALE, synthetic_split
+from data.views import DEFAULT_IMG_SCALE, Scale, ViewRecord, ViewSpec
 
 
 def canvas_batches(records: list[ViewRecord], batch_size: int) -> list[list[int]]:

@@ -13,7 +13,7 @@ from detector.box_ops import box_area, distance_to_box
 from detector.gfl_head import Integral
 from detector.priors import anchor_centres, level_priors
 from detector.rows import image_level_rows
-from detector.views import ViewRecord, boxes_to_original
+from data.views import ViewRecord, boxes_to_original
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,19 @@
 """Configs of a training run, as data: what to train on (DataConfig), how (TrainConfig) and with
-which losses (LossConfig). Frozen dataclasses validated at construction (detector.config's rules);
+which losses (LossConfig). Frozen dataclasses validated at construction (core.config's rules);
 the resolved values are saved as JSON beside every run."""
 
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, replace
 
-from detector.config import build_config, check, config_to_dict, param, validate_fields
-from detector.domains import MAX_SEED, Flag, Ints, OneOf, Range
-from detector.errors import UserError
-from detector.paths import InputDir, InputFile
+from core.config import build_config, check, config_to_dict, param, validate_fields
+from core.domains import MAX_SEED, Flag, Ints, OneOf, Range
+from core.errors import UserError
+from core.paths import InputDir, InputFile
 from detector.regions import VLR_IOUS, TeacherNeeds
-from detector.runtime import AMP_MODES, Device
-from detector.synthetic import SYNTHETIC_IMG_SCALE, synthetic_split
-from detector.views import DEFAULT_IMG_SCALE, Scale, Scales, Views
+from core.runtime import AMP_MODES, Device
+from data.synthetic import SYNTHETIC_IMG_SCALE, synthetic_split
+from data.views import DEFAULT_IMG_SCALE, Scale, Scales, Views
 
 __all__ = ["DataConfig", "LossConfig", "TrainConfig", "config_to_dict", "resolve_data"]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch.profiler import record_function
 
-from detector.distributed import reduce_mean
-from detector.errors import UserError
+from core.distributed import reduce_mean
+from core.errors import UserError
 from detector.atss import BatchAssignment, assign_batch
 from detector.box_ops import aligned_giou, distance_to_box
 from detector.gfl_loss import GFLLossOutput, gfl_losses, integral

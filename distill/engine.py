@@ -17,19 +17,19 @@ from pathlib import Path
 import torch
 
 from detector.checkpoint import load_backbone_weights, load_state_dict_strict, read_checkpoint, save_checkpoint
-from detector.coco import CocoDetection, collate
+from data.coco import CocoDetection, collate
 from detector.config import ModelConfig
-from detector.distributed import DistInfo, barrier, init_from_env, mean_over_ranks, run_on_main
-from detector.errors import UserError
+from core.distributed import DistInfo, barrier, init_from_env, mean_over_ranks, run_on_main
+from core.errors import UserError
 from detector.evaluation import format_metrics_table, save_results
 from detector.inference import evaluate_model
 from detector.model import build_detector
-from detector.runtime import progress_bar, resolve_device
-from detector.views import ViewSpec, parse_views
+from core.runtime import progress_bar, resolve_device
+from data.views import ViewSpec, parse_views
 from distill.config import PAPER_LD_TEMPERATURE, DataConfig, LossConfig, TrainConfig, config_to_dict
 from distill.geometry import median_edge_bins, temperature_note
 from distill.run_dir import MetricsLog, RunPaths, prepare_run_dir, tensorboard_available, truncate_metrics
-from distill.sampler import ViewBatchSampler
+from data.sampler import ViewBatchSampler
 from distill.step import Learner, train_step
 from distill.teachers import TeacherSource
 

@@ -16,7 +16,7 @@ import torch
 
 from detector.atss import assign_batch
 from detector.box_ops import box_to_distance
-from detector.coco import CocoDetection
+from data.coco import CocoDetection
 from detector.gfl_loss import DFL_EPS, pos_geometry
 
 SAMPLE_IMAGES = 200  # images read (evenly spread over the dataset): seconds even at COCO's size

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from detector.checkpoint import read_checkpoint
-from detector.errors import UserError
+from core.errors import UserError
 
 # Settings that may differ when a run is resumed: they change how, not what, is trained.
 RESUMABLE_CHANGES = {"max_iters", "workers", "device", "amp", "log_every", "checkpoint_every", "eval_batch_size",

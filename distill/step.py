@@ -17,8 +17,8 @@ import torch
 from torch.profiler import record_function
 
 from detector.config import ModelConfig
-from detector.errors import UserError
-from detector.runtime import autocast_for
+from core.errors import UserError
+from core.runtime import autocast_for
 from distill.config import LossConfig
 from distill.criterion import compute_losses
 from distill.teachers import TeacherSource

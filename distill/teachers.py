@@ -14,12 +14,12 @@ from typing import Any, Protocol
 import torch
 
 from detector.checkpoint import file_sha256, load_model
-from detector.coco import Batch, CocoDetection, collate
+from data.coco import Batch, CocoDetection, collate
 from detector.config import ModelConfig
-from detector.errors import UserError
+from core.errors import UserError
 from detector.regions import TeacherNeeds
 from detector.rows import TeacherRows, flatten_rows
-from detector.runtime import autocast_for
+from core.runtime import autocast_for
 
 
 class TeacherSource(Protocol):

@@ -27,7 +27,7 @@ TINY_MODEL_FLAGS = ["--depth", "18", "--base-width", "8", "--fpn-channels", "16"
 @pytest.fixture(scope="session")
 def tiny_coco(tmp_path_factory):
     """A tiny synthetic COCO dataset (5 classes, like the r18_small mmdet fixture, 10 train / 4 val images of <= 96 px)."""
-    from detector.synthetic import make_synthetic
+    from data.synthetic import make_synthetic
 
     root = make_synthetic(tmp_path_factory.mktemp("data") / "tiny", num_train=10, num_val=4, image_size=96,
                           num_classes=5, seed=7)

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-PACKAGES = ("workflows", "cache_teacher", "distill", "detector")
+PACKAGES = ("workflows", "cache_teacher", "distill", "detector", "data", "core")
 CLI = ("cli", "cli_options")  # the top layer: cli.py and how it makes its options
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 MAX_LINES = 300
@@ -38,6 +38,8 @@ def test_import_contracts_hold():
 @pytest.mark.parametrize("module, line, broken", [
     ("cache_teacher/dump.py", "import distill.engine", "cache_teacher is not allowed to import distill"),
     ("detector/rows.py", "import cache_teacher.schema", "detector is not allowed to import cache_teacher"),
+    ("data/views.py", "import detector.model", "data is not allowed to import detector"),
+    ("core/errors.py", "import data.views", "core is not allowed to import data"),
     ("distill/teachers.py", "import zarr", "zarr only in the cache reader and writer"),
     ("detector/evaluation.py", "import typer", "typer (and its click and rich) only in cli"),
 ])

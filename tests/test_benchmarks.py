@@ -169,84 +169,16 @@ def test_ld_defaults_plans_user_commands_and_reports_the_gap_closed(tmp_path):
     assert cells["T10"]["aps"] == pytest.approx([25.0, 26.0]) and cells["T1"]["aps"] == pytest.approx([21.0])
 
 
-def test_distill_methods_plans_one_dump_per_dataset_and_picks_the_best_combination(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import distill_methods as dm
-
-    datasets = ["synth", "photos"]
-    jobs = dm.plan(tmp_path, datasets, seeds=3, best=None)
-    by_name = {j.name: j for j in jobs}
-    assert "--pixels" in by_name["photos/data"].argv  # real pixels
-    for name in datasets:  # every distilled student of a dataset reads its one dense dump
-        students = [j for j in jobs if j.name.startswith(f"{name}/") and j.argv[0] == "train-student"
-                    and not j.name.endswith("-compact")]
-        assert students and {j.after for j in students} == {(f"{name}/cache",)}
-        plain_methods = [j for j in students if j.name.split("/")[1].rsplit("-s", 1)[0] in ("ld", "bckd")]
-        assert len(plain_methods) == 6 and not any(a.endswith("-weight") for j in plain_methods for a in j.argv)
-    bckd = by_name["synth/bckd-s2"].argv
-    assert bckd[bckd.index("--recipe") + 1] == "bckd" and bckd[bckd.index("--seed") + 1] == "2"
-    assert "synth/bckd+ld-s1" not in by_name and "synth/bckd+ld-s0" in by_name  # candidates: seed 0 only
-    assert by_name["synth/ld-s1-compact"].after == ("synth/cache-compact",)
-    assert "ld+bckd" in by_name["synth/cache-compact"].argv and "photos/cache-compact" not in by_name
-
-    def finished(name, ap):
-        (tmp_path / name).mkdir(parents=True, exist_ok=True)
-        (tmp_path / name / "eval.json").write_text(json.dumps({"metrics": {"AP": ap}}))
-
-    for name in datasets:
-        finished(f"{name}/teacher", 0.40)
-        finished(f"{name}/plain-s0", 0.20)
-        for combo, ap in zip(dm.COMBOS, (0.22, 0.30, 0.25)):
-            finished(f"{name}/{combo}-s0", ap)
-    best, gains = dm.choose_combo(tmp_path, datasets)
-    assert best == list(dm.COMBOS)[1] and gains[best] == pytest.approx(10.0)
-    assert f"synth/{best}-s2" in {j.name for j in dm.plan(tmp_path, datasets, 3, best)}
-    for s, (p, b) in enumerate([(0.20, 0.30), (0.22, 0.34)]):
-        finished(f"synth/plain-s{s}", p)
-        finished(f"synth/bckd-s{s}", b)
-    result = dm.report(tmp_path, jobs, datasets, 3, best, gains)
-    synth = result["datasets"]["synth"]
-    assert synth["gap_closed"]["bckd"] == pytest.approx((32 - 21) / (40 - 21))  # seed means: 32 and 21
-    assert synth["runs"]["bckd"]["aps"] == pytest.approx([30.0, 34.0])
-
-
-def test_compact_fidelity_compares_every_term_with_the_dense_cache(tiny_coco, tiny_teacher, tmp_path):
-    import shutil
-
-    work = tmp_path / "work"
-    shutil.copytree(tiny_coco["root"], work / "data" / "tiny")
-    from detector import build_detector, save_checkpoint
-
-    for run in ("teacher", "plain-s0"):
-        (work / "tiny" / run / "checkpoints").mkdir(parents=True)
-    shutil.copy(tiny_teacher["path"], work / "tiny" / "teacher" / "checkpoints" / "last.pt")
-    torch.manual_seed(5)  # a student unlike its teacher: BCKD's terms do not vanish
-    save_checkpoint(work / "tiny" / "plain-s0" / "checkpoints" / "last.pt", build_detector(tiny_teacher["config"]),
-                    tiny_teacher["config"])
-    out = tmp_path / "fidelity.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compact_fidelity.py"), "--workdir", str(work),
-                           "--views", "4", "--batch-size", "2", "--out", str(out)],
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
-    exact = rows["ld+bckd k=8 fp16"]  # 8 >= the 5 classes: only the edges are rounded
-    assert exact["err ld"] == 0 and exact["err kd"] == 0 and exact["err bckd_cls"] == 0
-    assert 0 < exact["err bckd_box"] < 0.01
-    assert rows["ld+bckd k=1 fp16"]["err bckd_cls"] > 0 and rows["ld+bckd k=1 uint8"]["err ld"] > 0
-
-
 def test_gap_decomposition_swaps_scores_and_boxes_location_by_location(tiny_coco, tmp_path):
     """Each model alone detects what `evaluate` detects; a swap between a model and itself changes
     nothing; a swap between two models gives detections of neither."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import gap_decomposition
-    import torch
 
     from detector import ModelConfig, build_detector, save_checkpoint
-    from detector.coco import CocoDetection
+    from data.coco import CocoDetection
     from detector.inference import predict_dataset
-    from detector.views import ViewSpec
+    from data.views import ViewSpec
     from tests.conftest import TINY_MODEL
 
     paths, models = [], []

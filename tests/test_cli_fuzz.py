@@ -22,9 +22,10 @@ from hypothesis import strategies as st
 
 import cli
 from cli_options import GROUPS, OPTIONS
-from detector import domains as d
-from detector import paths, runtime, views
-from detector.config import domain_of
+from core import domains as d
+from core import paths, runtime
+from data import views
+from core.config import domain_of
 from tests.conftest import TINY_MODEL_FLAGS
 
 # A fixed, reproducible budget: the whole file runs in well under a minute on 2 cores.

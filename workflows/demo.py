@@ -17,11 +17,12 @@ from cache_teacher.inspect import format_summary, render_png, summarize
 from cache_teacher.reader import TeacherCache
 from cache_teacher.targets import CacheTeacher
 from cache_teacher.verify import dataset_of_cache, teacher_ap
-from detector.config import ModelConfig, param, validate_fields
-from detector.domains import Flag, Range
-from detector.paths import OutputPath
-from detector.runtime import Device
-from detector.synthetic import make_synthetic
+from core.config import param, validate_fields
+from detector.config import ModelConfig
+from core.domains import Flag, Range
+from core.paths import OutputPath
+from core.runtime import Device
+from data.synthetic import make_synthetic
 from distill.config import DataConfig, LossConfig, TrainConfig
 from distill.engine import build_train_dataset, run_train
 

@@ -9,8 +9,8 @@ import torch
 
 from cache_teacher.reader import TeacherCache
 from cache_teacher.targets import CacheTeacher
-from detector.errors import UserError
-from detector.synthetic import synthetic_split
+from core.errors import UserError
+from data.synthetic import synthetic_split
 from distill.teachers import OnlineTeacher, TeacherSource
 
 

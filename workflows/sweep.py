@@ -20,11 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import Field, dataclass, fields
 from pathlib import Path
 
-from detector.config import ModelConfig, domain_of, param, validate_fields
-from detector.domains import Flag, Range, Text, Texts
-from detector.errors import UserError
-from detector.paths import OutputPath
-from detector.runtime import DeviceList
+from core.config import domain_of, param, validate_fields
+from detector.config import ModelConfig
+from core.domains import Flag, Range, Text, Texts
+from core.errors import UserError
+from core.paths import OutputPath
+from core.runtime import DeviceList
 from distill.config import DataConfig, LossConfig, TrainConfig
 from workflows.plots import plot_sweep
 

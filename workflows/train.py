@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from detector.config import GFL_STRIDES, ModelConfig, build_config
+from core.config import build_config
+from detector.config import GFL_STRIDES, ModelConfig
 from distill.config import LossConfig, TrainConfig, resolve_data
 from distill.engine import build_train_dataset, run_train
 from distill.teachers import TeacherSource

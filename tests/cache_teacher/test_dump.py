@@ -17,8 +17,8 @@ import zarr
 from cache_teacher.dump import DumpConfig, run_dump
 from cache_teacher.reader import TeacherCache
 from detector import ModelConfig, build_detector, save_checkpoint
-from detector.coco import CocoDetection
-from detector.errors import UserError
+from data.coco import CocoDetection
+from core.errors import UserError
 from tests.conftest import ROOT, TINY_MODEL, store_array_files
 
 

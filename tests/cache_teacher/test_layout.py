@@ -3,7 +3,7 @@
 import numpy as np
 
 from cache_teacher.layout import plan_layout
-from detector.views import ViewSpec, plan_view
+from data.views import ViewSpec, plan_view
 
 SPECS = [ViewSpec(False, (200, 200)), ViewSpec(True, (200, 200))]
 

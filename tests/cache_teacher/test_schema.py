@@ -6,8 +6,8 @@ import pytest
 
 from cache_teacher import schema
 from cache_teacher.layout import plan_layout
-from detector.errors import UserError
-from detector.views import ViewSpec, plan_view
+from core.errors import UserError
+from data.views import ViewSpec, plan_view
 
 SPECS = [ViewSpec(False, (200, 200)), ViewSpec(True, (200, 200))]
 

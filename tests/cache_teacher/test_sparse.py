@@ -7,8 +7,8 @@ from cache_teacher.inspect import summarize
 from cache_teacher.reader import TeacherCache
 from cache_teacher.targets import CacheTeacher
 from detector import ModelConfig, build_detector
-from detector.coco import CocoDetection
-from detector.errors import UserError
+from data.coco import CocoDetection
+from core.errors import UserError
 from distill.config import LossConfig
 from distill.criterion import compute_losses
 from tests.conftest import TINY_MODEL, dump_tiny_cache

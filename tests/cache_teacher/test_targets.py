@@ -9,7 +9,7 @@ import pytest
 from cache_teacher.reader import TeacherCache
 from cache_teacher.targets import CacheTeacher
 from detector import ModelConfig
-from detector.errors import UserError
+from core.errors import UserError
 from distill.config import DataConfig, LossConfig
 from distill.engine import build_train_dataset
 from tests.cli_runner import assert_user_error, run_cli

@@ -3,7 +3,7 @@ import torch
 from detector.atss import TOPK, assign_batch, atss_assign
 from detector.box_ops import pairwise_iou
 from detector.priors import image_priors
-from detector.views import level_sizes
+from data.views import level_sizes
 
 STRIDES = (8, 16, 32, 64, 128)
 

@@ -3,7 +3,7 @@ import torch
 
 from detector import ModelConfig, build_detector, save_checkpoint
 from detector.checkpoint import load_backbone_weights
-from detector.errors import UserError
+from core.errors import UserError
 from tests.conftest import TINY_MODEL
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from detector.coco import CocoDetection, collate
-from detector.coco_json import labels_to_cat_ids
-from detector.errors import UserError
-from detector.views import ViewSpec, build_view_input
+from data.coco import CocoDetection, collate
+from data.coco_json import labels_to_cat_ids
+from core.errors import UserError
+from data.views import ViewSpec, build_view_input
 
 SMALL_ORIG = ViewSpec(flip=False, img_scale=(128, 96))
 SMALL_FLIP = ViewSpec(flip=True, img_scale=(128, 96))

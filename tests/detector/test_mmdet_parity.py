@@ -9,12 +9,12 @@ import torch
 
 from detector import ModelConfig, build_detector, load_checkpoint
 from detector.checkpoint import infer_model_config
-from detector.errors import UserError
+from core.errors import UserError
 from detector.atss import assign_batch
 from detector.gfl_loss import gfl_losses
 from detector.rows import flatten_rows
 from detector.postprocess import postprocess
-from detector.views import ViewRecord, level_sizes
+from data.views import ViewRecord, level_sizes
 from tests.conftest import FIXTURES
 
 STRIDES = (8, 16, 32, 64, 128)

@@ -1,7 +1,7 @@
 import torch
 
 from detector.postprocess import PostprocessConfig, batched_nms, nms, postprocess
-from detector.views import ViewSpec, level_sizes, plan_view
+from data.views import ViewSpec, level_sizes, plan_view
 
 STRIDES = (8, 16, 32, 64, 128)
 

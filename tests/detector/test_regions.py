@@ -7,7 +7,7 @@ import torch
 from detector.atss import BatchAssignment, assign_batch
 from detector.box_ops import pairwise_iou
 from detector.regions import vlr_region
-from detector.views import level_sizes
+from data.views import level_sizes
 
 
 def _assignment(anchors, gt_boxes, thresholds):

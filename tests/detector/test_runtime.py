@@ -1,7 +1,7 @@
 import io
 import sys
 
-from detector import runtime
+from core import runtime
 
 
 class _Stream(io.StringIO):
@@ -52,7 +52,7 @@ def test_a_cuda_rank_computes_on_its_own_gpu(monkeypatch):
     import pytest
     import torch
 
-    from detector.errors import UserError
+    from core.errors import UserError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from detector import synthetic, synthetic_render
-from detector.errors import UserError
-from detector.synthetic import ensure_synthetic_default, make_synthetic
-from detector.synthetic_shapes import SHAPES, rasterise, sample_shape_params, shape_inside
+from data import synthetic, synthetic_render
+from core.errors import UserError
+from data.synthetic import ensure_synthetic_default, make_synthetic
+from data.synthetic_shapes import SHAPES, rasterise, sample_shape_params, shape_inside
 
 TINY = dict(num_train=6, num_val=3, image_size=96)
 

@@ -5,12 +5,11 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from detector import synthetic_photos
-from detector.errors import UserError
-from detector.synthetic import make_synthetic
-from detector.synthetic_photos import PHOTO_CLASSES, render_photo_image
+from data import synthetic_photos
+from core.errors import UserError
+from data.synthetic import make_synthetic
+from data.synthetic_photos import PHOTO_CLASSES, render_photo_image
 from tests.cli_runner import assert_user_error, run_cli
 
 TINY = dict(num_train=6, num_val=2, image_size=128, seed=3, num_classes=12, pixels="photos")

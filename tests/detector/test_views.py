@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detector.views import (
+from data.views import (
     PIXEL_MEAN,
     PIXEL_STD,
     ViewSpec,

@@ -11,7 +11,7 @@ from cache_teacher.reader import TeacherCache
 from cache_teacher.targets import CacheTeacher
 from detector import ModelConfig, build_detector
 from detector.atss import assign_batch
-from detector.coco import CocoDetection
+from data.coco import CocoDetection
 from distill.config import LossConfig
 from distill.criterion import compute_losses
 from distill.losses import bckd_box_weights, bckd_cls_loss

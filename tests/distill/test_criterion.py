@@ -7,7 +7,7 @@ import pytest
 from detector.atss import assign_batch
 from detector.gfl_loss import gfl_losses
 from detector.rows import flatten_rows
-from detector.views import level_sizes
+from data.views import level_sizes
 from distill.config import LossConfig
 from distill.criterion import distillation_losses
 

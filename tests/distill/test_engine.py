@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from detector import ModelConfig, build_detector, load_checkpoint
-from detector.errors import UserError
+from core.errors import UserError
 from distill.config import DataConfig, LossConfig, TrainConfig
 from distill.engine import lr_at, run_train
 from tests.conftest import TINY_MODEL

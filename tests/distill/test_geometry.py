@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from detector.atss import atss_assign
-from detector.coco import CocoDetection
+from data.coco import CocoDetection
 from detector.priors import anchor_centres, image_priors
-from detector.synthetic import make_synthetic
-from detector.views import parse_views
+from data.synthetic import make_synthetic
+from data.views import parse_views
 from distill.config import PAPER_LD_TEMPERATURE, SMALL_BOX_LD_TEMPERATURE, LossConfig
 from distill.geometry import median_edge_bins, positive_edge_distances
 from tests.conftest import TINY_MODEL_FLAGS

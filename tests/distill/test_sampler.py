@@ -1,6 +1,6 @@
 import pytest
 
-from distill.sampler import ViewBatchSampler
+from data.sampler import ViewBatchSampler
 
 
 def _sampler(n=23, views=2, batch=4, seed=0, **kw):

@@ -15,8 +15,8 @@ import torch
 from cache_teacher.reader import TeacherCache
 from cache_teacher.targets import CacheTeacher
 from detector import ModelConfig
-from detector.coco import CocoDetection
-from detector.synthetic import make_synthetic
+from data.coco import CocoDetection
+from data.synthetic import make_synthetic
 from distill.config import DataConfig, LossConfig, TrainConfig
 from distill.criterion import compute_losses
 from distill.engine import run_train

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from detector.errors import UserError
+from core.errors import UserError
 from workflows.sweep import parse_grid, point_name
 from tests.conftest import ROOT, TINY_MODEL_FLAGS
 from tests.cli_runner import run_cli

@@ -1,4 +1,4 @@
-"""Drawing one image of the synthetic dataset (detector/synthetic.py): shapes with exact amodal
+"""Drawing one image of the synthetic dataset (data/synthetic.py): shapes with exact amodal
 boxes on textured backgrounds, with blur, low contrast, occlusion, clutter and crowd regions, all
 from one Generator seeded by (seed, split, index)."""
 
@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from detector.synthetic_shapes import (
+from data.synthetic_shapes import (
     SHAPES, blob_inside, composite, gaussian_blur, make_background, object_colour, overlap,
     random_colour, rasterise, sample_shape_params, segment_coverage, shape_alpha, shape_inside)
 

@@ -8,8 +8,8 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
-from detector.domains import Domain
-from detector.errors import UserError
+from core.domains import Domain
+from core.errors import UserError
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 

@@ -11,8 +11,8 @@ and the fuzz test of the CLI draws values outside it. Each domain answers:
 - check(value): None when allowed, else "must be <allowed>, got <value>".
 
 This module has the general domains (numbers, names, flags, texts, JSON); the domains of a topic
-live with it: paths in detector/paths.py, scales and views in detector/views.py, devices in
-detector/runtime.py.
+live with it: paths in core/paths.py, scales and views in data/views.py, devices in
+core/runtime.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """COCO detection data: the dataset of views the teacher and the student read (annotations parsed
-by detector/coco_json.py), samples built per view, and batches.
+by data/coco_json.py), samples built per view, and batches.
 
 The dataset is indexed by (image index, view index). Annotations are parsed once, vectorised, into
 one flat box table with per-image offsets (cheap to fork or pickle into loader workers, fast on
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from detector.coco_json import box_table, categories_in_label_order, image_table, load_coco
-from detector.errors import UserError, first_line
-from detector.views import ViewRecord, ViewSpec, build_view_input, plan_view, transform_boxes
+from data.coco_json import box_table, categories_in_label_order, image_table, load_coco
+from core.errors import UserError, first_line
+from data.views import ViewRecord, ViewSpec, build_view_input, plan_view, transform_boxes
 
 
 @dataclass

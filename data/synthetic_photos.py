@@ -10,7 +10,7 @@ which keep their own silhouettes, and faces, which are the 200 faces of the Labe
 Wild subset it ships. The box is the whole window: exact, whatever the blur hides. Backgrounds are
 brick, grass, gravel, page or tissue photographs with a colour cast; clutter is patches of
 photographs that are no class. Every image comes from one Generator seeded by (seed, split, index),
-as the shapes do (detector/synthetic_render.py), so reruns are bit-identical."""
+as the shapes do (data/synthetic_render.py), so reruns are bit-identical."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from detector.errors import UserError
-from detector.synthetic_render import MIN_VISIBLE, OBJECTS, SPLITS, sample_size
-from detector.synthetic_shapes import composite, gaussian_blur, overlap
+from core.errors import UserError
+from data.synthetic_render import MIN_VISIBLE, OBJECTS, SPLITS, sample_size
+from data.synthetic_shapes import composite, gaussian_blur, overlap
 
 # class name -> photograph in skimage/data ("faces": the LFW subset, one face per object)
 PHOTO_CLASSES = {"cat": "chelsea.png", "coffee": "coffee.png", "rocket": "rocket.jpg",

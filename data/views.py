@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from detector.domains import Domain, is_int, quote
+from core.domains import Domain, is_int, quote
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # RGB, mmdet / ImageNet
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -198,7 +198,7 @@ def boxes_to_original(boxes_xyxy: torch.Tensor, record: ViewRecord) -> torch.Ten
     return out / out.new_tensor([w_scale, h_scale, w_scale, h_scale])
 
 
-# ---- what a user may give for scales and views (domains: detector.domains) ----------------------
+# ---- what a user may give for scales and views (domains: core.domains) ----------------------
 class Scale(Domain):
     """LONG,SHORT of a keep-ratio resize (also LONGxSHORT, or a TOML [LONG, SHORT])."""
 

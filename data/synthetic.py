@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from detector.config import check, param, validate_fields
-from detector.domains import MAX_SEED, OneOf, Range
-from detector.errors import UserError
-from detector.synthetic_photos import PHOTO_CLASSES, photo_folder, render_photo_image
-from detector.synthetic_render import OBJECTS, SPLITS, render_image
-from detector.synthetic_shapes import SHAPES
+from core.config import check, param, validate_fields
+from core.domains import MAX_SEED, OneOf, Range
+from core.errors import UserError
+from data.synthetic_photos import PHOTO_CLASSES, photo_folder, render_photo_image
+from data.synthetic_render import OBJECTS, SPLITS, render_image
+from data.synthetic_shapes import SHAPES
 
 GENERATOR_VERSION = 1  # bump when any change alters pixels or annotations
 # ~1200 images of <=256 px render in seconds and train a small GFL on 2 CPU cores in minutes;
@@ -195,6 +195,8 @@ def _coco_json(split: str, params: dict, results: list) -> dict:
     names = list(PHOTO_CLASSES) if photos else SHAPES
     categories = [{"id": k + 1, "name": names[k], "supercategory": "photo" if photos else "shape"}
                   for k in range(params["num_classes"])]
+    # "detector.synthetic": where the generator lived when GENERATOR_VERSION 1 was set; kept, so a
+    # dataset generated now is byte for byte the one existing caches were dumped from.
     info = {"description": "ldcache synthetic shapes", "generator": "detector.synthetic",
             "version": GENERATOR_VERSION, "split": split, "seed": params["seed"],
             "params": params}

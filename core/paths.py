@@ -1,11 +1,11 @@
-"""What a path option may be (detector.domains): an existing file or folder to read, or where a
+"""What a path option may be (core.domains): an existing file or folder to read, or where a
 command writes. Checked where the value enters, so a wrong path is one line before any work."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from detector.domains import Text, quote
+from core.domains import Text, quote
 
 
 class InputPath(Text):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 
-from detector.errors import UserError, first_line
+from core.errors import UserError, first_line
 
 
 def load_coco(ann_file: str | Path) -> COCO:
