@@ -32,7 +32,8 @@ from core.errors import UserError, one_line
 from detector.inference import EvalConfig
 from core.paths import InputDir, InputFile, OutputPath
 from data.synthetic import SyntheticConfig
-from distill.config import DataConfig, LossConfig, TrainConfig
+from data.config import DataConfig
+from distill.config import LossConfig, TrainConfig
 from workflows.demo import DemoConfig
 from workflows.sweep import SweepConfig
 
@@ -50,13 +51,17 @@ def say(message: str, err: bool = False) -> None:
 # ---- the commands ------------------------------------------------------------------------------
 SYNTHETIC = (Group("synthetic", SyntheticConfig),)
 TRAIN = (Group("data", DataConfig), Group("model", ModelConfig), Group("train", TrainConfig))
+# The data a command reads, one config for all (data/config.py): each command shows the fields it uses.
+DUMP_DATA = Group("data", DataConfig, only=("images", "ann", "img_scale", "views", "extra_scales"))
+EVALUATE_DATA = Group("data", DataConfig, only=("images", "ann", "img_scale"))
+INSPECT_DATA = Group("data", DataConfig, only=("images", "ann"))
 TASK_LOSSES = ("qfl_weight", "giou_weight", "dfl_weight")
 DETECTOR = (*TRAIN, Group("loss", LossConfig, only=TASK_LOSSES))
 STUDENT = (*TRAIN, Group("loss", LossConfig))
 ARCH = Group("model", ModelConfig, only=ARCH_FIELDS, shown="the checkpoint's")
-EVALUATE, DUMP = (Group("evaluate", EvalConfig), ARCH), (Group("dump", DumpConfig), ARCH)
+EVALUATE, DUMP = (Group("evaluate", EvalConfig), EVALUATE_DATA, ARCH), (Group("dump", DumpConfig), DUMP_DATA, ARCH)
 DEMO, SWEEP = (Group("demo", DemoConfig),), (Group("sweep", SweepConfig),)
-INSPECT = (Group("inspect", InspectConfig),)
+INSPECT = (Group("inspect", InspectConfig), INSPECT_DATA)
 Out = Annotated[Path, Opt(OutputPath("dir"), "run folder: config.json, metrics.jsonl, checkpoints/, eval.json")]
 Resume = Annotated[bool, Opt(Flag(), "continue the run in --out from its last checkpoint")]
 STORE = Text("a cache folder or fsspec URL", metavar="STORE")
@@ -102,12 +107,11 @@ def train_student_cmd(
     out: Out = Path("runs/student"), resume: Resume = False, *, fields, config,
 ):
     """Train a GFL student with the full LD recipe from a teacher cache (or an online teacher)."""
-    from workflows.student import data_defaults, teacher_source
+    from workflows.student import teacher_source
 
     source = teacher_source(cache, teacher, storage_options, {"gn_groups": teacher_gn_groups} if teacher_gn_groups
                             else {}, fields["train"].get("amp", "auto"))
-    fields["data"] = {**data_defaults(source, fields["data"]), **fields["data"]}
-    _train(fields, out, resume, teacher=source, what="LD student")
+    _train(fields, out, resume, teacher=source, what="student")
 
 
 @command(app, "evaluate", *EVALUATE)
@@ -116,7 +120,8 @@ def evaluate_cmd(*, fields, config):
     from detector.evaluation import format_metrics_table
     from detector.inference import run_evaluate
 
-    result = run_evaluate(build_config(EvalConfig, {**fields["evaluate"], "arch": fields["model"]}, "evaluate"))
+    result = run_evaluate(build_config(EvalConfig, {**fields["evaluate"], "arch": fields["model"],
+                                                    "data": build_config(DataConfig, fields["data"], "data")}, "evaluate"))
     if result["metrics"] is not None:  # rank 0 (or the only process)
         typer.echo(format_metrics_table(result["metrics"]))
         typer.echo(f"{result['detections']} detections on {result['images']} images -> {result['out']}; "
@@ -128,7 +133,8 @@ def dump_teacher_cmd(*, fields, config):
     """Run the teacher once over every view of the dataset and write its logits to a Zarr v3 cache."""
     from cache_teacher.dump import format_dump_result, run_dump
 
-    cfg = build_config(DumpConfig, {**fields["dump"], "arch": fields["model"]}, "dump")
+    cfg = build_config(DumpConfig, {**fields["dump"], "arch": fields["model"],
+                                    "data": build_config(DataConfig, fields["data"], "data")}, "dump")
     say(format_dump_result(run_dump(cfg), cfg.out))
 
 
@@ -138,7 +144,8 @@ def inspect_cache_cmd(store: Annotated[str, Opt(STORE, "cache folder or fsspec U
     """What a cache holds, whether it is whole and faithful (--verify), and a picture (--png)."""
     from cache_teacher.inspect import run_inspect
 
-    report, text = run_inspect(store, build_config(InspectConfig, fields["inspect"], "inspect"))
+    report, text = run_inspect(store, build_config(InspectConfig, {**fields["inspect"],
+                                                                  "data": build_config(DataConfig, fields["data"], "data")}, "inspect"))
     typer.echo(text)
     if "verify" in report and not report["verify"]["ok"]:
         raise typer.Exit(1)

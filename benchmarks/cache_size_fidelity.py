@@ -35,6 +35,7 @@ import common  # noqa: E402  (puts the repository root on sys.path)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from data.config import DataConfig  # noqa: E402
 from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
 from detector.checkpoint import load_model  # noqa: E402
 from detector.rows import flatten_rows  # noqa: E402
@@ -133,8 +134,9 @@ def main(argv=None) -> None:
             box_dtype, cls_dtype, compressor = MODES[name]
             store = workdir / (name.replace(" ", "_").replace("+", "-") + ".zarr")
             shutil.rmtree(store, ignore_errors=True)
-            cfg = DumpConfig(teacher=teacher_path, images=images, ann=ann, out=str(store), views=args.views,
-                             img_scale=args.img_scale, batch_size=args.batch_size, device=args.device,
+            cfg = DumpConfig(teacher=teacher_path, out=str(store),
+                             data=DataConfig(images=images, ann=ann, views=args.views, img_scale=args.img_scale),
+                             batch_size=args.batch_size, device=args.device,
                              workers=args.workers, amp=args.amp, box_dtype=box_dtype, cls=cls_dtype is not None,
                              compressor=compressor, shard_mb=args.shard_mb)
             start = time.perf_counter()

@@ -37,6 +37,7 @@ from PIL import Image  # noqa: E402
 from sparse_size import write_coco_like  # noqa: E402
 
 from cache_teacher.codec import decode_rows, encode_rows  # noqa: E402
+from data.config import DataConfig  # noqa: E402
 from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
 from cache_teacher.fidelity import edge_kl  # noqa: E402
 from cache_teacher.reader import TeacherCache  # noqa: E402
@@ -167,7 +168,8 @@ def main() -> None:
                                                                    "box_dtype": "uint8"},
                          "ld+bckd k=2 fp16": {"store_regions": "ld+bckd", "cls_topk": 2}}.items():
             store = work / f"{name.replace(' ', '-')}.zarr"
-            result = run_dump(DumpConfig(teacher=path, images=images, ann=ann, out=str(store), img_scale=args.img_scale,
+            result = run_dump(DumpConfig(teacher=path, out=str(store), data=DataConfig(images=images, ann=ann,
+                                                                                      img_scale=args.img_scale),
                                          batch_size=args.batch_size, device=str(device), workers=args.workers, **kw),
                               progress=False)
             on_disk = sum(TeacherCache(store).bytes_on_disk().values())

@@ -29,6 +29,7 @@ import common  # noqa: E402  (puts the repository root on sys.path)
 
 import torch  # noqa: E402
 
+from data.config import DataConfig  # noqa: E402
 from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
 from detector.checkpoint import load_model  # noqa: E402
 from cache_teacher.reader import TeacherCache  # noqa: E402
@@ -97,8 +98,9 @@ def main(argv=None) -> None:
             print(f"[{rep}] forward      {num_views / seconds:7.2f} views/s", file=sys.stderr)
             for box_dtype in box_dtypes:
                 store = workdir / f"dump-{box_dtype}-{rep}.zarr"
-                cfg = DumpConfig(teacher=teacher_path, images=images, ann=ann, out=str(store), views=args.views,
-                                 img_scale=args.img_scale, batch_size=args.batch_size, device=args.device,
+                cfg = DumpConfig(teacher=teacher_path, out=str(store),
+                                 data=DataConfig(images=images, ann=ann, views=args.views, img_scale=args.img_scale),
+                                 batch_size=args.batch_size, device=args.device,
                                  workers=args.workers, amp=args.amp, box_dtype=box_dtype, cls=cls_dtype is not None,
                                  compressor=args.compressor, shard_mb=args.shard_mb)
                 wall_start = time.perf_counter()

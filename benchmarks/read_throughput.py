@@ -36,6 +36,7 @@ import common  # noqa: E402  (puts the repository root on sys.path)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from data.config import DataConfig  # noqa: E402
 from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
 from cache_teacher.reader import TeacherCache  # noqa: E402
 
@@ -150,8 +151,9 @@ def make_cache(args, workdir: Path) -> tuple[str, dict]:
     images, ann = common.prepare_data(args, workdir)
     teacher_path, teacher_cfg, random_weights = common.prepare_teacher(args, common.num_classes_of(ann), workdir)
     store = workdir / "read-bench.zarr"
-    cfg = DumpConfig(teacher=teacher_path, images=images, ann=ann, out=str(store), views=args.views,
-                     img_scale=args.img_scale, batch_size=args.batch_size, device=args.device, workers=args.dump_workers,
+    cfg = DumpConfig(teacher=teacher_path, out=str(store),
+                     data=DataConfig(images=images, ann=ann, views=args.views, img_scale=args.img_scale),
+                     batch_size=args.batch_size, device=args.device, workers=args.dump_workers,
                      box_dtype=args.box_dtype, cls=not args.no_cls,
                      compressor=args.compressor, shard_mb=args.shard_mb)
     start = time.perf_counter()

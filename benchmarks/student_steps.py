@@ -22,7 +22,9 @@ from data.coco import collate
 from detector.config import ModelConfig
 from detector.model import build_detector
 from distill.config import LossConfig, TrainConfig
-from distill.engine import batch_groups, build_optimizer, lr_at
+from data.config import DataConfig
+from data.sampler import batch_groups
+from distill.engine import build_optimizer, lr_at
 from data.sampler import ViewBatchSampler
 from distill.step import Learner, train_step
 from distill.teachers import OnlineTeacher
@@ -71,8 +73,8 @@ def make_cache(teacher_path: str, images: str, ann: str, store, views: str, img_
     """Dump the teacher over the images into `store`; seconds taken. Restores the cuDNN flags
     run_dump sets (a student run is a separate process with the defaults)."""
     flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
-    cfg = DumpConfig(teacher=teacher_path, images=images, ann=ann, out=str(store), views=views, img_scale=img_scale,
-                     batch_size=batch_size, device=device, workers=workers, amp=amp, box_dtype=box_dtype,
+    cfg = DumpConfig(teacher=teacher_path, out=str(store), data=DataConfig(images=images, ann=ann, views=views,
+                                                                       img_scale=img_scale), batch_size=batch_size, device=device, workers=workers, amp=amp, box_dtype=box_dtype,
                      shard_mb=shard_mb)
     start = time.perf_counter()
     try:

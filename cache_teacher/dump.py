@@ -157,10 +157,11 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
     device = resolve_device(cfg.device, dist_info.local_rank if dist_info.enabled else None)
     progress = progress and dist_info.is_main
     teacher, teacher_cfg = load_model(cfg.teacher, cfg.arch, device, role="teacher checkpoint")
-    specs = parse_views(cfg.views, cfg.img_scale, cfg.extra_scales)
-    dataset = CocoDetection(cfg.images, cfg.ann, views=specs, strides=teacher_cfg.strides, train=True)
+    data = cfg.data
+    specs = parse_views(data.views, data.img_scale, data.extra_scales)
+    dataset = CocoDetection(data.images, data.ann, views=specs, strides=teacher_cfg.strides, train=True)
     if dataset.num_classes != teacher_cfg.num_classes:
-        raise UserError(f"the teacher predicts {teacher_cfg.num_classes} classes but {cfg.ann} has "
+        raise UserError(f"the teacher predicts {teacher_cfg.num_classes} classes but {data.ann} has "
                         f"{dataset.num_classes}; dump with the teacher trained for this dataset")
     dataset.check_files()
     sparse, two = cfg.store_regions != "dense", cfg.store_regions == "ld+bckd"  # two row spaces
@@ -189,7 +190,7 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
         reg_max=teacher_cfg.reg_max, num_classes=teacher_cfg.num_classes, box_dtype=cfg.box_dtype,
         cls_dtype=cfg.cls_dtype, layout=layout, compressor=cfg.compressor, package_version=package_version(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        source={"teacher": cfg.teacher, "images": cfg.images, "ann": cfg.ann}, regions=regions,
+        source={"teacher": cfg.teacher, "images": data.images, "ann": data.ann}, regions=regions,
     )
     opened = {}
 

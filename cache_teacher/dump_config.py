@@ -11,12 +11,13 @@ from cache_teacher import schema
 from cache_teacher.writer import COMPRESSORS
 from detector.checkpoint import read_checkpoint
 from core.config import check, param, validate_fields
+from core.domains import Nested
+from data.config import DataConfig
+from detector.checkpoint import trained_img_scale
 from core.domains import Flag, JsonObject, OneOf, Range, Table
-from core.paths import InputDir, InputFile, OutputPath
+from core.paths import InputFile, OutputPath
 from detector.regions import VLR_IOUS
 from core.runtime import AMP_MODES, Device
-from data.synthetic import SYNTHETIC_IMG_SCALE, synthetic_split
-from data.views import DEFAULT_IMG_SCALE, Scale, Scales, Views
 
 BOX_DTYPE_NAMES = {"fp16": "float16", "uint8": "uint8", "fp32": "float32"}  # the CLI's short names
 
@@ -27,14 +28,8 @@ class DumpConfig:
                          InputFile("checkpoint file"), shown="required")
     out: str = param("runs/teacher-cache.zarr", "Zarr v3 store to write: a folder or an fsspec URL",
                      OutputPath("dir", url=True))
-    images: str | None = param(None, "image folder", InputDir("image folder"), shown="the synthetic dataset's")
-    ann: str | None = param(None, "COCO annotation json", InputFile("annotation file"), shown="the synthetic dataset's")
-    views: str = param("orig,hflip", "views to cache per image: orig, hflip or both", Views())
-    img_scale: tuple[int, int] | None = param(None, "keep-ratio resize target LONG,SHORT", Scale(),
-                                              shown="the teacher's training scale, else 1333,800; 256,256 on the "
-                                                    "synthetic data")
-    extra_scales: tuple[tuple[int, int], ...] = param((), "more scales, each with the same views: 'L1,S1;L2,S2'",
-                                                      Scales(), shown="none")
+    data: DataConfig = param(help="the images (the [data] table / data flags)", domain=Nested(DataConfig),
+                             factory=DataConfig, flag=False)
     batch_size: int = param(8, "views per teacher forward (equal canvases only, so results do not change)",
                             Range(1, 4096))
     device: str = param("auto", "auto (cuda when available), cpu, cuda or cuda:N", Device())
@@ -68,8 +63,6 @@ class DumpConfig:
         problems = []
         if not self.teacher:
             problems.append("--teacher is required (a teacher checkpoint)")
-        if (self.images is None) != (self.ann is None):
-            problems.append("give both --images and --ann (or neither, for the synthetic dataset)")
         if self.store_regions == "ld+bckd" and not self.cls:
             problems.append("--store-regions ld+bckd stores the class logits BCKD reads: drop --no-cls (or store "
                             "main+vlr)")
@@ -81,16 +74,9 @@ class DumpConfig:
 
 
 def resolve_dump(cfg: DumpConfig) -> DumpConfig:
-    """No data: the synthetic default at its own scale. No scale: the one our checkpoint's run
-    was trained at, else mmdetection's 1333,800."""
-    images, ann, scale = cfg.images, cfg.ann, cfg.img_scale
-    if images is None:
-        images, ann = (str(p) for p in synthetic_split("train"))
-        scale = scale or SYNTHETIC_IMG_SCALE
-    if scale is None:
-        trained = read_checkpoint(cfg.teacher).get("run_config", {}).get("data", {}).get("img_scale")
-        scale = tuple(trained) if trained else DEFAULT_IMG_SCALE
-    return dataclasses.replace(cfg, images=str(images), ann=str(ann), img_scale=tuple(scale))
+    """The dump with its data resolved (data.config): the images given, else the synthetic train
+    split; the scale given, else the one the teacher's run was trained at."""
+    return dataclasses.replace(cfg, data=cfg.data.resolve("train", scale=trained_img_scale(read_checkpoint(cfg.teacher))))
 
 
 def package_version() -> str:

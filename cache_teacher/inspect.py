@@ -14,9 +14,11 @@ import torch
 from cache_teacher.reader import TeacherCache
 from cache_teacher.verify import dataset_of_cache, format_verify, verify
 from core.config import param, validate_fields
+from core.domains import Nested
+from data.config import DataConfig
 from core.domains import Flag, JsonObject, Range
 from core.errors import UserError
-from core.paths import InputDir, InputFile, OutputPath
+from core.paths import InputFile, OutputPath
 from detector.postprocess import postprocess
 from detector.rows import row_index, row_location, view_maps
 from core.runtime import Device, resolve_device
@@ -175,8 +177,8 @@ class InspectConfig:
     png: str | None = param(None, "write a picture of --view: GT, decoded detections, edge distributions",
                             OutputPath("file"), shown="none")
     view: int = param(0, "view index for --png", Range(0, 10**12))
-    images: str | None = param(None, "image folder", InputDir("image folder"), shown="where the dump found it")
-    ann: str | None = param(None, "annotation file", InputFile("annotation file"), shown="where the dump found it")
+    data: DataConfig = param(help="the images (the [data] table / data flags)", domain=Nested(DataConfig),
+                             factory=DataConfig, flag=False)
     device: str = param("auto", "auto (cuda when available), cpu, cuda or cuda:N", Device())
     storage_options: dict | None = param(None, "JSON of fsspec storage options for a URL", JsonObject(), shown="none")
 
@@ -189,10 +191,10 @@ def run_inspect(store: str, cfg: InspectConfig) -> tuple[dict, str]:
     cache = TeacherCache(store, cfg.storage_options)
     report = {"summary": summarize(cache)}
     if cfg.verify:
-        report["verify"] = verify(cache, cfg.teacher, cfg.images, cfg.ann, cfg.num_views,
+        report["verify"] = verify(cache, cfg.teacher, cfg.data.images, cfg.data.ann, cfg.num_views,
                                   device=str(resolve_device(cfg.device)), ap_images=cfg.ap_images)
     if cfg.png is not None:
-        report["png"] = str(render_png(cache, cfg.view, Path(cfg.png), cfg.images, cfg.ann))
+        report["png"] = str(render_png(cache, cfg.view, Path(cfg.png), cfg.data.images, cfg.data.ann))
     if cfg.json:
         return report, json.dumps(report, indent=2)
     text = [format_summary(report["summary"])]

@@ -12,6 +12,7 @@ from cache_teacher import schema
 from cache_teacher.codec import all_finite
 from cache_teacher.fidelity import edge_kl
 from cache_teacher.reader import TeacherCache
+from data.config import DataConfig
 from detector.checkpoint import file_sha256, load_model
 from data.coco import CocoDetection
 from core.errors import UserError
@@ -21,12 +22,13 @@ from detector.postprocess import postprocess
 from detector.rows import flatten_rows, view_maps
 
 
-def dataset_of_cache(cache: TeacherCache, images, ann) -> CocoDetection:
-    images = images or cache.meta.source.get("images")
-    ann = ann or cache.meta.source.get("ann")
-    if not images or not ann:
-        raise UserError("this needs the dataset: pass --images and --ann")
-    return CocoDetection(images, ann, views=cache.specs, strides=cache.meta.strides, train=True)
+def dataset_of_cache(cache: TeacherCache, images=None, ann=None) -> CocoDetection:
+    """The cached dataset: the images given, else where the dump found them (never the synthetic
+    default in their place)."""
+    source = cache.meta.source
+    hint = (source["images"], source["ann"]) if source.get("images") and source.get("ann") else None
+    data = DataConfig(images=images, ann=ann).resolve(dataset=hint, fallback=False)
+    return CocoDetection(data.images, data.ann, views=cache.specs, strides=cache.meta.strides, train=True)
 
 
 def verify(cache: TeacherCache, teacher: str | None = None, images=None, ann=None, num_views: int = 8, seed: int = 0,

@@ -217,3 +217,16 @@ class Table(Domain):
 
     def valid(self, value) -> bool:
         return isinstance(value, dict)
+
+
+class Nested(Domain):
+    """A config embedded in another (its TOML table as a dict, or the config itself)."""
+
+    def __init__(self, cls: type):
+        self.cls, self.allowed = cls, f"a {cls.__name__} table"
+
+    def coerce(self, value):
+        return self.cls(**value) if isinstance(value, dict) else value
+
+    def valid(self, value) -> bool:
+        return isinstance(value, self.cls)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from data.coco import CocoDetection
+
 Key = tuple[int, int]  # (image index, view index)
 
 
@@ -68,3 +70,10 @@ class ViewBatchSampler:
     def batches_per_epoch(self) -> int:
         n, size = len(self.groups), self.batch_size * self.world_size
         return -(-n // size) if n else 0
+
+
+def batch_groups(dataset: CocoDetection, group_by: str) -> list[list]:
+    """The sampler's group of every (image, view): orientation or padded canvas."""
+    if group_by == "canvas":
+        return [[dataset.view_record(i, v).padded_hw for v in range(len(dataset.views))] for i in range(len(dataset))]
+    return [[dataset.orig_hw(i)[1] >= dataset.orig_hw(i)[0]] * len(dataset.views) for i in range(len(dataset))]

@@ -106,12 +106,18 @@ def synthetic_split(split: str) -> tuple[Path, Path]:
     return root / split, root / "annotations" / f"instances_{split}.json"
 
 
-def ensure_synthetic_default(root: Path | None = None) -> Path:
-    """The default dataset's folder, root/synthetic-v1 (root defaults to $LDCACHE_HOME, else
-    ~/.cache/ldcache), generated on first use; concurrent callers all get the winner's copy."""
+def synthetic_default_path(root: Path | None = None) -> Path:
+    """Where the default dataset lives (or will): root/synthetic-v1, root defaulting to
+    $LDCACHE_HOME, else ~/.cache/ldcache. Nothing is generated."""
     if root is None:
         root = os.environ.get("LDCACHE_HOME") or Path.home() / ".cache" / "ldcache"
-    out = Path(root).expanduser() / f"synthetic-v{GENERATOR_VERSION}"
+    return Path(root).expanduser() / f"synthetic-v{GENERATOR_VERSION}"
+
+
+def ensure_synthetic_default(root: Path | None = None) -> Path:
+    """The default dataset's folder (synthetic_default_path), generated on first use; concurrent
+    callers all get the winner's copy."""
+    out = synthetic_default_path(root)
     if not is_dataset(out):
         if _non_empty(out):
             raise UserError(f"{out} is not a complete synthetic dataset; delete it to regenerate")

@@ -37,6 +37,12 @@ def save_checkpoint(path, model: nn.Module, config: ModelConfig, **extra) -> Non
     os.replace(tmp, path)
 
 
+def trained_img_scale(ckpt: dict) -> tuple[int, int] | None:
+    """The img_scale the checkpoint's run trained at (our checkpoints record it), else None."""
+    scale = ckpt.get("run_config", {}).get("data", {}).get("img_scale")
+    return tuple(scale) if scale else None
+
+
 def read_checkpoint(path, map_location="cpu") -> dict:
     """Load a checkpoint file safely -> dict with at least "state_dict"."""
     path = Path(path)

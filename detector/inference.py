@@ -18,15 +18,17 @@ from core import distributed
 from detector.checkpoint import load_state_dict_strict, read_checkpoint, resolve_model_config
 from data.coco import CocoDetection, collate
 from core.config import check, param, validate_fields
+from core.domains import Nested
+from data.config import DataConfig
+from detector.checkpoint import trained_img_scale
 from core.domains import OneOf, Range, Table
 from core.errors import UserError
 from detector.evaluation import coco_evaluate, detections_to_coco, save_results
 from detector.model import build_detector
-from core.paths import InputDir, InputFile, OutputPath
+from core.paths import InputFile, OutputPath
 from detector.postprocess import PostprocessConfig, postprocess
 from core.runtime import AMP_MODES, Device, autocast_for, progress_bar, resolve_device
-from data.synthetic import SYNTHETIC_IMG_SCALE, synthetic_split
-from data.views import DEFAULT_IMG_SCALE, Scale, ViewRecord, ViewSpec
+from data.views import ViewRecord, ViewSpec
 
 
 def canvas_batches(records: list[ViewRecord], batch_size: int) -> list[list[int]]:
@@ -84,11 +86,8 @@ class EvalConfig:
                             shown="required")
     out: str = param("results.json", "COCO results json to write; the metrics go beside it as OUT.metrics.json",
                      OutputPath("file"))
-    images: str | None = param(None, "image folder", InputDir("image folder"), shown="synthetic val")
-    ann: str | None = param(None, "COCO annotation json", InputFile("annotation file"), shown="synthetic val")
-    img_scale: tuple[int, int] | None = param(None, "keep-ratio resize target LONG,SHORT", Scale(),
-                                              shown="the checkpoint's training scale, else 1333,800; 256,256 on the "
-                                                    "synthetic data")
+    data: DataConfig = param(help="the images (the [data] table / data flags)", domain=Nested(DataConfig),
+                             factory=DataConfig, flag=False)
     batch_size: int = param(8, "images per forward (equal canvases only, so results do not change)", Range(1, 4096))
     device: str = param("auto", "auto (cuda when available), cpu, cuda or cuda:N", Device())
     workers: int = param(2, "DataLoader worker processes", Range(0, 256))
@@ -101,8 +100,6 @@ class EvalConfig:
         problems = []
         if not self.checkpoint:
             problems.append("--checkpoint is required")
-        if (self.images is None) != (self.ann is None):
-            problems.append("give both --images and --ann (or neither, for the synthetic validation set)")
         check(problems, "evaluation configuration")
 
 
@@ -112,11 +109,8 @@ def run_evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     -> {"metrics", "detections", "images", "out", "metrics_path"}."""
     ckpt = read_checkpoint(cfg.checkpoint)
     model_cfg = resolve_model_config(ckpt, **cfg.arch)
-    trained_scale = ckpt.get("run_config", {}).get("data", {}).get("img_scale")
-    images, ann = cfg.images, cfg.ann
-    if images is None:
-        images, ann = synthetic_split("val")
-    scale = cfg.img_scale or trained_scale or (SYNTHETIC_IMG_SCALE if cfg.images is None else DEFAULT_IMG_SCALE)
+    data = cfg.data.resolve("val", scale=trained_img_scale(ckpt))  # no data: the synthetic val split
+    images, ann, scale = data.images, data.ann, data.img_scale
     dataset = CocoDetection(images, ann, views=[ViewSpec(False, tuple(scale))], strides=model_cfg.strides, train=False)
     if dataset.num_classes != model_cfg.num_classes:
         raise UserError(f"the checkpoint predicts {model_cfg.num_classes} classes but {ann} has {dataset.num_classes}; "

@@ -1,70 +1,18 @@
-"""Configs of a training run, as data: what to train on (DataConfig), how (TrainConfig) and with
-which losses (LossConfig). Frozen dataclasses validated at construction (core.config's rules);
+"""Configs of a training run, as data: how to train (TrainConfig) and with which losses (LossConfig);
+what to train on is data.config.DataConfig. Frozen dataclasses validated at construction (core.config's rules);
 the resolved values are saved as JSON beside every run."""
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, replace
+from dataclasses import dataclass, replace
 
-from core.config import build_config, check, config_to_dict, param, validate_fields
+from core.config import config_to_dict, param, validate_fields
 from core.domains import MAX_SEED, Flag, Ints, OneOf, Range
-from core.errors import UserError
-from core.paths import InputDir, InputFile
+from core.paths import InputFile
 from detector.regions import VLR_IOUS, TeacherNeeds
 from core.runtime import AMP_MODES, Device
-from data.synthetic import SYNTHETIC_IMG_SCALE, synthetic_split
-from data.views import DEFAULT_IMG_SCALE, Scale, Scales, Views
 
-__all__ = ["DataConfig", "LossConfig", "TrainConfig", "config_to_dict", "resolve_data"]
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    images: str = param(MISSING, "training image folder", InputDir("image folder"), shown="the synthetic dataset's")
-    ann: str = param(MISSING, "COCO annotation json of the training images", InputFile("annotation file"),
-                     shown="the synthetic dataset's")
-    val_images: str | None = param(None, "validation images, evaluated after training (with --val-ann)",
-                                   InputDir("image folder"), shown="synthetic val")
-    val_ann: str | None = param(None, "validation annotations (with --val-images)", InputFile("annotation file"),
-                                shown="synthetic val")
-    img_scale: tuple[int, int] = param(DEFAULT_IMG_SCALE, "keep-ratio resize target LONG,SHORT", Scale(),
-                                       shown="1333,800; 256,256 on the synthetic data; a cache's own")
-    views: str = param("orig,hflip", "views an image may be shown as (one drawn per image each epoch)", Views(),
-                       shown="orig,hflip; a cache's own")
-    extra_scales: tuple[tuple[int, int], ...] = param((), "more scales 'L1,S1;L2,S2', each with the views above",
-                                                      Scales(), shown="none; a cache's own unless --img-scale is given")
-    subset_fraction: float = param(1.0, "train on this seeded random fraction of the training images (a subset "
-                                        "of one cache reads the cache's rows)", Range(0, 1, integer=False, low_open=True))
-    subset_seed: int = param(0, "seed of --subset-fraction's draw", Range(0, MAX_SEED))
-
-    def __post_init__(self):
-        validate_fields(self, "data configuration")
-        if (self.val_images is None) != (self.val_ann is None):
-            check([val_pair_problem(self.val_images is not None)], "data configuration")
-
-
-def val_pair_problem(images_given: bool) -> str:
-    given, missing = ("--val-images", "--val-ann") if images_given else ("--val-ann", "--val-images")
-    return f"{given} was given without {missing}: give both, or neither (the synthetic val split on the default data)"
-
-
-def resolve_data(fields_given: dict) -> DataConfig:
-    """DataConfig from the fields given (TOML table and flags); no data at all means the synthetic
-    default: its train split, its val split for evaluation, at its own 256 px scale. A half of a
-    pair (images without ann, val images without val annotations) is an error, never completed
-    from the synthetic data."""
-    fields_given = dict(fields_given)
-    if ("images" in fields_given) != ("ann" in fields_given):
-        raise UserError("give both --images and --ann (or neither, for the synthetic dataset)")
-    if ("val_images" in fields_given) != ("val_ann" in fields_given):
-        raise UserError(f"invalid data configuration: {val_pair_problem('val_images' in fields_given)}")
-    if "images" not in fields_given:
-        fields_given["images"], fields_given["ann"] = synthetic_split("train")
-        if "val_ann" not in fields_given:
-            fields_given["val_images"], fields_given["val_ann"] = synthetic_split("val")
-        fields_given.setdefault("img_scale", SYNTHETIC_IMG_SCALE)
-    return build_config(DataConfig, {k: None if v is None else (str(v) if hasattr(v, "__fspath__") else v)
-                                     for k, v in fields_given.items()}, "data")
+__all__ = ["LossConfig", "TrainConfig", "config_to_dict"]
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,12 @@ from detector.evaluation import format_metrics_table, save_results
 from detector.inference import evaluate_model
 from detector.model import build_detector
 from core.runtime import progress_bar, resolve_device
-from data.views import ViewSpec, parse_views
-from distill.config import PAPER_LD_TEMPERATURE, DataConfig, LossConfig, TrainConfig, config_to_dict
+from data.builders import build_train_dataset, build_val_dataset
+from data.config import DataConfig
+from data.sampler import ViewBatchSampler, batch_groups
+from distill.config import PAPER_LD_TEMPERATURE, LossConfig, TrainConfig, config_to_dict
 from distill.geometry import median_edge_bins, temperature_note
 from distill.run_dir import MetricsLog, RunPaths, prepare_run_dir, tensorboard_available, truncate_metrics
-from data.sampler import ViewBatchSampler
 from distill.step import Learner, train_step
 from distill.teachers import TeacherSource
 
@@ -43,36 +44,11 @@ def lr_at(cfg: TrainConfig, base_lr: float, iteration: int, epoch: int) -> float
     return base_lr * warm * decay
 
 
-def batch_groups(dataset: CocoDetection, group_by: str) -> list[list]:
-    """The sampler's group of every (image, view): orientation or padded canvas."""
-    if group_by == "canvas":
-        return [[dataset.view_record(i, v).padded_hw for v in range(len(dataset.views))] for i in range(len(dataset))]
-    return [[dataset.orig_hw(i)[1] >= dataset.orig_hw(i)[0]] * len(dataset.views) for i in range(len(dataset))]
-
-
 def build_optimizer(cfg: TrainConfig, params, world_size: int = 1) -> torch.optim.Optimizer:
     lr = cfg.base_lr(world_size)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def build_train_dataset(data: DataConfig, strides) -> CocoDetection:
-    """The training images, all or a seeded random subset_fraction of them (in dataset order)."""
-    views = parse_views(data.views, data.img_scale, data.extra_scales)
-    dataset = CocoDetection(data.images, data.ann, views=views, strides=strides, train=True)
-    if data.subset_fraction < 1:
-        keep = max(1, round(data.subset_fraction * len(dataset)))
-        gen = torch.Generator().manual_seed(data.subset_seed)
-        dataset = dataset.subset(sorted(torch.randperm(len(dataset), generator=gen)[:keep].tolist()))
-    return dataset
-
-
-def build_val_dataset(data: DataConfig, strides) -> CocoDetection | None:
-    if data.val_ann is None:
-        return None
-    return CocoDetection(data.val_images, data.val_ann, views=[ViewSpec(False, data.img_scale)], strides=strides,
-                         train=False)
 
 
 def resolved_config(data, model_cfg, train, loss, dataset, extra) -> dict:
@@ -136,6 +112,7 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
     """Train, checkpoint, evaluate. Returns {"metrics": COCO metrics or None, "iter", "train_seconds"}.
     `dataset` may be passed when the caller already built the training set from `data`. `teacher`
     (a distill.teachers.TeacherSource: a cache or an online teacher) adds the distillation losses."""
+    data = data.resolve()  # a caller in code may leave fields out: their defaults (idempotent when resolved)
     dist_info = init_from_env(train.device)  # torchrun: one process per GPU (or CPU worker)
     run = build_training(data, model_cfg, train, loss, Path(out), resume, extra_config, dataset, teacher, dist_info)
     pos = restore(run)

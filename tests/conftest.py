@@ -57,8 +57,11 @@ def dump_tiny_cache(tiny: dict, teacher, out, img_scale=(96, 96), shard_mb=0.05,
     """Dump `teacher` over a tiny dataset in-process (small shards, so views cross shard boundaries)."""
     from cache_teacher.dump import DumpConfig, run_dump
 
-    run_dump(DumpConfig(teacher=str(teacher), images=str(tiny["images"]), ann=str(tiny["ann"]), out=str(out),
-                        img_scale=img_scale, workers=0, shard_mb=shard_mb, **kw), progress=False)
+    from data.config import DataConfig
+
+    data = DataConfig(images=str(tiny["images"]), ann=str(tiny["ann"]), img_scale=img_scale)
+    run_dump(DumpConfig(teacher=str(teacher), out=str(out), data=data, workers=0, shard_mb=shard_mb, **kw),
+             progress=False)
     return Path(out)
 
 

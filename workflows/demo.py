@@ -23,8 +23,10 @@ from core.domains import Flag, Range
 from core.paths import OutputPath
 from core.runtime import Device
 from data.synthetic import make_synthetic
-from distill.config import DataConfig, LossConfig, TrainConfig
-from distill.engine import build_train_dataset, run_train
+from data.builders import build_train_dataset
+from data.config import DataConfig
+from distill.config import LossConfig, TrainConfig
+from distill.engine import run_train
 
 
 @dataclass(frozen=True)
@@ -109,9 +111,9 @@ def run_demo(workdir: Path, quick: bool = False, device: str = "auto", workers: 
 
     echo(f"[3/{steps}] dump-teacher: every view (orig, hflip) of every training image, once")
     cache_dir = workdir / "teacher-cache.zarr"
-    dump = run_dump(DumpConfig(teacher=str(workdir / "teacher" / "checkpoints" / "last.pt"), images=data.images,
-                               ann=data.ann, out=str(cache_dir), img_scale=scale, device=device, workers=workers,
-                               shard_mb=8.0))
+    dump = run_dump(DumpConfig(teacher=str(workdir / "teacher" / "checkpoints" / "last.pt"), out=str(cache_dir),
+                               data=DataConfig(images=data.images, ann=data.ann, img_scale=scale), device=device,
+                               workers=workers, shard_mb=8.0))
     cache = TeacherCache(cache_dir)
 
     echo(f"[4/{steps}] inspect-cache")

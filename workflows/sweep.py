@@ -26,7 +26,8 @@ from core.domains import Flag, Range, Text, Texts
 from core.errors import UserError
 from core.paths import OutputPath
 from core.runtime import DeviceList
-from distill.config import DataConfig, LossConfig, TrainConfig
+from data.config import DataConfig
+from distill.config import LossConfig, TrainConfig
 from workflows.plots import plot_sweep
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")

@@ -9,9 +9,12 @@ from pathlib import Path
 
 from core.config import build_config
 from detector.config import GFL_STRIDES, ModelConfig
-from distill.config import LossConfig, TrainConfig, resolve_data
-from distill.engine import build_train_dataset, run_train
+from data.builders import build_train_dataset
+from data.config import DataConfig
+from distill.config import LossConfig, TrainConfig
+from distill.engine import run_train
 from distill.teachers import TeacherSource
+from workflows.student import data_hints
 
 
 def run_training(fields: dict, out: Path, resume: bool, teacher: TeacherSource | None = None, what: str = "GFL",
@@ -20,7 +23,8 @@ def run_training(fields: dict, out: Path, resume: bool, teacher: TeacherSource |
     train_cfg = build_config(TrainConfig, fields["train"], "train")
     loss_cfg = build_config(LossConfig, fields["loss"], "loss")
     model_cfg = build_config(ModelConfig, fields["model"], "model")  # num_classes: the dataset's unless given
-    data = resolve_data(fields["data"])
+    given = build_config(DataConfig, fields["data"], "data")
+    data = given.resolve("train", val=True, **data_hints(teacher))  # the one resolution of this run's data
     dataset = build_train_dataset(data, GFL_STRIDES)
     if "num_classes" not in fields["model"]:
         model_cfg = replace(model_cfg, num_classes=dataset.num_classes)

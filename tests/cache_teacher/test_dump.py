@@ -18,13 +18,14 @@ from cache_teacher.dump import DumpConfig, run_dump
 from cache_teacher.reader import TeacherCache
 from detector import ModelConfig, build_detector, save_checkpoint
 from data.coco import CocoDetection
+from data.config import DataConfig
 from core.errors import UserError
 from tests.conftest import ROOT, TINY_MODEL, store_array_files
 
 
-def _cfg(tiny, teacher, out, **kw):
-    base = dict(teacher=str(teacher), images=str(tiny["images"]), ann=str(tiny["ann"]), out=str(out),
-                img_scale=(96, 96), workers=0, batch_size=3, shard_mb=0.05)
+def _cfg(tiny, teacher, out, views=None, **kw):
+    base = dict(teacher=str(teacher), out=str(out), workers=0, batch_size=3, shard_mb=0.05,
+                data=DataConfig(images=str(tiny["images"]), ann=str(tiny["ann"]), img_scale=(96, 96), views=views))
     base.update(kw)
     return DumpConfig(**base)
 

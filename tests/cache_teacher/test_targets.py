@@ -10,8 +10,9 @@ from cache_teacher.reader import TeacherCache
 from cache_teacher.targets import CacheTeacher
 from detector import ModelConfig
 from core.errors import UserError
-from distill.config import DataConfig, LossConfig
-from distill.engine import build_train_dataset
+from data.config import DataConfig
+from distill.config import LossConfig
+from data.builders import build_train_dataset
 from tests.cli_runner import assert_user_error, run_cli
 from tests.conftest import TINY_MODEL, TINY_MODEL_FLAGS, dump_tiny_cache
 

@@ -8,7 +8,8 @@ from cache_teacher.reader import TeacherCache
 from cache_teacher.verify import dataset_of_cache, format_verify, teacher_ap, verify
 from detector import ModelConfig
 from detector.inference import EvalConfig, run_evaluate
-from distill.config import DataConfig, LossConfig, TrainConfig
+from data.config import DataConfig
+from distill.config import LossConfig, TrainConfig
 from distill.engine import run_train
 from tests.conftest import TINY_MODEL, dump_tiny_cache
 
@@ -28,9 +29,9 @@ def trained(tiny_coco, tmp_path_factory):
 def test_teacher_ap_from_the_cache_equals_evaluate_of_the_teacher(tiny_coco, trained, tmp_path):
     checkpoint, cache = trained
     from_cache = teacher_ap(cache, dataset_of_cache(cache, None, None))
-    result = run_evaluate(EvalConfig(checkpoint=str(checkpoint), images=str(tiny_coco["images"]),
-                                     ann=str(tiny_coco["ann"]), img_scale=(96, 96), workers=0,
-                                     out=str(tmp_path / "res.json")), progress=False)
+    data = DataConfig(images=str(tiny_coco["images"]), ann=str(tiny_coco["ann"]), img_scale=(96, 96))
+    result = run_evaluate(EvalConfig(checkpoint=str(checkpoint), data=data, workers=0, out=str(tmp_path / "res.json")),
+                          progress=False)
     assert from_cache["images"] == result["images"] == 10
     assert result["metrics"]["AP50"] > 0.05  # the teacher finds something: the comparison means something
     for key in ("AP", "AP50", "AP75"):  # equal up to the fp16 rounding of the cached logits

@@ -1,12 +1,14 @@
 import importlib.util
 import json
+import time
 
 import pytest
 import torch
 
 from detector import ModelConfig, build_detector, load_checkpoint
 from core.errors import UserError
-from distill.config import DataConfig, LossConfig, TrainConfig
+from data.config import DataConfig
+from distill.config import LossConfig, TrainConfig
 from distill.engine import lr_at, run_train
 from tests.conftest import TINY_MODEL
 
@@ -130,6 +132,9 @@ def test_tensorboard_events_hold_the_scalars_of_metrics_jsonl(tiny_coco, tmp_pat
 @needs_tensorboard
 def test_a_resumed_run_logs_each_step_once_to_tensorboard_and_none_without_it(tiny_coco, tmp_path):
     _train(tiny_coco, tmp_path / "split", max_iters=4)
+    # Event files sort by their names: creation second, host, pid, then a per-process counter that
+    # sorts "10" before "9". A real resume starts seconds later; these tiny runs can share a second.
+    time.sleep(1.1)
     _train(tiny_coco, tmp_path / "split", resume=True)
     steps = [s for s, _ in _scalars(tmp_path / "split")["loss"]]
     assert steps == [1, 2, 3, 4, 5, 6]

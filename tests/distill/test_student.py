@@ -17,7 +17,8 @@ from cache_teacher.targets import CacheTeacher
 from detector import ModelConfig
 from data.coco import CocoDetection
 from data.synthetic import make_synthetic
-from distill.config import DataConfig, LossConfig, TrainConfig
+from data.config import DataConfig
+from distill.config import LossConfig, TrainConfig
 from distill.criterion import compute_losses
 from distill.engine import run_train
 from distill.teachers import OnlineTeacher
@@ -168,17 +169,25 @@ def test_the_online_teacher_is_put_where_the_student_computes(tiny_coco, tiny_te
     assert len(resolved) == 1 and moved == resolved  # the one device the student was put on
 
 
-def test_a_student_on_a_cache_keeps_what_it_was_not_told_to_change(tiny_cache):
+def test_a_student_on_a_cache_keeps_what_it_was_not_told_to_change(tiny_cache, tiny_coco):
     """Each of views, scale and extra scales defaults to the cache's on its own: --views hflip
     keeps the cache's scale; a typed --img-scale drops the cache's other scales."""
-    from workflows.student import data_defaults
+    from workflows.student import data_hints
 
-    source = CacheTeacher(TeacherCache(tiny_cache))  # orig and hflip at 96x96
-    data = {"images": "elsewhere", "ann": "elsewhere.json"}  # given: not the dumped dataset's
-    assert data_defaults(source, {**data, "views": "hflip"}) == {"img_scale": (96, 96), "extra_scales": ()}
-    assert data_defaults(source, {**data, "img_scale": (128, 128)}) == {"views": "orig,hflip"}
-    assert data_defaults(source, {**data, "img_scale": (96, 96), "extra_scales": ((128, 128),), "views": "orig"}) == {}
-    assert data_defaults(source, data) == {"views": "orig,hflip", "img_scale": (96, 96), "extra_scales": ()}
+    hints = data_hints(CacheTeacher(TeacherCache(tiny_cache)))  # orig and hflip at 96x96
+    data = dict(images=str(tiny_coco["images"]), ann=str(tiny_coco["ann"]))  # given: not the dump's hint
+
+    def resolved(**given):
+        r = DataConfig(**data, **given).resolve(**hints)
+        return {"views": r.views, "img_scale": r.img_scale, "extra_scales": r.extra_scales}
+
+    assert resolved(views="hflip") == {"views": "hflip", "img_scale": (96, 96), "extra_scales": ()}
+    assert resolved(img_scale=(128, 128)) == {"views": "orig,hflip", "img_scale": (128, 128), "extra_scales": ()}
+    assert resolved(img_scale=(96, 96), extra_scales=((128, 128),), views="orig") == {
+        "views": "orig", "img_scale": (96, 96), "extra_scales": ((128, 128),)}
+    assert resolved() == {"views": "orig,hflip", "img_scale": (96, 96), "extra_scales": ()}
+    # no data given: the dataset the dump read, while it is there
+    assert DataConfig().resolve(**hints).ann == str(tiny_coco["ann"])
 
 
 def test_train_student_views_alone_trains_at_the_caches_scale(tiny_coco, tiny_cache, tmp_path):
