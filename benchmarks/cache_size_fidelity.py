@@ -10,10 +10,10 @@ The same views are dumped once per mode (fp16 box+cls, uint8 box+cls, fp16 --no-
 (stored rows / bytes on disk) and size relative to fp16 box+cls. Fidelity: the teacher runs again in
 fp32 on the same views (batches of equal padded canvas, which is the cache's definition of a view's
 maps up to float noise) and every edge of every row is compared with the stored logits:
-KL(fresh || stored) at T = 10 (cache_teacher.fidelity.edge_kl, the LD loss per edge), mean, p99
-and max; plus the largest absolute error of class logits. edge_kl computes in float32, whose
-rounding leaves a noise floor near 1e-6 per edge at T = 10 (means can even come out negative), so
-the same formula in float64 is reported beside it.
+KL(fresh || stored) at T = 10 (detector.distributions.distribution_kl, the LD loss per edge),
+mean, p99 and max; plus the largest absolute error of class logits. In float32 (what training
+computes) its rounding leaves a noise floor near 1e-6 per edge at T = 10 (means can even come out
+negative), so the same KL in float64 is reported beside it.
 
 Goal: uint8 box logits with mean KL <= 1e-5. The dump runs with --amp off by default so the numbers
 measure storage alone (with --amp auto a CUDA dump runs in bf16 and its error is included).
@@ -39,7 +39,7 @@ from data.config import DataConfig  # noqa: E402
 from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
 from detector.checkpoint import load_model  # noqa: E402
 from detector.rows import flatten_rows  # noqa: E402
-from cache_teacher.fidelity import edge_kl  # noqa: E402
+from detector.distributions import distribution_kl  # noqa: E402
 from cache_teacher.inspect import summarize  # noqa: E402
 from cache_teacher.reader import TeacherCache  # noqa: E402
 from data.coco import collate  # noqa: E402
@@ -73,14 +73,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def edge_kl_float64(fresh_logits: torch.Tensor, stored_logits: torch.Tensor, temperature: float, bins: int) -> torch.Tensor:
-    """edge_kl's formula in float64. edge_kl works in float32, whose rounding of log-softmax, times
-    T^2 = 100, leaves a noise floor near 1e-6 per edge: below it, only float64 tells modes apart."""
-    p_log = torch.log_softmax(fresh_logits.double().reshape(-1, bins) / temperature, dim=-1)
-    q_log = torch.log_softmax(stored_logits.double().reshape(-1, bins) / temperature, dim=-1)
-    return temperature**2 * (p_log.exp() * (p_log - q_log)).mean(dim=-1)
-
-
 @torch.no_grad()
 def compare(teacher, dataset, keys, caches: dict[str, TeacherCache], device, reg_max: int, temperature: float,
             workers: int) -> dict[str, dict]:
@@ -99,8 +91,9 @@ def compare(teacher, dataset, keys, caches: dict[str, TeacherCache], device, reg
         for i, (image_index, spec_index) in enumerate(views):
             for name, cache in caches.items():
                 stored = cache.read_view(cache.view_index(image_index, spec_index))
-                kls[name].append(edge_kl(fresh_box[i], stored.box, temperature, reg_max + 1).double().numpy())
-                kls64[name].append(edge_kl_float64(fresh_box[i], stored.box, temperature, reg_max + 1).numpy())
+                fresh, kept = fresh_box[i].reshape(-1, reg_max + 1), stored.box.reshape(-1, reg_max + 1)
+                kls[name].append(distribution_kl(kept, fresh, temperature).double().numpy())  # float32
+                kls64[name].append(distribution_kl(kept, fresh, temperature, torch.float64).numpy())
                 box_err[name] = max(box_err[name], float((fresh_box[i] - stored.box).abs().max()))
                 if stored.cls is not None:
                     cls_err[name] = max(cls_err[name], float((fresh_cls[i] - stored.cls).abs().max()))
@@ -171,7 +164,7 @@ def main(argv=None) -> None:
                 "trained teacher" if random_weights else f"trained teacher {teacher_path}")
         print(f"\n{common.describe_teacher(teacher_info)}\n{num_views} views at {args.img_scale}, device {device}, "
               f"dump amp {args.amp}; KL(fresh fp32 || stored) at T={args.temperature:g} over "
-              f"{rows[0]['edges']:,} edges (KL = fidelity.edge_kl, float32, noise floor ~1e-6; fp64 = the same formula in float64); goal uint8 KL mean <= 1e-5; {note}\n")
+              f"{rows[0]['edges']:,} edges (KL = distributions.distribution_kl, float32, noise floor ~1e-6; fp64 = the same formula in float64); goal uint8 KL mean <= 1e-5; {note}\n")
         print(common.markdown_table(rows, columns))
         out = common.write_results(args.out, args, rows, device, teacher=teacher_info,
                                    data={"images": images, "ann": ann, "num_images": len(dataset), "num_views": num_views},

@@ -153,17 +153,12 @@ def build_dataset(images: str, ann: str, args, strides) -> CocoDetection:
 
 def dump_batches(dataset: CocoDetection, teacher_cfg: ModelConfig, box_dtype: str, cls_dtype: str | None,
                  shard_mb: float, batch_size: int):
-    """The batches run_dump forms for a fresh store, as [(image index, spec index), ...] per batch,
-    and the layout: views of equal padded canvas, cut at shard boundaries (Layout.batches_of_shard)."""
-    from cache_teacher.layout import plan_layout
+    """The batches run_dump forms for a fresh dense store, as [(image index, spec index), ...] per
+    batch, and the layout (cache_teacher.plan: the dump's own plan)."""
+    from cache_teacher.plan import plan_dump, shard_batches, view_keys
 
-    row_bytes = teacher_cfg.box_channels * np.dtype(box_dtype).itemsize + (
-        teacher_cfg.num_classes * np.dtype(cls_dtype).itemsize if cls_dtype else 0)
-    records = [[dataset.view_record(i, s) for s in range(len(dataset.views))] for i in range(len(dataset))]
-    layout = plan_layout(records, row_bytes=row_bytes, shard_mb=shard_mb)
-    batches = [b for s in range(layout.num_shards) for b in layout.batches_of_shard(s, batch_size)]
-    keys = [[(int(layout.image_index[v]), int(layout.spec_index[v])) for v in b] for b in batches]
-    return keys, layout
+    layout = plan_dump(dataset, teacher_cfg, box_dtype=box_dtype, cls_dtype=cls_dtype, shard_mb=shard_mb).layout
+    return view_keys(layout, shard_batches(layout, range(layout.num_shards), batch_size)), layout
 
 
 def num_classes_of(ann: str) -> int:

@@ -24,9 +24,8 @@ import torch  # noqa: E402
 
 from detector.checkpoint import load_model  # noqa: E402
 from data.coco import CocoDetection, collate  # noqa: E402
-from detector.evaluation import coco_evaluate, detections_to_coco  # noqa: E402
-from detector.inference import canvas_batches  # noqa: E402
-from detector.postprocess import postprocess  # noqa: E402
+from detector.evaluation import coco_evaluate  # noqa: E402
+from detector.inference import canvas_batches, coco_detections  # noqa: E402
 from data.views import ViewSpec  # noqa: E402
 
 SCRIPT = "gap_decomposition"
@@ -50,15 +49,14 @@ def predictions(teacher_path: str, student_path: str, images: str, ann: str, img
     records = [dataset.view_record(i, 0) for i in range(len(dataset))]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=[[(i, 0) for i in b] for b in canvas_batches(records, batch_size)],
                                          collate_fn=collate)
-    results = {name: [] for name in COMBOS}
-    for batch in loader:
-        outputs = {k: m(batch.images) for k, m in models.items()}  # (cls per level, box per level)
-        for name, (cls_from, box_from) in COMBOS.items():
-            dets = postprocess(outputs[cls_from][0], outputs[box_from][1], batch.records, config.strides, config.reg_max)
-            for record, det in zip(batch.records, dets):
-                results[name] += detections_to_coco(record.image_id, det.boxes, det.scores, det.labels,
-                                                    dataset.label_to_cat_id)
-    return dataset, {name: sorted(r, key=lambda d: d["image_id"]) for name, r in results.items()}
+
+    def outputs():
+        for batch in loader:
+            maps = {k: m(batch.images) for k, m in models.items()}  # (cls per level, box per level)
+            yield batch.records, {name: (maps[cls_from][0], maps[box_from][1]) for name, (cls_from, box_from) in COMBOS.items()}
+
+    results = coco_detections(outputs(), config.strides, config.reg_max, dataset.label_to_cat_id)
+    return dataset, {name: results.get(name, []) for name in COMBOS}
 
 
 def decompose(teacher_path: str, student_path: str, images: str, ann: str, img_scale: tuple[int, int],

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the repository root on sys.path)
 from sparse_size import write_coco_like  # noqa: E402
 
-from detector.atss import assign_batch  # noqa: E402
+from detector.atss import assign_view  # noqa: E402
 from data.coco import CocoDetection  # noqa: E402
 from detector.regions import vlr_region  # noqa: E402
 from data.views import parse_views  # noqa: E402
@@ -37,11 +37,9 @@ def density(dataset: CocoDetection, gamma: float, max_images: int) -> dict:
     n = min(len(dataset), max_images)
     objects = positives = vlr = 0.0
     for i in range(n):
-        record = dataset.view_record(i, 0)
-        boxes, labels = dataset.view_boxes(i, record)
+        _, boxes, assign = assign_view(dataset, i)
         if len(boxes) == 0:
             continue
-        assign = assign_batch([record.level_hw], [boxes], [labels], dataset.strides, dataset.num_classes)
         objects += len(boxes)
         positives += assign.pos.numel()
         vlr += float(vlr_region(assign, gamma).weights.sum())

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from detector.distributions import integral
+
 UINT8_LEVELS = 255
 
 
@@ -97,17 +99,4 @@ def decode_topk(topk, index, floor, num_classes: int, device=None) -> torch.Tens
 def encode_edges(box_rows: torch.Tensor, reg_max: int) -> torch.Tensor:
     """Box logits [n, 4(n+1)] -> the expected distance of each edge [n, 4] fp16, in stride units
     (softmax over the bins . bin positions: the distances the boxes are decoded from)."""
-    probs = box_rows.float().reshape(-1, 4, reg_max + 1).softmax(-1)
-    return (probs @ torch.arange(reg_max + 1, dtype=probs.dtype, device=probs.device)).half()
-
-
-def logits_of_edges(edges: torch.Tensor, reg_max: int) -> torch.Tensor:
-    """Expected edge distances [n, 4] -> box logits [n, 4(n+1)] whose expectation they are: each
-    edge's mass on the two bins around it (as DFL's target), so anything that decodes box logits
-    (post-processing, pictures) decodes an ld+bckd cache's every location to the teacher's box."""
-    e = edges.float().clamp(0, reg_max - 1e-4).reshape(-1, 4, 1)
-    left = e.floor()
-    bins = torch.arange(reg_max + 1, dtype=torch.float32, device=edges.device)
-    mass = (1 - (bins - e).abs()).clamp(min=0)  # left + 1 - e at floor(e), e - left at floor(e) + 1
-    mass = torch.where((bins == left) | (bins == left + 1), mass, torch.zeros_like(mass))
-    return torch.log(mass.clamp(min=1e-30)).clamp(min=-1e4).reshape(len(edges), -1)
+    return integral(box_rows.float(), reg_max).half()

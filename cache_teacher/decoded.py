@@ -1,5 +1,10 @@
 """A cache's rows decoded to float32 logits: DecodedRows (what TeacherCache.decode returns for a
-view or a batch) and CachedView (one view, spread over all its locations on demand)."""
+view or a batch) and CachedView (one view, spread over all its locations on demand).
+
+A location a region-sparse cache did not store is NaN in every dense array read back from it
+(spread): one convention for all readers. A loss refuses to read NaN (distill.criterion: the rows
+it reads must exist); a picture or the teacher's AP, which look at every location, take NaN as no
+detection (without_holes)."""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from cache_teacher.codec import logits_of_edges
+from detector.distributions import logits_of_edges
 from data.views import ViewRecord
 
 
@@ -22,6 +27,11 @@ class DecodedRows(NamedTuple):
     edges: torch.Tensor | None = None  # ld+bckd: [n_dense, 4] the expected edge distances (stride units)
 
 
+def spread(rows: torch.Tensor, location: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Stored rows [m, K] at their locations among num_rows dense rows, NaN elsewhere: [num_rows, K]."""
+    return rows.new_full((num_rows, rows.shape[1]), float("nan")).index_copy(0, location.long(), rows)
+
+
 @dataclass
 class CachedView:
     record: ViewRecord
@@ -31,17 +41,24 @@ class CachedView:
     edges: torch.Tensor | None = None  # ld+bckd caches: [num_rows, 4] (cls covers every location too)
 
     def dense(self) -> "CachedView":
-        """A sparse view spread over all its locations: where nothing is stored, box logits 0 (flat
-        distributions; in an ld+bckd cache, logits whose expectation is the stored edges) and class
-        logits -1e4 (probability 0). Dense views are returned as they are."""
+        """A sparse view spread over all its locations, NaN where nothing is stored (spread); an
+        ld+bckd cache's every location has box logits whose expectation is its stored edges. Dense
+        views are returned as they are."""
         if self.location is None:
             return self
         n, loc = self.record.num_rows, self.location.long()
         if self.edges is not None:  # ld+bckd: each location's expected edges as logits, stored rows as they are
             box = logits_of_edges(self.edges, self.box.shape[1] // 4 - 1).index_copy(0, loc, self.box)
         else:
-            box = self.box.new_zeros((n, self.box.shape[1])).index_copy(0, loc, self.box)
+            box = spread(self.box, loc, n)
         cls = self.cls
         if cls is not None and self.edges is None:  # main+vlr: class logits at the stored rows only
-            cls = self.cls.new_full((n, self.cls.shape[1]), -1e4).index_copy(0, loc, self.cls)
+            cls = spread(self.cls, loc, n)
         return CachedView(self.record, box, cls, None, self.edges)
+
+    def without_holes(self) -> "CachedView":
+        """The dense view with its NaN locations as no detection (class logits -1e4: probability 0;
+        box logits 0: a flat distribution), for what looks at every location (pictures, AP)."""
+        view = self.dense()
+        cls = None if view.cls is None else view.cls.nan_to_num(nan=-1e4)
+        return CachedView(view.record, view.box.nan_to_num(nan=0.0), cls, None, view.edges)

@@ -22,8 +22,8 @@ import torch
 from cache_teacher import schema
 from cache_teacher.codec import all_finite, encode_edges, encode_rows, encode_topk
 from cache_teacher.dump_config import DumpConfig, package_version, resolve_dump
-from cache_teacher.layout import Layout, plan_layout, with_region_space
-from cache_teacher.plan import plan_region_rows
+from cache_teacher.layout import Layout
+from cache_teacher.plan import plan_dump, shard_batches, view_keys
 from cache_teacher.reader import is_url, open_group
 from cache_teacher.writer import CacheWriter
 from detector.checkpoint import file_sha256, load_model
@@ -165,25 +165,10 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
                         f"{dataset.num_classes}; dump with the teacher trained for this dataset")
     dataset.check_files()
     sparse, two = cfg.store_regions != "dense", cfg.store_regions == "ld+bckd"  # two row spaces
-    topk = min(cfg.cls_topk, teacher_cfg.num_classes)
-    box_bytes = 4 * (teacher_cfg.reg_max + 1) * np.dtype(cfg.box_dtype).itemsize
-    if two:  # the dense rows: edges, top-k values and classes, floor
-        row_bytes = 8 + topk * (2 + (1 if teacher_cfg.num_classes <= 256 else 2)) + 2
-    else:
-        row_bytes = box_bytes + (teacher_cfg.num_classes * np.dtype(cfg.cls_dtype).itemsize if cfg.cls_dtype else 0)
-    # [image][spec] -> the dense row indices of the Main and VLR regions, from the annotations alone
-    region_rows = plan_region_rows(dataset, cfg.min_vlr_gamma, cfg.vlr_iou, cfg.workers, progress) if sparse else None
-    counts = [[len(r) for r in rows] for rows in region_rows] if sparse else None
-    layout = plan_layout([[dataset.view_record(i, s) for s in range(len(specs))] for i in range(len(dataset))],
-                         row_bytes=row_bytes + (4 if sparse and not two else 0), shard_mb=cfg.shard_mb,
-                         rows_per_view=None if two else counts)
-    if two:
-        layout = with_region_space(layout, counts)
-    regions = schema.Regions()
-    if sparse:
-        stored = layout.region_rows if two else layout.num_rows
-        regions = schema.Regions(cfg.store_regions, cfg.min_vlr_gamma, cfg.vlr_iou, "atss-topk9", int(stored.sum()),
-                                 int(sum(r.num_rows for r in layout.records)), cls_topk=topk if two else None)
+    plan = plan_dump(dataset, teacher_cfg, box_dtype=cfg.box_dtype, cls_dtype=cfg.cls_dtype, shard_mb=cfg.shard_mb,
+                     store_regions=cfg.store_regions, min_vlr_gamma=cfg.min_vlr_gamma, vlr_iou=cfg.vlr_iou,
+                     cls_topk=cfg.cls_topk, workers=cfg.workers, progress=progress)
+    layout, regions, region_rows, topk = plan.layout, plan.regions, plan.region_rows, plan.regions.cls_topk
     meta = schema.build_metadata(
         teacher_config=teacher_cfg.to_dict(), teacher_sha256=file_sha256(cfg.teacher), ann_sha256=dataset.ann_sha256,
         image_ids=dataset.image_ids, specs=specs, strides=teacher_cfg.strides,
@@ -201,7 +186,7 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
     writer = opened.get("writer") or CacheWriter.resume(cfg.out, cfg.storage_options)
     done = writer.shards_done()
     todo = [s for s in range(layout.num_shards) if not done[s] and s % dist_info.world_size == dist_info.rank]
-    batches = [b for s in todo for b in layout.batches_of_shard(s, cfg.batch_size)]
+    batches = shard_batches(layout, todo, cfg.batch_size)
     num_views = sum(len(b) for b in batches)
 
     space_of = {key: "region" if two and ARRAY_OF_KEY[key] in schema.REGION_ARRAYS else "rows" for key in ARRAY_OF_KEY}
@@ -210,7 +195,7 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
     errors: list = []
     thread = threading.Thread(target=_writer_loop, args=(work, assembler, layout, errors), daemon=True)
     thread.start()
-    keys = [[(int(layout.image_index[v]), int(layout.spec_index[v])) for v in b] for b in batches]
+    keys = view_keys(layout, batches)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys, num_workers=cfg.workers, collate_fn=collate,
                                          pin_memory=device.type == "cuda")
     cuda = device.type == "cuda"

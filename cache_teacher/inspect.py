@@ -120,7 +120,7 @@ def render_png(cache: TeacherCache, view: int, out: Path, images=None, ann=None,
     h, w = record.resized_hw
     mean, std = torch.tensor(PIXEL_MEAN)[:, None, None], torch.tensor(PIXEL_STD)[:, None, None]
     image = (sample.image[:, :h, :w] * std + mean).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-    cached = cache.read_view(view).dense()  # a sparse cache shows only what it stores
+    cached = cache.read_view(view).without_holes()  # a sparse cache shows only what it stores
     box_maps = [m[None] for m in view_maps(cached.box, record.level_hw)]
     strides, reg_max = cache.meta.strides, cache.meta.reg_max
     frame = dataclasses.replace(record, orig_hw=record.resized_hw, flip=False)  # decode in the view's own pixels

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cache_teacher.decoded import spread
 from cache_teacher.reader import TeacherCache
 from cache_teacher.schema import LOCATION, transform_spec
 from data.coco import Batch, CocoDetection, Sample, collate
@@ -132,7 +133,7 @@ class CacheTeacher:
         if box is None:  # not read (BCKD alone from an ld+bckd cache): every row a hole, no memory
             box = torch.full((1, width), float("nan"), device=device).expand(n, width)
         else:
-            box = box.new_full((n, width), float("nan")).index_copy(0, location, box)
+            box = spread(box, location, n)
         if cls is not None and not two:  # main+vlr: class logits at the stored rows only
-            cls = cls.new_full((n, cls.shape[1]), float("nan")).index_copy(0, location, cls)
+            cls = spread(cls, location, n)
         return TeacherRows(box, cls, holes=True, edges=edges)

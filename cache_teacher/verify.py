@@ -16,9 +16,9 @@ from data.config import DataConfig
 from detector.checkpoint import file_sha256, load_model
 from data.coco import CocoDetection
 from core.errors import UserError
-from detector.evaluation import coco_evaluate, detections_to_coco
-from detector.gfl_loss import integral
-from detector.postprocess import postprocess
+from detector.inference import coco_detections
+from detector.evaluation import coco_evaluate
+from detector.distributions import integral
 from detector.rows import flatten_rows, view_maps
 
 
@@ -120,16 +120,15 @@ def teacher_ap(cache: TeacherCache, dataset: CocoDetection, max_images: int = 10
     chosen = range(len(dataset))
     if len(dataset) > max_images:
         chosen = sorted(np.random.default_rng(seed).choice(len(dataset), size=max_images, replace=False).tolist())
-    strides, reg_max = cache.meta.strides, cache.meta.reg_max
-    results = []
-    for i in chosen:
-        v = cache.view_index(int(i), spec)
-        view = cache.read_view(v).dense()  # a region-sparse cache: its stored rows only
-        record = cache.records[v]
-        cls_maps = [m[None] for m in view_maps(view.cls, record.level_hw)]
-        box_maps = [m[None] for m in view_maps(view.box, record.level_hw)]
-        det = postprocess(cls_maps, box_maps, [record], strides, reg_max)[0]
-        results += detections_to_coco(record.image_id, det.boxes, det.scores, det.labels, dataset.label_to_cat_id)
+    def outputs():  # each cached view's rows as the head's maps: no teacher runs
+        for i in chosen:
+            v = cache.view_index(int(i), spec)
+            view = cache.read_view(v).without_holes()  # a region-sparse cache: its stored rows only
+            record = cache.records[v]
+            yield [record], {"cache": ([m[None] for m in view_maps(view.cls, record.level_hw)],
+                                       [m[None] for m in view_maps(view.box, record.level_hw)])}
+
+    results = coco_detections(outputs(), cache.meta.strides, cache.meta.reg_max, dataset.label_to_cat_id).get("cache", [])
     image_ids = [dataset.image_ids[int(i)] for i in chosen]
     metrics = coco_evaluate(dataset.ann_file, results, image_ids=image_ids)
     return {"images": len(image_ids), "of_images": len(dataset), "view": cache.specs[spec].name,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from data.coco import CocoDetection
+
 from detector.box_ops import pairwise_iou
 from detector.priors import anchor_centres, image_priors
 
@@ -179,6 +181,15 @@ def assign_batch(level_hw_per_image: list[tuple], gt_boxes_per_image: list[torch
         ious_per_image=[ious[i][valid[i]][:, :len(g)] for i, g in enumerate(gt_boxes_per_image)],
         num_levels=len(strides), padded=PaddedBatch(grid.anchors, valid, grid.row_of, gts, gt_valid, ious, thresholds),
     )
+
+
+def assign_view(dataset: CocoDetection, index: int, spec: int = 0, strides: tuple[int, ...] | None = None):
+    """ATSS on one view of a dataset from its annotations alone (no network): -> (the view's record,
+    its GT boxes in view pixels, the assignment of a batch of that one view)."""
+    record = dataset.view_record(index, spec)
+    boxes, labels = dataset.view_boxes(index, record)
+    assign = assign_batch([record.level_hw], [boxes], [labels], strides or dataset.strides, dataset.num_classes)
+    return record, boxes, assign
 
 
 def _groups(level_hw_per_image: list[tuple]) -> dict[tuple, list[int]]:

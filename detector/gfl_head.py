@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from detector.distributions import integral
+
 from detector.layers import ConvBlock, Scale
 
 
@@ -23,9 +25,8 @@ class Integral(nn.Module):
         self.register_buffer("project", torch.linspace(0, reg_max, reg_max + 1))
 
     def forward(self, box_logits: torch.Tensor) -> torch.Tensor:
-        # [..., 4 * (reg_max + 1)] -> [..., 4] distances in stride units
-        probs = box_logits.reshape(*box_logits.shape[:-1], 4, self.reg_max + 1).softmax(-1)
-        return probs @ self.project.to(probs.dtype)
+        # [..., 4 * (reg_max + 1)] -> [..., 4] distances in stride units (project holds 0..reg_max)
+        return integral(box_logits, self.reg_max)
 
 
 class GFLHead(nn.Module):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from detector.atss import BatchAssignment
+from detector.distributions import integral
 from detector.box_ops import aligned_giou, aligned_iou, box_to_distance, distance_to_box
 from core.distributed import reduce_mean, world_size
 from detector.priors import anchor_centres
@@ -26,12 +27,6 @@ class GFLLossOutput:
     pos_weights: torch.Tensor  # [P] w_i, detached
     weight_sum: torch.Tensor  # scalar: sum of w_i averaged over ranks, clamped >= 1 globally (GIoU/DFL divisor)
     num_pos: torch.Tensor  # scalar: sum of max(positives, 1) per image, averaged over ranks (QFL divisor)
-
-
-def integral(box_logits: torch.Tensor, reg_max: int) -> torch.Tensor:
-    """[P, 4(n+1)] -> expected distances [P, 4] in stride units."""
-    probs = box_logits.reshape(-1, 4, reg_max + 1).softmax(-1)
-    return probs @ torch.arange(reg_max + 1, dtype=probs.dtype, device=probs.device)
 
 
 def pos_geometry(assign: BatchAssignment):

@@ -39,6 +39,21 @@ def canvas_batches(records: list[ViewRecord], batch_size: int) -> list[list[int]
     return [idx[s:s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
 
 
+def coco_detections(outputs, strides, reg_max: int, label_to_cat_id, cfg: PostprocessConfig = PostprocessConfig(),
+                    ) -> dict[str, list[dict]]:
+    """The one path from head outputs to COCO results, whatever produced them (a model, a cache's
+    rows, a teacher's boxes with a student's scores): outputs yields (view records, {name: (class
+    maps, box maps)}) per batch; -> {name: COCO result dicts in original image pixels, sorted by
+    image id (stable: each image's detections stay in score order)}."""
+    results: dict[str, list[dict]] = {}
+    for records, maps in outputs:
+        for name, (cls_maps, box_maps) in maps.items():
+            for record, det in zip(records, postprocess(cls_maps, box_maps, records, strides, reg_max, cfg)):
+                results.setdefault(name, []).extend(detections_to_coco(
+                    record.image_id, det.boxes.cpu(), det.scores.cpu(), det.labels.cpu(), label_to_cat_id))
+    return {name: sorted(r, key=lambda d: d["image_id"]) for name, r in results.items()}
+
+
 @torch.no_grad()
 def predict_dataset(model: torch.nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 1,
                     workers: int = 0, amp: str = "auto", cfg: PostprocessConfig = PostprocessConfig(),
@@ -53,17 +68,15 @@ def predict_dataset(model: torch.nn.Module, dataset: CocoDetection, device: torc
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                                          pin_memory=device.type == "cuda")
     config = model.config
-    results = []
-    with progress_bar(total=len(indices), desc="evaluate", unit="img", disable=not progress, leave=False) as bar:
+
+    def outputs():
         for batch in loader:
             with autocast_for(device, amp):
-                cls_out, box_out = model(batch.images.to(device, non_blocking=True))
-            dets = postprocess(cls_out, box_out, batch.records, config.strides, config.reg_max, cfg)
-            for record, det in zip(batch.records, dets):
-                results += detections_to_coco(record.image_id, det.boxes.cpu(), det.scores.cpu(), det.labels.cpu(),
-                                              dataset.label_to_cat_id)
+                yield batch.records, {"model": model(batch.images.to(device, non_blocking=True))}
             bar.update(len(batch.records))
-    return sorted(results, key=lambda r: r["image_id"])  # stable: each image's detections stay in score order
+
+    with progress_bar(total=len(indices), desc="evaluate", unit="img", disable=not progress, leave=False) as bar:
+        return coco_detections(outputs(), config.strides, config.reg_max, dataset.label_to_cat_id, cfg).get("model", [])
 
 
 def evaluate_model(model, dataset: CocoDetection, device, batch_size: int = 1, workers: int = 0, amp: str = "auto",

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from detector.box_ops import box_area, distance_to_box
-from detector.gfl_head import Integral
+from detector.distributions import integral
 from detector.priors import anchor_centres, level_priors
 from detector.rows import image_level_rows
 from data.views import ViewRecord, boxes_to_original
@@ -35,7 +35,6 @@ class Detections:
 def postprocess(cls_logits_per_level: list[torch.Tensor], box_logits_per_level: list[torch.Tensor],
                 records: list[ViewRecord], strides: tuple[int, ...], reg_max: int,
                 cfg: PostprocessConfig = PostprocessConfig()) -> list[Detections]:
-    integral = Integral(reg_max).to(box_logits_per_level[0].device)
     results = []
     for i, record in enumerate(records):
         boxes_all, scores_all, labels_all = [], [], []
@@ -49,7 +48,7 @@ def postprocess(cls_logits_per_level: list[torch.Tensor], box_logits_per_level: 
                 flat_scores, order = flat_scores.topk(cfg.nms_pre)
                 loc_idx, cls_idx = loc_idx[order], cls_idx[order]
             centres = anchor_centres(level_priors((h, w), stride, scores.device)[loc_idx])
-            dist = integral(box_logits[loc_idx]) * stride
+            dist = integral(box_logits[loc_idx], reg_max) * stride
             boxes_all.append(distance_to_box(centres, dist, max_hw=record.resized_hw))
             scores_all.append(flat_scores)
             labels_all.append(cls_idx)

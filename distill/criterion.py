@@ -17,7 +17,8 @@ from core.distributed import reduce_mean
 from core.errors import UserError
 from detector.atss import BatchAssignment, assign_batch
 from detector.box_ops import aligned_giou, distance_to_box
-from detector.gfl_loss import GFLLossOutput, gfl_losses, integral
+from detector.distributions import integral
+from detector.gfl_loss import GFLLossOutput, gfl_losses
 from detector.priors import anchor_centres
 from distill.config import (REF_IMAGES_PER_PROCESS, REF_NUM_CLASSES, REF_POSITIVES_PER_IMAGE,
                             REF_VLR_WEIGHT_PER_IMAGE, LossConfig)

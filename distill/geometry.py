@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from detector.atss import assign_batch
+from detector.atss import assign_view
 from detector.box_ops import box_to_distance
 from data.coco import CocoDetection
 from detector.gfl_loss import DFL_EPS, pos_geometry
@@ -30,11 +30,9 @@ def positive_edge_distances(dataset: CocoDetection, strides: tuple[int, ...], re
     picks = sorted({int(i) for i in torch.linspace(0, n - 1, min(n, max_images)).round().tolist()}) if n else []
     distances = []
     for index in picks:
-        record = dataset.view_record(index, 0)
-        boxes, labels = dataset.view_boxes(index, record)
+        _, boxes, assign = assign_view(dataset, index, 0, strides)
         if len(boxes) == 0:
             continue
-        assign = assign_batch([record.level_hw], [boxes], [labels], strides, dataset.num_classes)
         centres, targets = pos_geometry(assign)  # stride units
         distances.append(box_to_distance(centres, targets, reg_max, DFL_EPS).reshape(-1))
     return torch.cat(distances) if distances else torch.zeros(0)

@@ -5,17 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from detector.distributions import distribution_kl
+
 
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) per row at temperature T: [N, K] x [N, K] -> [N].
-
-    T^2 x MEAN over the K bins (not the sum) of p_T (log p_T - log softmax(s / T)), p_T =
-    softmax(t / T) without gradient: the LD paper's loss, and mmdetection's
-    KnowledgeDistillationKLDivLoss. Teacher input is logits, never probabilities."""
-    t = teacher_logits.detach().float() / temperature
-    log_p = F.log_softmax(t, dim=-1)
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    return temperature**2 * (log_p.exp() * (log_p - log_q)).mean(dim=-1)
+    """KL(teacher || student) per row at temperature T, [N, K] x [N, K] -> [N]: T^2 x the mean over
+    the K bins (detector.distributions.distribution_kl, in float32)."""
+    return distribution_kl(student_logits, teacher_logits, temperature)
 
 
 def sigmoid_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -5,10 +5,10 @@ storage's own error, LD's losses are the dense cache's bit for bit, BCKD's withi
 import pytest
 import torch
 
-from cache_teacher.codec import decode_topk, encode_topk, logits_of_edges
+from cache_teacher.codec import decode_topk, encode_topk
 from cache_teacher.inspect import summarize
 from cache_teacher.reader import TeacherCache
-from detector.gfl_loss import integral
+from detector.distributions import integral, logits_of_edges
 from distill.config import LossConfig
 from tests.cache_teacher.test_sparse import cache_losses, dump_at_160
 from tests.cli_runner import assert_user_error, run_cli
