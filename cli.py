@@ -168,7 +168,7 @@ def sweep_cmd(ctx: typer.Context, *, fields, config):
     """Train one student per grid point from ONE cache; re-running skips finished points and resumes
     killed ones. Further options (e.g. --config recipe.toml --epochs 6) go to every train-student run;
     a [sweep] table in that --config sets the options above."""
-    from cache_teacher.reader import TeacherCache
+    from cache_teacher.reader import CacheReader
     from workflows.sweep import parse_grid, point_name, run_sweep
 
     args = list(ctx.args) + (["--config", str(config)] if config else [])  # the recipe goes to every point too
@@ -178,7 +178,7 @@ def sweep_cmd(ctx: typer.Context, *, fields, config):
     student_ctx = typer.main.get_command(app).commands["train-student"].make_context(
         "ldcache train-student", ["--cache", cfg.cache, *args])
     read_toml_tables(config, {g.table: g.cls for g in STUDENT}, ("sweep",))
-    TeacherCache(cfg.cache, student_ctx.params.get("storage_options")).require_complete()
+    CacheReader(cfg.cache, student_ctx.params.get("storage_options")).require_complete()
 
     def report(r):
         ap = f"AP {100 * r.metrics['AP']:.1f}" if r.metrics else f"see {r.run_dir}/log.txt"

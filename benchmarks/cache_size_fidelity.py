@@ -41,7 +41,7 @@ from detector.checkpoint import load_model  # noqa: E402
 from detector.rows import flatten_rows  # noqa: E402
 from detector.distributions import distribution_kl  # noqa: E402
 from cache_teacher.inspect import summarize  # noqa: E402
-from cache_teacher.reader import TeacherCache  # noqa: E402
+from cache_teacher.reader import CacheReader  # noqa: E402
 from data.coco import collate  # noqa: E402
 
 SCRIPT = "cache_size_fidelity"
@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def compare(teacher, dataset, keys, caches: dict[str, TeacherCache], device, reg_max: int, temperature: float,
+def compare(teacher, dataset, keys, caches: dict[str, CacheReader], device, reg_max: int, temperature: float,
             workers: int) -> dict[str, dict]:
     """One fp32 forward over the views; each view's fresh rows against every cache's stored rows."""
     kls = {name: [] for name in caches}
@@ -135,7 +135,7 @@ def main(argv=None) -> None:
             start = time.perf_counter()
             run_dump(cfg, progress=False)
             dump_seconds[name] = time.perf_counter() - start
-            caches[name] = TeacherCache(store)
+            caches[name] = CacheReader(store)
             print(f"dumped {name} in {dump_seconds[name]:.1f} s", file=sys.stderr)
 
         teacher, _ = load_model(teacher_path, {}, device)

@@ -40,7 +40,7 @@ from cache_teacher.codec import decode_rows, encode_rows  # noqa: E402
 from data.config import DataConfig  # noqa: E402
 from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
 from cache_teacher.fidelity import edge_kl  # noqa: E402
-from cache_teacher.reader import TeacherCache  # noqa: E402
+from cache_teacher.reader import CacheReader  # noqa: E402
 from detector.checkpoint import load_model, save_checkpoint  # noqa: E402
 from data.coco import CocoDetection, collate  # noqa: E402
 from detector.regions import distillation_rows  # noqa: E402
@@ -172,7 +172,7 @@ def main() -> None:
                                                                                       img_scale=args.img_scale),
                                          batch_size=args.batch_size, device=str(device), workers=args.workers, **kw),
                               progress=False)
-            on_disk = sum(TeacherCache(store).bytes_on_disk().values())
+            on_disk = sum(CacheReader(store).bytes_on_disk().values())
             dumps[name] = {"views_per_s": result["views"] / result["seconds"], "bytes_per_view": on_disk / num_views,
                            "dump_over_forward": (num_views / result["seconds"]) / (num_views / forward)}
             out = work / f"read-{name.replace(' ', '-')}.json"

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from data.config import DataConfig  # noqa: E402
 from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
 from detector.checkpoint import load_model  # noqa: E402
-from cache_teacher.reader import TeacherCache  # noqa: E402
+from cache_teacher.reader import CacheReader  # noqa: E402
 from data.coco import collate  # noqa: E402
 from core.runtime import autocast_for  # noqa: E402
 
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
                 wall_start = time.perf_counter()
                 result = run_dump(cfg, progress=False)
                 wall = time.perf_counter() - wall_start
-                on_disk = sum(TeacherCache(store).bytes_on_disk().values())
+                on_disk = sum(CacheReader(store).bytes_on_disk().values())
                 runs[f"dump {box_dtype}"].append({
                     "seconds": result["seconds"], "wall_seconds": wall, "views": result["views"],
                     "bytes_written": result["bytes_written"], "bytes_on_disk": on_disk,

@@ -1,4 +1,4 @@
-"""How fast can a student read cached views? TeacherCache.read_view in random order.
+"""How fast can a student read cached views? CacheReader.read_view in random order.
 
     .venv/bin/python benchmarks/read_throughput.py                       # dumps a small cache, ~1 min
     .venv/bin/python benchmarks/read_throughput.py --cache runs/teacher-cache.zarr --seconds 10 --repeats 3
@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from data.config import DataConfig  # noqa: E402
 from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
-from cache_teacher.reader import TeacherCache  # noqa: E402
+from cache_teacher.reader import CacheReader  # noqa: E402
 
 SCRIPT = "read_throughput"
 # Measuring more workers than cores is the point of the 4-worker variant on a small machine.
@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 class ViewReads(torch.utils.data.Dataset):
     """Index v -> the decoded float32 logits of view v (the reader opens its arrays per process)."""
 
-    def __init__(self, cache: TeacherCache, kinds: tuple[str, ...]):
+    def __init__(self, cache: CacheReader, kinds: tuple[str, ...]):
         self.cache, self.kinds = cache, kinds
 
     def __len__(self) -> int:
@@ -95,7 +95,7 @@ class RandomViews(torch.utils.data.Sampler):
         return itertools.islice(stream, self.num_reads) if self.num_reads else stream
 
 
-def stored_bytes_per_view(cache: TeacherCache, kinds) -> np.ndarray:
+def stored_bytes_per_view(cache: CacheReader, kinds) -> np.ndarray:
     """[V] encoded bytes of the arrays a read of these kinds touches."""
     return cache.stored_bytes(kinds)
 
@@ -175,7 +175,7 @@ def main(argv=None) -> None:
         else:
             workdir.mkdir(parents=True, exist_ok=True)
             location, teacher_info = make_cache(args, workdir)
-        cache = TeacherCache(location)
+        cache = CacheReader(location)
         cache.require_complete()
         num_views = len(cache.records)
         both = ("box", "cls") if cache.has_cls else ("box",)

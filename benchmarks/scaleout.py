@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the repository root on sys.path)
 import read_throughput  # noqa: E402
 
-from cache_teacher.reader import TeacherCache  # noqa: E402
+from cache_teacher.reader import CacheReader  # noqa: E402
 
 CLI = str(common.REPO_ROOT / "cli.py")
 
@@ -46,7 +46,7 @@ def _dump(cmd_prefix: list[str], args, images: str, ann: str, teacher: str, out:
 
 
 def _reads(location: str, options: dict | None, args, workers: int = 0) -> dict:
-    cache = TeacherCache(location, options)
+    cache = CacheReader(location, options)
     reads = read_throughput.ViewReads(cache, ("box", "cls"))
     nbytes = read_throughput.stored_bytes_per_view(cache, ("box", "cls"))
     read_throughput.measure(reads, 0, read_throughput.RandomViews(len(cache.records), args.seed, len(cache.records)),

@@ -139,7 +139,8 @@ def main(args: argparse.Namespace) -> None:
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
         optimizer.step = clock.wrap("optimizer", optimizer.step)
         learners[variant] = step_module.Learner(Timed(model, clock), optimizer, torch.amp.GradScaler("cuda", enabled=False),
-                                                student_cfg, LossConfig(), device, "bf16" if args.amp else "off",
+                                                criterion.build_criterion(LossConfig(), student_cfg), device,
+                                                "bf16" if args.amp else "off",
                                                 fixed if variant == "cache" else None)
     runs = {v: [] for v in VARIANTS}
     for rnd in range(args.rounds):

@@ -2,7 +2,7 @@
 (distill.step) on a freshly built, seeded student, over the engine's seeded batches, with the
 teacher source of a variant:
 - plain:     no teacher (GFL losses only);
-- cache:     cache_teacher.targets.CacheTeacher (rows read in the loader workers, decoded on the device);
+- cache:     cache_teacher.targets.CachedTeacher (rows read in the loader workers, decoded on the device);
 - cache-mem: the same with every view's rows read once beforehand (the distillation terms without reads);
 - online:    distill.teachers.OnlineTeacher (the teacher's forward on every batch).
 Shared by train_throughput.py and vs_mmdetection.py."""
@@ -17,7 +17,7 @@ import common  # puts the repository root on sys.path
 import torch
 
 from cache_teacher.dump import DumpConfig, run_dump
-from cache_teacher.targets import CacheTeacher, TargetSample
+from cache_teacher.targets import CachedTeacher, SampleWithRows
 from data.coco import collate
 from detector.config import ModelConfig
 from detector.model import build_detector
@@ -26,6 +26,7 @@ from data.config import DataConfig
 from data.sampler import batch_groups
 from distill.engine import build_optimizer, lr_at
 from data.sampler import ViewBatchSampler
+from distill.criterion import build_criterion  # noqa: E402
 from distill.step import Learner, train_step
 from distill.teachers import OnlineTeacher
 
@@ -48,7 +49,7 @@ class EndlessBatches:
 
 
 class InMemoryTargets(torch.utils.data.Dataset):
-    """CachedTargets with every view's stored rows read up front: a step pays no cache read."""
+    """CachedTargetDataset with every view's stored rows read up front: a step pays no cache read."""
 
     def __init__(self, cached):
         self.cached = cached
@@ -60,10 +61,10 @@ class InMemoryTargets(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         key = tuple(key)
-        return TargetSample(self.cached.base[key], dict(self.rows[key]))
+        return SampleWithRows(self.cached.base[key], dict(self.rows[key]))
 
 
-class InMemoryCacheTeacher(CacheTeacher):
+class InMemoryCacheTeacher(CachedTeacher):
     def dataset(self, base, needs):
         return InMemoryTargets(super().dataset(base, needs))
 
@@ -114,7 +115,8 @@ class StepBench:
         model = build_detector(self.student_cfg).to(device).train()
         optimizer = build_optimizer(train, [p for p in model.parameters() if p.requires_grad])
         scaler = torch.amp.GradScaler("cuda", enabled=cuda and train.amp == "fp16")
-        learner = Learner(model, optimizer, scaler, self.student_cfg, self.loss, device, train.amp, teacher)
+        learner = Learner(model, optimizer, scaler, build_criterion(self.loss, self.student_cfg), device, train.amp,
+                          teacher)
         sampler = ViewBatchSampler(self.groups, batch_size=train.batch_size, seed=train.seed)
         data = teacher.dataset(self.dataset, self.loss.teacher_needs()) if teacher is not None else self.dataset
         loader = torch.utils.data.DataLoader(data, batch_sampler=EndlessBatches(sampler), num_workers=train.workers,

@@ -34,8 +34,8 @@ import student_steps  # noqa: E402
 
 import torch  # noqa: E402
 
-from cache_teacher.reader import TeacherCache  # noqa: E402
-from cache_teacher.targets import CacheTeacher  # noqa: E402
+from cache_teacher.reader import CacheReader  # noqa: E402
+from cache_teacher.targets import CachedTeacher  # noqa: E402
 from detector.config import ModelConfig  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from distill.config import LossConfig, config_to_dict  # noqa: E402
@@ -122,7 +122,7 @@ def student_config(args, num_classes: int) -> ModelConfig:
 def run(args, device: torch.device, workdir: Path) -> None:
     images, ann = common.prepare_data(args, workdir)
     num_classes = common.num_classes_of(ann)
-    cache = TeacherCache(args.cache) if args.cache else None
+    cache = CacheReader(args.cache) if args.cache else None
     if cache is not None and not args.teacher:  # a random online teacher of the cached teacher's architecture
         arch = cache.meta.teacher_config
         for key in ("depth", "base_width", "fpn_channels", "head_channels", "stacked_convs"):
@@ -139,13 +139,13 @@ def run(args, device: torch.device, workdir: Path) -> None:
         dump_seconds = student_steps.make_cache(teacher_path, images, ann, location, args.views, args.img_scale,
                                                 args.batch_size, args.device, args.workers, args.amp, args.box_dtype,
                                                 args.shard_mb)
-        cache = TeacherCache(location)
+        cache = CacheReader(location)
         print(f"dumped {location} in {dump_seconds:.1f} s (not part of the comparison)", file=sys.stderr)
 
     loss = LossConfig()
     teachers: dict = {}
     if "cache" in args.variants:
-        teachers["cache"] = CacheTeacher(cache)
+        teachers["cache"] = CachedTeacher(cache)
     if "cache-mem" in args.variants:
         teachers["cache-mem"] = student_steps.InMemoryCacheTeacher(cache)
     if "online" in args.variants:

@@ -46,6 +46,7 @@ from detector.model import build_detector  # noqa: E402
 from detector.rows import TeacherRows, flatten_rows  # noqa: E402
 from data.views import ViewRecord, level_sizes  # noqa: E402
 from distill.config import LossConfig  # noqa: E402
+from distill.criterion import build_criterion  # noqa: E402
 from distill.step import Learner, train_step  # noqa: E402
 from distill.teachers import OnlineTeacher  # noqa: E402
 
@@ -106,7 +107,7 @@ def build_step(variant: str, batch: Batch, device: torch.device, amp: str):
     model = build_detector(student_cfg).to(device).train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    learner = Learner(model, optimizer, scaler, student_cfg, LossConfig(), device, amp, teacher_source)
+    learner = Learner(model, optimizer, scaler, build_criterion(LossConfig(), student_cfg), device, amp, teacher_source)
     iterations = itertools.count()
 
     def step() -> None:

@@ -1,5 +1,5 @@
-"""A cache's rows decoded to float32 logits: DecodedRows (what TeacherCache.decode returns for a
-view or a batch) and CachedView (one view, spread over all its locations on demand).
+"""A cache's rows decoded to float32 logits: DecodedRows (what CacheReader.decode returns for a
+view or a batch) and DecodedView (one view, spread over all its locations on demand).
 
 A location a region-sparse cache did not store is NaN in every dense array read back from it
 (spread): one convention for all readers. A loss refuses to read NaN (distill.criterion: the rows
@@ -33,14 +33,14 @@ def spread(rows: torch.Tensor, location: torch.Tensor, num_rows: int) -> torch.T
 
 
 @dataclass
-class CachedView:
+class DecodedView:
     record: ViewRecord
     box: torch.Tensor  # [n, 4(reg_max+1)] float32 logits
     cls: torch.Tensor | None  # [n, C] float32 logits (None for --no-cls caches)
     location: torch.Tensor | None = None  # region-sparse caches: each box row's index among the dense rows
     edges: torch.Tensor | None = None  # ld+bckd caches: [num_rows, 4] (cls covers every location too)
 
-    def dense(self) -> "CachedView":
+    def dense(self) -> "DecodedView":
         """A sparse view spread over all its locations, NaN where nothing is stored (spread); an
         ld+bckd cache's every location has box logits whose expectation is its stored edges. Dense
         views are returned as they are."""
@@ -54,11 +54,11 @@ class CachedView:
         cls = self.cls
         if cls is not None and self.edges is None:  # main+vlr: class logits at the stored rows only
             cls = spread(self.cls, loc, n)
-        return CachedView(self.record, box, cls, None, self.edges)
+        return DecodedView(self.record, box, cls, None, self.edges)
 
-    def without_holes(self) -> "CachedView":
+    def without_holes(self) -> "DecodedView":
         """The dense view with its NaN locations as no detection (class logits -1e4: probability 0;
         box logits 0: a flat distribution), for what looks at every location (pictures, AP)."""
         view = self.dense()
         cls = None if view.cls is None else view.cls.nan_to_num(nan=-1e4)
-        return CachedView(view.record, view.box.nan_to_num(nan=0.0), cls, None, view.edges)
+        return DecodedView(view.record, view.box.nan_to_num(nan=0.0), cls, None, view.edges)

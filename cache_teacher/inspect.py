@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_teacher.reader import TeacherCache
+from cache_teacher.reader import CacheReader
 from cache_teacher.verify import dataset_of_cache, format_verify, verify
 from core.config import param, validate_fields
 from core.domains import Nested
@@ -28,7 +28,7 @@ PICTURE_MIN_SCORE = 0.25
 PICTURE_MAX_DETECTIONS = 12
 
 
-def summarize(cache: TeacherCache) -> dict:
+def summarize(cache: CacheReader) -> dict:
     meta = cache.meta
     done = cache.shards_done()
     used_rows = int(cache.num_rows.sum())
@@ -107,7 +107,7 @@ def format_summary(s: dict) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
-def render_png(cache: TeacherCache, view: int, out: Path, images=None, ann=None, temperature: float = 1.0) -> Path:
+def render_png(cache: CacheReader, view: int, out: Path, images=None, ann=None, temperature: float = 1.0) -> Path:
     """The view with its GT boxes, the teacher's top detections decoded from the cache, and the four
     edge distributions of the top detection's location."""
     from cache_teacher.picture import render_view
@@ -188,7 +188,7 @@ class InspectConfig:
 
 def run_inspect(store: str, cfg: InspectConfig) -> tuple[dict, str]:
     """-> (the report: summary, verify, png; the text to print)."""
-    cache = TeacherCache(store, cfg.storage_options)
+    cache = CacheReader(store, cfg.storage_options)
     report = {"summary": summarize(cache)}
     if cfg.verify:
         report["verify"] = verify(cache, cfg.teacher, cfg.data.images, cfg.data.ann, cfg.num_views,

@@ -1,6 +1,6 @@
 """Reading a teacher cache. With writer.py, the only code that imports zarr.
 
-TeacherCache reads the metadata and the small view table when constructed, and opens the row
+CacheReader reads the metadata and the small view table when constructed, and opens the row
 arrays lazily, once per process: a DataLoader worker forked from the main process opens its own
 handle on first use. A view's rows come from ONE contiguous slice per array (zarr's fancy indexing
 is an order of magnitude slower). For a complete cache in the plain uncompressed layout, on a
@@ -24,7 +24,7 @@ import zarr
 
 from cache_teacher import schema
 from cache_teacher.codec import decode_rows, decode_topk
-from cache_teacher.decoded import CachedView, DecodedRows
+from cache_teacher.decoded import DecodedView, DecodedRows
 from cache_teacher.layout import REGION_FIELDS, VIEW_FIELDS, records_from_table
 from cache_teacher.rawshards import open_raw
 from core.errors import UserError
@@ -75,7 +75,7 @@ def _read_slices(arrays, names, rows: slice) -> dict[str, np.ndarray]:
     return dict(zip(names, values))
 
 
-class TeacherCache:
+class CacheReader:
     def __init__(self, location, storage_options: dict | None = None):
         self.location = str(location)
         self.storage_options = storage_options
@@ -250,9 +250,9 @@ class TeacherCache:
             location = torch.as_tensor(location).to(device, non_blocking=True).long()
         return DecodedRows(box, cls, location, edges)
 
-    def read_view(self, v: int, kinds=("box", "cls", "edges")) -> CachedView:
+    def read_view(self, v: int, kinds=("box", "cls", "edges")) -> DecodedView:
         box, cls, location, edges = self.decode(self.read_rows(v, kinds))
-        return CachedView(self.records[v], box, cls, location, edges)
+        return DecodedView(self.records[v], box, cls, location, edges)
 
     def read_shard(self, shard: int) -> dict[str, np.ndarray]:
         """The stored values of one whole shard, each array's own rows of it (every row array but

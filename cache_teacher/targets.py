@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from cache_teacher.decoded import spread
-from cache_teacher.reader import TeacherCache
+from cache_teacher.reader import CacheReader
 from cache_teacher.schema import LOCATION, transform_spec
 from data.coco import Batch, CocoDetection, Sample, collate
 from detector.config import ModelConfig
@@ -23,15 +23,15 @@ from detector.rows import TeacherRows
 
 
 @dataclass
-class TargetSample:
+class SampleWithRows:
     sample: Sample
     stored: dict[str, torch.Tensor]  # the view's rows as stored, decoded on the device
 
 
-class CachedTargets(torch.utils.data.Dataset):
+class CachedTargetDataset(torch.utils.data.Dataset):
     """A dataset that returns each view together with its cached teacher rows."""
 
-    def __init__(self, base: CocoDetection, cache: TeacherCache, kinds: tuple[str, ...]):
+    def __init__(self, base: CocoDetection, cache: CacheReader, kinds: tuple[str, ...]):
         self.base, self.cache, self.kinds = base, cache, kinds
         self.spec_of_view = [cache.specs.index(spec) for spec in base.views]  # validated beforehand
         self.cached_image = [cache.index_of_image[i] for i in base.image_ids]  # a subset's images by id
@@ -45,16 +45,16 @@ class CachedTargets(torch.utils.data.Dataset):
         v = self.cache.view_index(self.cached_image[index], self.spec_of_view[view_index])
         return {name: torch.from_numpy(array) for name, array in self.cache.read_rows(v, self.kinds).items()}
 
-    def __getitem__(self, key) -> TargetSample:
+    def __getitem__(self, key) -> SampleWithRows:
         sample = self.base[key]
         cached = self.cache.records[self.cache.view_index(self.cached_image[key[0]], self.spec_of_view[key[1]])]
         if cached != sample.record:
             raise UserError(f"image {sample.record.image_id}: the student's view {sample.record} differs from the "
                             f"cached one {cached}; the feature maps would not line up (dump the cache again)")
-        return TargetSample(sample, self.stored_rows(key))
+        return SampleWithRows(sample, self.stored_rows(key))
 
 
-def collate_with_targets(items: list[TargetSample]) -> tuple[Batch, dict[str, torch.Tensor]]:
+def collate_with_targets(items: list[SampleWithRows]) -> tuple[Batch, dict[str, torch.Tensor]]:
     batch = collate([item.sample for item in items])
     stored = [dict(item.stored) for item in items]
     if LOCATION in stored[0]:  # sparse: locations become row indices of the whole batch
@@ -65,17 +65,17 @@ def collate_with_targets(items: list[TargetSample]) -> tuple[Batch, dict[str, to
     return batch, {name: torch.cat([rows[name] for rows in stored]) for name in stored[0]}
 
 
-class CacheTeacher:
+class CachedTeacher:
     """Soft targets read from a teacher cache."""
 
-    def __init__(self, cache: TeacherCache):
+    def __init__(self, cache: CacheReader):
         self.cache = cache
 
     def describe(self) -> dict:
         return {"kind": "cache", "location": self.cache.location, "teacher_sha256": self.cache.meta.teacher_sha256,
                 "teacher_config": self.cache.meta.teacher_config}
 
-    def to(self, device: torch.device) -> "CacheTeacher":
+    def to(self, device: torch.device) -> "CachedTeacher":
         return self  # rows are read on the host and moved with each batch (rows())
 
     def validate(self, dataset: CocoDetection, student: ModelConfig, needs: TeacherNeeds) -> None:
@@ -112,14 +112,14 @@ class CacheTeacher:
                 raise UserError(f"cache {cache.location} selected its VLR with --vlr-iou {meta.regions.vlr_iou}; "
                                 f"pass --vlr-iou {meta.regions.vlr_iou} or dump a cache for {needs.vlr_iou}")
 
-    def dataset(self, base: CocoDetection, needs: TeacherNeeds) -> CachedTargets:
+    def dataset(self, base: CocoDetection, needs: TeacherNeeds) -> CachedTargetDataset:
         """Only the arrays the losses read: a run without Main KD or BCKD reads no class logits; from
         an ld+bckd cache, BCKD alone reads no box logits and LD alone no edges."""
         two = self.cache.meta.regions.two_spaces
         kinds = ("box",) if needs.box_logits or not two else ()
         kinds += ("cls",) if needs.class_logits else ()
         kinds += ("edges",) if needs.every_location and two else ()
-        return CachedTargets(base, self.cache, kinds)
+        return CachedTargetDataset(base, self.cache, kinds)
 
     collate = staticmethod(collate_with_targets)
 

@@ -11,7 +11,7 @@ import torch
 from cache_teacher import schema
 from cache_teacher.codec import all_finite
 from cache_teacher.fidelity import edge_kl
-from cache_teacher.reader import TeacherCache
+from cache_teacher.reader import CacheReader
 from data.config import DataConfig
 from detector.checkpoint import file_sha256, load_model
 from data.coco import CocoDetection
@@ -22,7 +22,7 @@ from detector.distributions import integral
 from detector.rows import flatten_rows, view_maps
 
 
-def dataset_of_cache(cache: TeacherCache, images=None, ann=None) -> CocoDetection:
+def dataset_of_cache(cache: CacheReader, images=None, ann=None) -> CocoDetection:
     """The cached dataset: the images given, else where the dump found them (never the synthetic
     default in their place)."""
     source = cache.meta.source
@@ -31,7 +31,7 @@ def dataset_of_cache(cache: TeacherCache, images=None, ann=None) -> CocoDetectio
     return CocoDetection(data.images, data.ann, views=cache.specs, strides=cache.meta.strides, train=True)
 
 
-def verify(cache: TeacherCache, teacher: str | None = None, images=None, ann=None, num_views: int = 8, seed: int = 0,
+def verify(cache: CacheReader, teacher: str | None = None, images=None, ann=None, num_views: int = 8, seed: int = 0,
            device: str = "cpu", progress=None, ap_images: int = 1000) -> dict:
     """Completeness, finite values, identity, the teacher's AP from the cache (on up to ap_images
     images, 0: skip) and (with a teacher) fidelity against a fresh fp32 forward."""
@@ -78,7 +78,7 @@ def verify(cache: TeacherCache, teacher: str | None = None, images=None, ann=Non
 
 
 @torch.no_grad()
-def fidelity(cache: TeacherCache, teacher: str, dataset: CocoDetection, num_views: int, seed: int, device: str) -> dict:
+def fidelity(cache: CacheReader, teacher: str, dataset: CocoDetection, num_views: int, seed: int, device: str) -> dict:
     """KL(T=10) of stored box distributions against the teacher's fresh fp32 forward on N random
     views, each alone on its own canvas (the cache's definition of a view's maps)."""
     dev = torch.device(device)
@@ -111,7 +111,7 @@ def fidelity(cache: TeacherCache, teacher: str, dataset: CocoDetection, num_view
 
 
 @torch.no_grad()
-def teacher_ap(cache: TeacherCache, dataset: CocoDetection, max_images: int = 1000, seed: int = 0) -> dict:
+def teacher_ap(cache: CacheReader, dataset: CocoDetection, max_images: int = 1000, seed: int = 0) -> dict:
     """COCO AP of the cached teacher on (a seeded sample of) the cached images: each image's
     original view decoded from its stored rows through the post-processing `evaluate` uses, scored
     against the dataset's annotations. No teacher runs, so a wrong teacher (another dataset's

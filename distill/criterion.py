@@ -10,6 +10,8 @@ disagreement). Every value returned is weighted; "loss" is their sum."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.profiler import record_function
 
@@ -28,6 +30,28 @@ from distill.losses import bckd_box_weights, bckd_cls_loss, distill_kl, sigmoid_
 
 LOSS_KEYS = ("loss_qfl", "loss_giou", "loss_dfl", "loss_ld", "loss_ld_vlr", "loss_kd", "loss_bckd_cls",
              "loss_bckd_box")
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """Every loss of a run, built once from its configs (build_criterion): the resolved losses and
+    the model geometry they need. Called on a step's head outputs, batch and teacher rows."""
+
+    loss: LossConfig
+    num_classes: int
+    reg_max: int
+    strides: tuple[int, ...]
+
+    def __call__(self, cls_out: list[torch.Tensor], box_out: list[torch.Tensor], batch, device: torch.device,
+                 teacher_rows=None) -> dict[str, torch.Tensor]:
+        return compute_losses(cls_out, box_out, [r.level_hw for r in batch.records],
+                              [b.to(device) for b in batch.boxes], [lab.to(device) for lab in batch.labels],
+                              self.loss, self.num_classes, self.reg_max, self.strides, teacher_rows)
+
+
+def build_criterion(loss: LossConfig, model_cfg) -> Criterion:
+    """The criterion of a model trained with these (resolved: distill.policy) losses."""
+    return Criterion(loss, model_cfg.num_classes, model_cfg.reg_max, tuple(model_cfg.strides))
 
 
 def compute_losses(cls_logits_per_level: list[torch.Tensor], box_logits_per_level: list[torch.Tensor],

@@ -28,8 +28,9 @@ from core.runtime import progress_bar, resolve_device
 from data.builders import build_train_dataset, build_val_dataset
 from data.config import DataConfig
 from data.sampler import ViewBatchSampler, batch_groups
-from distill.config import PAPER_LD_TEMPERATURE, LossConfig, TrainConfig, config_to_dict
-from distill.geometry import median_edge_bins, temperature_note
+from distill.config import LossConfig, TrainConfig, config_to_dict
+from distill.criterion import build_criterion
+from distill.policy import resolve_loss_policy
 from distill.run_dir import MetricsLog, RunPaths, prepare_run_dir, tensorboard_available, truncate_metrics
 from distill.step import Learner, train_step
 from distill.teachers import TeacherSource
@@ -94,7 +95,7 @@ class Training:
     def save(self, pos: Position) -> None:
         epoch, b = (pos.epoch + 1, 0) if pos.batch_in_epoch >= self.per_epoch else (pos.epoch, pos.batch_in_epoch)
         if self.dist.is_main:  # one writer; every rank holds the same weights
-            save_checkpoint(self.paths.last, self.model, self.learner.model_cfg,
+            save_checkpoint(self.paths.last, self.model, self.model.config,
                             optimizer=self.learner.optimizer.state_dict(), epoch=epoch, batch_in_epoch=b,
                             iter=pos.iteration, train_seconds=pos.train_seconds, run_config=self.config)
 
@@ -149,26 +150,15 @@ def build_training(data, model_cfg, train, loss, out: Path, resume, extra_config
     for ds in (dataset, val_dataset):
         if ds is not None:
             ds.check_files()
-    extra_config = dict(extra_config or {})
     collate_fn, train_dataset = collate, dataset
-    resolved = loss.for_classes(model_cfg.num_classes)
-    if teacher is not None and resolved is not loss and dist_info.is_main:
-        print("note: one-class data: no Main KD (--kd-mode auto); --kd-mode sigmoid distils the one class score",
-              file=sys.stderr)
-    loss = resolved
-    if teacher is not None and not loss.distills:
-        teacher = None  # every distillation weight is 0 (--recipe none): plain training, nothing read
-    if teacher is not None and loss.ld_temperature is None and (loss.ld_weight or loss.vlr_weight):
-        extra_config["median_edge_bins"] = edges = median_edge_bins(dataset, model_cfg.strides, model_cfg.reg_max)
-        loss = loss.for_edges(edges)
-        if loss.ld_temperature != PAPER_LD_TEMPERATURE and dist_info.is_main:
-            print(f"note: {temperature_note(loss.ld_temperature, edges)}", file=sys.stderr)
-    warnings = loss.strength_warnings(train.batch_size, model_cfg.num_classes) if teacher is not None else []
+    policy = resolve_loss_policy(loss, model_cfg, dataset, train.batch_size, teacher is not None)
+    loss, teacher = policy.loss, teacher if policy.distills else None
+    extra_config = {**(extra_config or {}), **policy.recorded}
     if dist_info.is_main:
-        for line in warnings:
+        for line in policy.notes:
+            print(f"note: {line}", file=sys.stderr)
+        for line in policy.warnings:
             print(f"warning: {line}", file=sys.stderr)
-    if warnings:
-        extra_config["warnings"] = warnings
     if teacher is not None:
         teacher.validate(dataset, model_cfg, loss.teacher_needs())  # before step 1, not at step 1000
         teacher = teacher.to(device)  # the student's device: under torchrun this rank's own GPU
@@ -194,7 +184,7 @@ def build_training(data, model_cfg, train, loss, out: Path, resume, extra_config
                                rank=dist_info.rank, world_size=dist_info.world_size)
     per_epoch = sampler.batches_per_epoch()
     total_iters = per_epoch * train.epochs if train.max_iters is None else min(per_epoch * train.epochs, train.max_iters)
-    learner = Learner(net, optimizer, scaler, model_cfg, loss, device, train.amp, teacher)
+    learner = Learner(net, optimizer, scaler, build_criterion(loss, model_cfg), device, train.amp, teacher)
     loader_kwargs = dict(num_workers=train.workers, collate_fn=collate_fn, pin_memory=device.type == "cuda",
                          persistent_workers=False)
     return Training(paths, train, learner, model, sampler, loader_kwargs, train_dataset, val_dataset, config,

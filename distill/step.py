@@ -16,24 +16,21 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from detector.config import ModelConfig
 from core.errors import UserError
 from core.runtime import autocast_for
-from distill.config import LossConfig
-from distill.criterion import compute_losses
+from distill.criterion import Criterion
 from distill.teachers import TeacherSource
 
 
 @dataclass
 class Learner:
     """What a step trains with: the (possibly DDP-wrapped) network, its optimizer and grad scaler,
-    the configs of the model and the losses, and the teacher source (None: plain training)."""
+    the criterion (every loss, built once), and the teacher source (None: plain training)."""
 
     net: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    model_cfg: ModelConfig
-    loss_cfg: LossConfig
+    criterion: Criterion
     device: torch.device
     amp: str = "auto"
     teacher: TeacherSource | None = None
@@ -43,7 +40,7 @@ def train_step(learner: Learner, item, lr: float, iteration: int) -> dict[str, f
     """One step on a DataLoader item (a Batch, or (Batch, stored rows) from a cache) at learning
     rate lr; returns the weighted losses as floats (keys of distill.criterion, and "loss")."""
     batch, stored = item if isinstance(item, tuple) else (item, None)
-    device, cfg = learner.device, learner.model_cfg
+    device = learner.device
     for group in learner.optimizer.param_groups:
         group["lr"] = lr
     with record_function("teacher"):
@@ -51,11 +48,7 @@ def train_step(learner: Learner, item, lr: float, iteration: int) -> dict[str, f
     with record_function("forward"), autocast_for(device, learner.amp):
         cls_out, box_out = learner.net(batch.images.to(device, non_blocking=True))
     with record_function("losses"):
-        losses = compute_losses(
-            cls_out, box_out, [r.level_hw for r in batch.records],
-            [b.to(device) for b in batch.boxes], [lab.to(device) for lab in batch.labels],
-            learner.loss_cfg, cfg.num_classes, cfg.reg_max, cfg.strides, teacher_rows,
-        )
+        losses = learner.criterion(cls_out, box_out, batch, device, teacher_rows)
     with record_function("backward"):
         learner.optimizer.zero_grad(set_to_none=True)
         learner.scaler.scale(losses["loss"]).backward()

@@ -99,9 +99,9 @@ def test_dump_inspect_train_and_resume_on_s3(s3, tiny_coco, tiny_teacher, tmp_pa
 
     # Rows of a complete cache on S3 come from ranged reads of the shard objects: the same bytes as
     # zarr-python's reads of the same store and as the local copy.
-    from cache_teacher.reader import TeacherCache
+    from cache_teacher.reader import CacheReader
 
-    remote, here = TeacherCache(url, json.loads(options)), TeacherCache(local)
+    remote, here = CacheReader(url, json.loads(options)), CacheReader(local)
     assert remote.raw("box") is not None and remote.raw("cls") is not None
     for v in range(len(remote.records)):
         got, expected = remote.read_rows(v), here.read_rows(v)

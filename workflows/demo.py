@@ -14,8 +14,8 @@ from pathlib import Path
 
 from cache_teacher.dump import DumpConfig, run_dump
 from cache_teacher.inspect import format_summary, render_png, summarize
-from cache_teacher.reader import TeacherCache
-from cache_teacher.targets import CacheTeacher
+from cache_teacher.reader import CacheReader
+from cache_teacher.targets import CachedTeacher
 from cache_teacher.verify import dataset_of_cache, teacher_ap
 from core.config import param, validate_fields
 from detector.config import ModelConfig
@@ -114,7 +114,7 @@ def run_demo(workdir: Path, quick: bool = False, device: str = "auto", workers: 
     dump = run_dump(DumpConfig(teacher=str(workdir / "teacher" / "checkpoints" / "last.pt"), out=str(cache_dir),
                                data=DataConfig(images=data.images, ann=data.ann, img_scale=scale), device=device,
                                workers=workers, shard_mb=8.0))
-    cache = TeacherCache(cache_dir)
+    cache = CacheReader(cache_dir)
 
     echo(f"[4/{steps}] inspect-cache")
     summary = summarize(cache)
@@ -131,12 +131,12 @@ def run_demo(workdir: Path, quick: bool = False, device: str = "auto", workers: 
 
     echo(f"[6/{steps}] LD student from the cache: Main LD + VLR LD + Main KD, same schedule and seed")
     ld_eval = _train("student-ld", workdir, plan, data, plan.student, plan.student_epochs, device, workers,
-                     teacher=CacheTeacher(cache), echo=echo)
+                     teacher=CachedTeacher(cache), echo=echo)
 
     echo(f"[7/{steps}] BCKD student from the same cache (--recipe bckd): its classification and box KD at every "
          "location, same schedule and seed")
     bckd_eval = _train("student-bckd", workdir, plan, data, plan.student, plan.student_epochs, device, workers,
-                       teacher=CacheTeacher(cache), echo=echo, loss=LossConfig(recipe="bckd"))
+                       teacher=CachedTeacher(cache), echo=echo, loss=LossConfig(recipe="bckd"))
 
     images_seen = plan.student_epochs * summary["images"]
     rows = [
@@ -180,7 +180,7 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _interesting_view(cache: TeacherCache, ann_file: str) -> int:
+def _interesting_view(cache: CacheReader, ann_file: str) -> int:
     """The original view of the training image with the most objects: a busy picture shows more."""
     counts: dict[int, int] = {}
     for ann in json.loads(Path(ann_file).read_text())["annotations"]:

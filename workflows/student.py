@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from cache_teacher.reader import TeacherCache
-from cache_teacher.targets import CacheTeacher
+from cache_teacher.reader import CacheReader
+from cache_teacher.targets import CachedTeacher
 from core.errors import UserError
 from distill.teachers import OnlineTeacher, TeacherSource
 
@@ -19,7 +19,7 @@ def teacher_source(cache: str | None, teacher: str | None, storage_options: dict
     if (cache is None) == (teacher is None):
         raise UserError("give exactly one of --cache (a dump-teacher store) or --teacher (run the teacher online)")
     if cache is not None:
-        return CacheTeacher(TeacherCache(cache, storage_options))
+        return CachedTeacher(CacheReader(cache, storage_options))
     return OnlineTeacher.from_checkpoint(teacher, teacher_arch or {}, torch.device("cpu"), amp=amp)
 
 
@@ -27,7 +27,7 @@ def data_hints(source: TeacherSource | None) -> dict:
     """What a student run's data defaults to from its teacher source (DataConfig.resolve's hints):
     a cache's views, scale and other scales (so never a view the teacher did not see unless asked
     for) and the dataset the dump read, if it is still there. An online teacher or none: nothing."""
-    if not isinstance(source, CacheTeacher):
+    if not isinstance(source, CachedTeacher):
         return {}
     cache = source.cache
     scales = list(dict.fromkeys(s.img_scale for s in cache.specs))

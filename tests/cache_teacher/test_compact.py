@@ -7,7 +7,7 @@ import torch
 
 from cache_teacher.codec import decode_topk, encode_topk
 from cache_teacher.inspect import summarize
-from cache_teacher.reader import TeacherCache
+from cache_teacher.reader import CacheReader
 from detector.distributions import integral, logits_of_edges
 from distill.config import LossConfig
 from tests.cache_teacher.test_sparse import cache_losses, dump_at_160
@@ -118,7 +118,7 @@ def test_verify_reports_the_compact_caches_fidelity(caches, tiny_teacher):
     from cache_teacher.verify import verify
 
     _, compact = caches
-    r = verify(TeacherCache(compact.location), str(tiny_teacher["path"]), None, None, num_views=3, device="cpu",
+    r = verify(CacheReader(compact.location), str(tiny_teacher["path"]), None, None, num_views=3, device="cpu",
                ap_images=0)
     f = r["fidelity"]
     assert r["ok"] and f["edges_max_abs_err"] <= FP16_EDGE and f["kl_t10_mean"] < 1e-5

@@ -15,7 +15,7 @@ import torch
 import zarr
 
 from cache_teacher.dump import DumpConfig, run_dump
-from cache_teacher.reader import TeacherCache
+from cache_teacher.reader import CacheReader
 from detector import ModelConfig, build_detector, save_checkpoint
 from data.coco import CocoDetection
 from data.config import DataConfig
@@ -41,7 +41,7 @@ def _teacher_rows(model, image):
 def test_cached_rows_equal_the_teacher_forward(tiny_coco, tiny_teacher, tmp_path, box_dtype):
     result = run_dump(_cfg(tiny_coco, tiny_teacher["path"], tmp_path / "c", box_dtype=box_dtype), progress=False)
     assert result["complete"] and result["views"] == 20  # 10 images x (orig, hflip)
-    cache = TeacherCache(tmp_path / "c")
+    cache = CacheReader(tmp_path / "c")
     dataset = CocoDetection(tiny_coco["images"], tiny_coco["ann"], views=cache.specs, train=True)
     worst_box, worst_cls = 0.0, 0.0
     for i in range(len(dataset)):
@@ -59,7 +59,7 @@ def test_cached_rows_equal_the_teacher_forward(tiny_coco, tiny_teacher, tmp_path
 
 def test_writer_to_reader_round_trip_is_exact_for_fp32(tiny_coco, tiny_teacher, tmp_path):
     run_dump(_cfg(tiny_coco, tiny_teacher["path"], tmp_path / "c", box_dtype="float32"), progress=False)
-    cache = TeacherCache(tmp_path / "c")
+    cache = CacheReader(tmp_path / "c")
     raw = zarr.open_group(str(tmp_path / "c"), mode="r")
     for v in range(len(cache.records)):
         off, n = int(cache.row_offset[v]), int(cache.num_rows[v])
@@ -77,7 +77,7 @@ def test_plain_zarr_reads_a_view_as_the_docs_show(tiny_coco, tiny_teacher, tmp_p
     level_hw = root["views/level_hw"][v]
     assert box.shape == (int((level_hw[:, 0] * level_hw[:, 1]).sum()), 4 * (meta["reg_max"] + 1))
     assert bool(root["views/flip"][v]) and meta["views"]["specs"][1]["flip"]
-    assert np.array_equal(box, TeacherCache(tmp_path / "c").read_view(v).box.numpy())
+    assert np.array_equal(box, CacheReader(tmp_path / "c").read_view(v).box.numpy())
 
 
 def test_identity_refusal_and_overwrite(tiny_coco, tiny_teacher, tmp_path):
@@ -96,7 +96,7 @@ def test_identity_refusal_and_overwrite(tiny_coco, tiny_teacher, tmp_path):
     result = run_dump(_cfg(tiny_coco, tiny_teacher["path"], out), progress=False)
     assert result["already_complete"]  # the same command again has nothing to do
     run_dump(_cfg(tiny_coco, other, out, overwrite=True), progress=False)
-    assert TeacherCache(out).complete and store_array_files(out) != before
+    assert CacheReader(out).complete and store_array_files(out) != before
 
 
 def test_dump_is_deterministic(tiny_coco, tiny_teacher, tmp_path):
@@ -178,7 +178,7 @@ def test_bad_input(tiny_coco, tmp_path):
 
 def test_reader_in_forked_loader_workers(tiny_coco, tiny_teacher, tmp_path):
     run_dump(_cfg(tiny_coco, tiny_teacher["path"], tmp_path / "c"), progress=False)
-    cache = TeacherCache(tmp_path / "c")
+    cache = CacheReader(tmp_path / "c")
     expected = [cache.read_view(v).box for v in range(len(cache.records))]  # the parent reads first
 
     class Views(torch.utils.data.Dataset):

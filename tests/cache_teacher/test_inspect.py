@@ -6,12 +6,12 @@ from PIL import Image
 
 from cache_teacher.inspect import summarize
 from cache_teacher.verify import verify
-from cache_teacher.reader import TeacherCache
+from cache_teacher.reader import CacheReader
 from tests.cli_runner import assert_user_error, run_cli
 
 
 def test_summary_counts_what_was_dumped(tiny_cache):
-    s = summarize(TeacherCache(tiny_cache))
+    s = summarize(CacheReader(tiny_cache))
     assert (s["images"], s["views"], s["complete"]) == (10, 20, True)
     assert s["view_specs"] == ["orig@96x96", "hflip@96x96"]
     assert s["bytes_on_disk"]["box"] > 0 and s["bytes_on_disk"]["cls"] > 0
@@ -21,7 +21,7 @@ def test_summary_counts_what_was_dumped(tiny_cache):
 
 
 def test_verify_with_the_teacher_measures_fidelity(tiny_cache, tiny_teacher):
-    r = verify(TeacherCache(tiny_cache), str(tiny_teacher["path"]), num_views=4)
+    r = verify(CacheReader(tiny_cache), str(tiny_teacher["path"]), num_views=4)
     assert r["ok"] and r["teacher_matches"] and r["dataset_matches"] and r["nonfinite_rows"] == 0
     assert r["fidelity"]["views"] == 4
     assert abs(r["fidelity"]["kl_t10_mean"]) < 1e-5  # fp16 storage of a fresh fp32 forward (float noise may dip below 0)
@@ -35,7 +35,7 @@ def test_verify_reports_an_incomplete_cache(tiny_cache, tmp_path):
     group = zarr.open_group(str(copy), mode="r+")
     group["progress"][0] = 0
     group.attrs["ldcache"] = {**group.attrs["ldcache"], "complete": False}
-    r = verify(TeacherCache(copy))
+    r = verify(CacheReader(copy))
     assert not r["ok"] and any("incomplete" in p for p in r["problems"])
     proc = run_cli("inspect-cache", copy, "--verify")
     assert proc.returncode == 1 and "INCOMPLETE" in proc.stdout  # a failed check is a failed command
@@ -78,4 +78,4 @@ def test_dump_with_a_corrupt_image_keeps_what_was_written(tiny_coco, tiny_teache
     shutil.copy(tiny_coco["images"] / images[-1].name, images[-1])  # fix the file, run again: it resumes
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
-    assert TeacherCache(tmp_path / "c").complete
+    assert CacheReader(tmp_path / "c").complete

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from cache_teacher.rawshards import open_raw
-from cache_teacher.reader import TeacherCache
+from cache_teacher.reader import CacheReader
 from tests.conftest import dump_tiny_cache
 
 
 def _dump(tiny, teacher, out, **kw):
-    return TeacherCache(dump_tiny_cache(tiny, teacher, out, img_scale=(160, 160), shard_mb=0.05, **kw))
+    return CacheReader(dump_tiny_cache(tiny, teacher, out, img_scale=(160, 160), shard_mb=0.05, **kw))
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:

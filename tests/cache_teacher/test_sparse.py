@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from cache_teacher.inspect import summarize
-from cache_teacher.reader import TeacherCache
-from cache_teacher.targets import CacheTeacher
+from cache_teacher.reader import CacheReader
+from cache_teacher.targets import CachedTeacher
 from detector import ModelConfig, build_detector
 from data.coco import CocoDetection
 from core.errors import UserError
@@ -16,7 +16,7 @@ from tests.cli_runner import assert_user_error, run_cli
 
 
 def dump_at_160(tiny, teacher, out, **kw):
-    return TeacherCache(dump_tiny_cache(tiny, teacher, out, img_scale=(160, 160), shard_mb=0.2, **kw))
+    return CacheReader(dump_tiny_cache(tiny, teacher, out, img_scale=(160, 160), shard_mb=0.2, **kw))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_sparse_cache_is_smaller_and_says_so(caches):
 
 def cache_losses(tiny, cache, cfg, keys):
     dataset = CocoDetection(tiny["images"], tiny["ann"], views=cache.specs, train=True)
-    teacher = CacheTeacher(cache)
+    teacher = CachedTeacher(cache)
     teacher.validate(dataset, ModelConfig(num_classes=5, **TINY_MODEL), cfg.teacher_needs())
     batch, stored = teacher.collate([teacher.dataset(dataset, cfg.teacher_needs())[k] for k in keys])
     torch.manual_seed(0)

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from cache_teacher.reader import TeacherCache
-from cache_teacher.targets import CacheTeacher
+from cache_teacher.reader import CacheReader
+from cache_teacher.targets import CachedTeacher
 from detector import ModelConfig
 from core.errors import UserError
 from data.config import DataConfig
@@ -30,15 +30,15 @@ def _subset_file(tiny, path, keep=(1, 2, 3, 5, 8), edit=None):
 def _validate(cache, tiny, ann, **data):
     cfg = DataConfig(images=str(tiny["images"]), ann=str(ann), img_scale=(96, 96), **data)
     dataset = build_train_dataset(cfg, (8, 16, 32, 64, 128))
-    CacheTeacher(cache).validate(dataset, ModelConfig(num_classes=5, **TINY_MODEL), LossConfig().teacher_needs())
+    CachedTeacher(cache).validate(dataset, ModelConfig(num_classes=5, **TINY_MODEL), LossConfig().teacher_needs())
     return dataset
 
 
 def test_a_subset_file_and_a_seeded_fraction_are_served(tiny_coco, tiny_cache, tmp_path):
-    cache = TeacherCache(tiny_cache)
+    cache = CacheReader(tiny_cache)
     subset = _validate(cache, tiny_coco, _subset_file(tiny_coco, tmp_path / "sub.json"))
     assert subset.image_ids == [1, 2, 3, 5, 8]
-    targets = CacheTeacher(cache).dataset(subset, LossConfig().teacher_needs())
+    targets = CachedTeacher(cache).dataset(subset, LossConfig().teacher_needs())
     item = targets[(3, 1)]  # image id 5, flipped: its own cached rows
     v = cache.view_index(cache.index_of_image[5], 1)
     assert item.sample.record == cache.records[v] and item.stored["box"].shape[0] == cache.records[v].num_rows
@@ -48,7 +48,7 @@ def test_a_subset_file_and_a_seeded_fraction_are_served(tiny_coco, tiny_cache, t
 
 
 def test_a_changed_box_or_an_unknown_image_is_refused_naming_it(tiny_coco, tiny_cache, tmp_path):
-    cache = TeacherCache(tiny_cache)
+    cache = CacheReader(tiny_cache)
 
     def move_a_box(coco):
         next(a for a in coco["annotations"] if a["image_id"] == 3 and not a["iscrowd"])["bbox"][0] += 1.0
@@ -84,7 +84,7 @@ def test_the_command_line_trains_a_subset_and_refuses_a_changed_one(tiny_coco, t
 
 
 def test_region_sparse_caches_serve_subsets_and_v1_caches_only_their_dataset(tiny_coco, tiny_teacher, tmp_path):
-    sparse = TeacherCache(dump_tiny_cache(tiny_coco, tiny_teacher["path"], tmp_path / "sparse.zarr",
+    sparse = CacheReader(dump_tiny_cache(tiny_coco, tiny_teacher["path"], tmp_path / "sparse.zarr",
                                           store_regions="main+vlr"))
     subset = _validate(sparse, tiny_coco, _subset_file(tiny_coco, tmp_path / "sub.json"))
     assert len(subset) == 5
@@ -94,7 +94,7 @@ def test_region_sparse_caches_serve_subsets_and_v1_caches_only_their_dataset(tin
     meta["attributes"]["ldcache"]["format_version"] = 1
     (v1 / "zarr.json").write_text(json.dumps(meta))
     shutil.rmtree(v1 / "dataset" / "image_digests")
-    old = TeacherCache(v1)
+    old = CacheReader(v1)
     assert old.meta.format_version == 1 and old.image_digests is None
     _validate(old, tiny_coco, tiny_coco["ann"])  # its own dataset: as before
     with pytest.raises(UserError, match="format v1 has no per-image annotation digests"):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cache_teacher.reader import TeacherCache
+from cache_teacher.reader import CacheReader
 from cache_teacher.verify import dataset_of_cache, format_verify, teacher_ap, verify
 from detector import ModelConfig
 from detector.inference import EvalConfig, run_evaluate
@@ -23,7 +23,7 @@ def trained(tiny_coco, tmp_path_factory):
                         lr_steps=(100,))
     run_train(data, ModelConfig(num_classes=5, **TINY_MODEL), train, LossConfig(), root / "run", progress=False)
     checkpoint = root / "run" / "checkpoints" / "last.pt"
-    return checkpoint, TeacherCache(dump_tiny_cache(tiny_coco, checkpoint, root / "cache.zarr"))
+    return checkpoint, CacheReader(dump_tiny_cache(tiny_coco, checkpoint, root / "cache.zarr"))
 
 
 def test_teacher_ap_from_the_cache_equals_evaluate_of_the_teacher(tiny_coco, trained, tmp_path):
@@ -45,5 +45,5 @@ def test_verify_reports_the_teacher_ap_and_an_untrained_teacher_is_noted(tiny_ca
     report = verify(cache)
     assert report["ok"] and report["teacher_ap"]["metrics"]["AP50"] > 0.05
     assert "teacher AP from the cache" in format_verify(report)
-    untrained = verify(TeacherCache(tiny_cache))  # the session's random teacher
+    untrained = verify(CacheReader(tiny_cache))  # the session's random teacher
     assert untrained["teacher_ap"]["metrics"]["AP50"] < 0.01 and "finds almost nothing" in format_verify(untrained)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from cache_teacher.reader import TeacherCache
-from cache_teacher.targets import CacheTeacher
+from cache_teacher.reader import CacheReader
+from cache_teacher.targets import CachedTeacher
 from detector import ModelConfig, build_detector
 from detector.atss import assign_batch
 from data.coco import CocoDetection
@@ -146,10 +146,10 @@ def test_a_batch_of_repeated_images_gives_the_same_losses():
 
 
 def test_cache_and_online_teacher_give_the_same_bckd_losses(tiny_coco, tiny_teacher, tiny_cache):
-    cache = TeacherCache(tiny_cache)
+    cache = CacheReader(tiny_cache)
     dataset = CocoDetection(tiny_coco["images"], tiny_coco["ann"], views=cache.specs, train=True)
     keys = equal_canvas_keys(dataset, cache)  # the live teacher sees each view as the dump did
-    offline, online = CacheTeacher(cache), OnlineTeacher(tiny_teacher["model"], tiny_teacher["config"], "x")
+    offline, online = CachedTeacher(cache), OnlineTeacher(tiny_teacher["model"], tiny_teacher["config"], "x")
     batch, stored = offline.collate([offline.dataset(dataset, BCKD.teacher_needs())[k] for k in keys])
     torch.manual_seed(0)
     student = build_detector(ModelConfig(num_classes=5, **TINY_MODEL)).train()

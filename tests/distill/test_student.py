@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from cache_teacher.reader import TeacherCache
-from cache_teacher.targets import CacheTeacher
+from cache_teacher.reader import CacheReader
+from cache_teacher.targets import CachedTeacher
 from detector import ModelConfig
 from data.coco import CocoDetection
 from data.synthetic import make_synthetic
@@ -27,11 +27,11 @@ from tests.cli_runner import assert_user_error, run_cli
 
 
 def test_offline_losses_equal_online_losses_on_equal_canvases(tiny_coco, tiny_teacher, tiny_cache):
-    cache = TeacherCache(tiny_cache)
+    cache = CacheReader(tiny_cache)
     dataset = CocoDetection(tiny_coco["images"], tiny_coco["ann"], views=cache.specs, train=True)
     keys = equal_canvas_keys(dataset, cache)  # the live teacher sees each view as the dump did
     assert {s for _, s in keys} == {0, 1}  # the batch mixes original and flipped views
-    offline, online = CacheTeacher(cache), OnlineTeacher(tiny_teacher["model"], tiny_teacher["config"], "x")
+    offline, online = CachedTeacher(cache), OnlineTeacher(tiny_teacher["model"], tiny_teacher["config"], "x")
     batch, stored = offline.collate([offline.dataset(dataset, LossConfig().teacher_needs())[k] for k in keys])
     torch.manual_seed(0)
     student = __import__("detector").build_detector(ModelConfig(num_classes=5, **TINY_MODEL)).train()
@@ -77,7 +77,7 @@ def _train_student(tiny, cache, out, loss=OFFICIAL, **kw):
     train = TrainConfig(**{**dict(epochs=1, batch_size=4, workers=0, log_every=1, warmup_iters=2, lr=0.01,
                                   max_iters=3), **kw})
     return run_train(data, ModelConfig(num_classes=5, **TINY_MODEL), train, loss, out, progress=False,
-                     teacher=CacheTeacher(TeacherCache(cache)))
+                     teacher=CachedTeacher(CacheReader(cache)))
 
 
 def _records(run):
@@ -174,7 +174,7 @@ def test_a_student_on_a_cache_keeps_what_it_was_not_told_to_change(tiny_cache, t
     keeps the cache's scale; a typed --img-scale drops the cache's other scales."""
     from workflows.student import data_hints
 
-    hints = data_hints(CacheTeacher(TeacherCache(tiny_cache)))  # orig and hflip at 96x96
+    hints = data_hints(CachedTeacher(CacheReader(tiny_cache)))  # orig and hflip at 96x96
     data = dict(images=str(tiny_coco["images"]), ann=str(tiny_coco["ann"]))  # given: not the dump's hint
 
     def resolved(**given):
