@@ -37,4 +37,4 @@ clean:
 
 # Every benchmark at CPU size (on an idle machine): benchmarks/results/*.json and SUMMARY.md.
 bench: setup
-	$(BIN)/python benchmarks/run_all.py $(if $(TEACHER),--teacher $(TEACHER),)
+	$(BIN)/python -m benchmarks.run_all $(if $(TEACHER),--teacher $(TEACHER),)

@@ -1,8 +1,8 @@
 """Run every benchmark and gather their results into benchmarks/results/SUMMARY.md.
 
-    .venv/bin/python benchmarks/run_all.py                       # CPU size, about an hour on 2 cores
-    .venv/bin/python benchmarks/run_all.py --teacher runs/synth/teacher.pt   # fidelity on a trained teacher
-    .venv/bin/python benchmarks/run_all.py --gpu                 # COCO-like size on a CUDA GPU
+    .venv/bin/python -m benchmarks.run_all                       # CPU size, about an hour on 2 cores
+    .venv/bin/python -m benchmarks.run_all --teacher runs/synth/teacher.pt   # fidelity on a trained teacher
+    .venv/bin/python -m benchmarks.run_all --gpu                 # COCO-like size on a CUDA GPU
 
 Each script prints its own table and writes benchmarks/results/<name>.json; this driver runs them
 one after another (never in parallel: they would measure each other) and writes a markdown
@@ -30,6 +30,11 @@ def _relative(part: str) -> str:
         return str(Path(part).relative_to(HERE.parent))
     except ValueError:
         return part
+
+
+def script_command(name: str) -> list[str]:
+    """How run_all starts benchmark `name`: as a module, from the repository root."""
+    return [sys.executable, "-m", f"benchmarks.suite.{name}"]
 
 
 def plan(args) -> list[tuple[str, list[str]]]:
@@ -89,12 +94,12 @@ def main() -> None:
             print(f"== {name}: skipped, no mmdetection venv at {args.mmdet_python}", flush=True)
             continue
         script = SCRIPT_OF.get(name, name)
-        cmd = [sys.executable, str(HERE / f"{script}.py"), *extra, "--out", str(out)]
+        cmd = [*script_command(script), *extra, "--out", str(out)]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()
         # progress (stderr) shows as it comes; the table (stdout) is echoed and kept for the summary,
         # so a run stopped from outside still shows how far it got
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
         table = []
         for line in proc.stdout:
             print(line, end="", flush=True)
@@ -115,7 +120,7 @@ def main() -> None:
     sections = [path.read_text() for path in (results / f"{name}{suffix}.section.md" for name, _ in plan(args))
                 if path.exists()]
     summary = results / f"SUMMARY{suffix}.md"
-    summary.write_text("# Benchmark results\n\nWritten by `benchmarks/run_all.py`"
+    summary.write_text("# Benchmark results\n\nWritten by `python -m benchmarks.run_all`"
                        f"{' --gpu' if args.gpu else ''}.\n\n" + "\n".join(sections))
     print(f"wrote {summary}")
     if failed:

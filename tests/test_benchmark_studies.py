@@ -13,8 +13,7 @@ from tests.conftest import ROOT
 
 
 def test_distill_methods_plans_one_dump_per_dataset_and_picks_the_best_combination(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import distill_methods as dm
+    from benchmarks.studies import distill_methods as dm
 
     datasets = ["synth", "photos"]
     jobs = dm.plan(tmp_path, datasets, seeds=3, best=None)
@@ -67,7 +66,7 @@ def test_compact_fidelity_compares_every_term_with_the_dense_cache(tiny_coco, ti
     save_checkpoint(work / "tiny" / "plain-s0" / "checkpoints" / "last.pt", build_detector(tiny_teacher["config"]),
                     tiny_teacher["config"])
     out = tmp_path / "fidelity.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compact_fidelity.py"), "--workdir", str(work),
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.studies.compact_fidelity", "--workdir", str(work),
                            "--views", "4", "--batch-size", "2", "--out", str(out)],
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, capture_output=True,
                           text=True, timeout=600)

@@ -37,7 +37,7 @@ def _numbers(rows: list[dict], key: str) -> list[float]:
 def test_benchmark_runs_and_writes_results(script, tiny_coco, tmp_path):
     extra, key = CASES[script]
     out = tmp_path / f"{script}.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--images", str(tiny_coco["images"]),
+    cmd = [sys.executable, "-m", f"benchmarks.suite.{script}", "--images", str(tiny_coco["images"]),
            "--ann", str(tiny_coco["ann"]), "--num-images", "6", "--img-scale", "96,96", *TINY_TEACHER, *extra,
            "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -55,7 +55,7 @@ def test_benchmark_runs_and_writes_results(script, tiny_coco, tmp_path):
 
 def test_coco_geometry_measures_every_mode(tmp_path):
     out = tmp_path / "coco_geometry.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "coco_geometry.py"), "--num-images", "2", "--img-scale", "160,128",
+    cmd = [sys.executable, "-m", "benchmarks.suite.coco_geometry", "--num-images", "2", "--img-scale", "160,128",
            "--teacher-width", "16", "--batch-size", "2", "--workers", "0", "--read-workers", "0", "--read-seconds",
            "0.2", "--out", str(out)]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
@@ -75,7 +75,7 @@ def test_coco_geometry_measures_every_mode(tmp_path):
 
 def test_sparse_size_counts_fewer_rows_than_dense(tiny_coco, tmp_path):
     out = tmp_path / "sparse.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "sparse_size.py"), "--images", str(tiny_coco["images"]),
+    cmd = [sys.executable, "-m", "benchmarks.suite.sparse_size", "--images", str(tiny_coco["images"]),
            "--ann", str(tiny_coco["ann"]), "--img-scale", "96,96", "--min-vlr-gamma", "0.5", "0.0",
            "--workers", "0", "--out", str(out)]
     proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
@@ -86,7 +86,7 @@ def test_sparse_size_counts_fewer_rows_than_dense(tiny_coco, tmp_path):
 
 def test_ld_density_counts_positives_and_vlr_weight(tiny_coco, tmp_path):
     out = tmp_path / "density.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "ld_density.py"), "--coco-like", "20", "--no-synthetic-default",
+    cmd = [sys.executable, "-m", "benchmarks.suite.ld_density", "--coco-like", "20", "--no-synthetic-default",
            "--dataset", f"tiny={tiny_coco['ann']}:{tiny_coco['images']}:96", "--out", str(out)]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=600)
@@ -102,10 +102,9 @@ def test_ld_density_counts_positives_and_vlr_weight(tiny_coco, tmp_path):
 
 
 def test_coco_like_annotations_follow_the_published_statistics(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import sparse_size
+    from benchmarks.harness import coco_like
 
-    data = json.loads(sparse_size.write_coco_like(400, tmp_path / "ann.json", seed=0).read_text())
+    data = json.loads(coco_like.write_coco_like(400, tmp_path / "ann.json", seed=0).read_text())
     boxes = [a["bbox"] for a in data["annotations"]]
     assert len(data["images"]) == 400 and len(data["categories"]) == 80
     assert 6.0 < len(boxes) / 400 < 8.6  # 7.3 objects per image on average
@@ -122,8 +121,7 @@ def test_coco_like_annotations_follow_the_published_statistics(tmp_path):
 
 
 def test_ld_defaults_plans_user_commands_and_reports_the_gap_closed(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import ld_defaults
+    from benchmarks.studies import ld_defaults
 
     jobs = ld_defaults.plan(tmp_path, seeds=3, batches=[2, 8])
     by_name = {j.name: j for j in jobs}
@@ -172,8 +170,7 @@ def test_ld_defaults_plans_user_commands_and_reports_the_gap_closed(tmp_path):
 def test_gap_decomposition_swaps_scores_and_boxes_location_by_location(tiny_coco, tmp_path):
     """Each model alone detects what `evaluate` detects; a swap between a model and itself changes
     nothing; a swap between two models gives detections of neither."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import gap_decomposition
+    from benchmarks.harness import gap
 
     from detector import ModelConfig, build_detector, save_checkpoint
     from data.coco import CocoDetection
@@ -190,8 +187,8 @@ def test_gap_decomposition_swaps_scores_and_boxes_location_by_location(tiny_coco
         paths.append(tmp_path / f"model{seed}.pt")
         save_checkpoint(paths[-1], models[-1], config)
     data = (str(tiny_coco["val_images"]), str(tiny_coco["val_ann"]), (96, 96))
-    _, pair = gap_decomposition.predictions(str(paths[0]), str(paths[1]), *data)
-    _, same = gap_decomposition.predictions(str(paths[0]), str(paths[0]), *data)
+    _, pair = gap.predictions(str(paths[0]), str(paths[1]), *data)
+    _, same = gap.predictions(str(paths[0]), str(paths[0]), *data)
     dataset = CocoDetection(data[0], data[1], views=[ViewSpec(False, data[2])], strides=config.strides, train=False)
     for name, model in (("teacher", models[0]), ("student", models[1])):
         alone = predict_dataset(model, dataset, torch.device("cpu"), batch_size=8, progress=False)
@@ -203,7 +200,7 @@ def test_gap_decomposition_swaps_scores_and_boxes_location_by_location(tiny_coco
 
 def test_step_phases_times_every_phase_of_both_variants(tmp_path):
     out = tmp_path / "phases.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_phases.py"), "--code", str(ROOT), "--label", "t",
+    cmd = [sys.executable, "-m", "benchmarks.suite.step_phases", "--label", "t",
            "--img-scale", "64,64", "--batch-size", "1", "--threads", "1", "--steps", "1", "--warmup", "0",
            "--rounds", "1", "--out", str(out)]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
@@ -220,7 +217,7 @@ def test_step_phases_times_every_phase_of_both_variants(tmp_path):
 def test_vs_mmdetection_worker_builds_one_variant_and_answers_time_and_profile():
     """Our side of vs_mmdetection: a worker that builds variants on command, times their steps and
     profiles them (mmdetection's side needs its own venv and is not run here)."""
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "vs_mmdetection.py"), "--serve", "--img-scale", "64,64",
+    cmd = [sys.executable, "-m", "benchmarks.suite.vs_mmdetection", "--serve", "--img-scale", "64,64",
            "--batch-size", "1", "--threads", "1"]
     commands = [{"build": "ours_cache"}, {"build": "ours_plain"}, {"time": "ours_cache", "steps": 2, "warmup": 1},
                 {"profile": "ours_cache", "steps": 1}, {"profile": "ours_plain", "steps": 1}]
@@ -239,8 +236,7 @@ def test_vs_mmdetection_worker_builds_one_variant_and_answers_time_and_profile()
 
 
 def test_op_differences_rank_operators_by_absolute_difference():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from vs_mmdetection import op_differences
+    from benchmarks.suite.vs_mmdetection import op_differences
 
     ours = {"conv": [10.0, 5], "relu": [1.0, 3], "ours_only": [2.5, 1]}
     theirs = {"conv": [13.0, 5], "relu": [1.5, 3], "theirs_only": [0.25, 2]}
@@ -250,8 +246,7 @@ def test_op_differences_rank_operators_by_absolute_difference():
 
 
 def test_vs_mmdetection_verdict_tells_a_met_goal_from_noise():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from vs_mmdetection import verdict
+    from benchmarks.suite.vs_mmdetection import verdict
 
     assert verdict([0.95, 0.97, 0.98, 1.0, 1.02], 1.0) == "met"  # a time ratio: median at most the goal
     assert verdict([0.96, 0.99, 1.01, 1.02, 1.03], 1.0) == "within noise"  # the goal inside the quartiles
@@ -262,8 +257,7 @@ def test_vs_mmdetection_verdict_tells_a_met_goal_from_noise():
 
 
 def test_run_all_echoes_each_table_and_writes_where_it_is_told(tmp_path, monkeypatch, capsys):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import run_all
+    from benchmarks import run_all
 
     (tmp_path / "fake.py").write_text(
         "import json, sys\n"
@@ -271,7 +265,7 @@ def test_run_all_echoes_each_table_and_writes_where_it_is_told(tmp_path, monkeyp
         "print('progress', file=sys.stderr)\n"
         "print('| a | b |')\n"
         "json.dump({'environment': {'device_name': 'cpu', 'torch': 'x'}, 'rows': []}, open(out, 'w'))\n")
-    monkeypatch.setattr(run_all, "HERE", tmp_path)
+    monkeypatch.setattr(run_all, "script_command", lambda name: [sys.executable, str(tmp_path / f"{name}.py")])
     monkeypatch.setattr(run_all, "plan", lambda args: [("fake", ["--flag"])])
     monkeypatch.setattr(sys, "argv", ["run_all.py", "--results-dir", str(tmp_path / "res")])
     run_all.main()

@@ -3,7 +3,7 @@
 # root there with the wheels of tools/device/fetch_wheels.sh carried:
 #     run(command="bash tools/device/gpu_benchmarks.sh", carry=[".whl"], timeout_s=600)
 # It installs the wheels into /tmp/site, checks the GPU and the imports, then runs
-# `benchmarks/run_all.py --gpu` script by script, most wanted first (vs_mmdetection, step_phases,
+# `python -m benchmarks.run_all --gpu` script by script, most wanted first (vs_mmdetection, step_phases,
 # train_throughput, dump_throughput, coco_geometry), starting none after BUDGET_S seconds from its
 # own start and stopping a running one at the budget, and leaves in $OUT: env.txt, log.txt (every table and
 # progress line) and results.tgz (each script's JSON and section, and SUMMARY-gpu.md; untar it into
@@ -40,7 +40,7 @@ for name in $SCRIPTS; do
     continue
   fi
   # timeout signals the whole process group (run_all and the benchmark it runs), then kills it
-  timeout -k 15 "$left" "$PY" benchmarks/run_all.py ${RUN_ALL_FLAGS---gpu} --only "$name" \
+  timeout -k 15 "$left" "$PY" -m benchmarks.run_all ${RUN_ALL_FLAGS---gpu} --only "$name" \
     --mmdet-python "$(command -v "$PY")" --results-dir "$RESULTS_DIR" 2>&1 | tee -a "$OUT/log.txt"
   rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc after $(( SECONDS - start )) s" | tee -a "$OUT/log.txt"

@@ -3,8 +3,8 @@ plain sum-of-squares loss on the raw head outputs, alternating rounds; no assign
 optimizer. Run with the mmdetection oracle venv's Python (../shared/tools/mmdet_oracle/make_venv.sh):
 it imports this checkout's detector package (pure torch) beside mmdetection.
 
-    /tmp/mmdet_venv/bin/python benchmarks/mmdet_network.py                 # 2 x 640x640, 2 threads
-    /tmp/mmdet_venv/bin/python benchmarks/mmdet_network.py --profile       # + top operators of each side
+    /tmp/mmdet_venv/bin/python -m benchmarks.studies.mmdet_network                 # 2 x 640x640, 2 threads
+    /tmp/mmdet_venv/bin/python -m benchmarks.studies.mmdet_network --profile       # + top operators of each side
 
 vs_mmdetection.py times whole train steps, each variant in a process of its own (ours in this venv,
 mmdetection's in its own); this script tells whether a difference there is in the network itself.
@@ -20,14 +20,13 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
+from benchmarks.harness import step_worker
+from detector.config import ModelConfig
+from detector.model import build_detector
+
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
-
-import step_worker  # noqa: E402  (standard library and torch only)
-import torch  # noqa: E402
-
-from detector.config import ModelConfig  # noqa: E402
-from detector.model import build_detector  # noqa: E402
 
 
 def _median_ms(fn, steps: int) -> float:
@@ -51,7 +50,7 @@ def main() -> None:
     from mmengine.logging import MMLogger
     from mmdet.utils import register_all_modules
 
-    import mmdet_side
+    from benchmarks.harness import mmdet_side
 
     register_all_modules()
     MMLogger.get_current_instance().setLevel(logging.ERROR)

@@ -1,9 +1,8 @@
 """Where a student train step spends its time, phase by phase, for this checkout or another one.
 
-    .venv/bin/python benchmarks/step_phases.py                                  # CPU: 640x640, batch 2, full width
-    git worktree add /tmp/ldcache-before 3816898                                # the code before the hot-path work
-    .venv/bin/python benchmarks/step_phases.py --code /tmp/ldcache-before --label before
-    .venv/bin/python benchmarks/step_phases.py --device cuda --img-scale 1344,800 --batch-size 8
+    .venv/bin/python -m benchmarks.suite.step_phases                        # CPU: 640x640, batch 2, full width
+    .venv/bin/python -m benchmarks.suite.step_phases --device cuda --img-scale 1344,800 --batch-size 8
+    (cd /tmp/ldcache-before && .venv/bin/python -m benchmarks.suite.step_phases --label before)  # another checkout
 
 The step is the engine's own train_step (distill.step) on vs_mmdetection's random batch (B noise
 images, 7 GT boxes each, 80 classes) with a full-width R-18 student, for two variants: plain (no
@@ -11,8 +10,8 @@ teacher) and cache (the full recipe from fixed fp16 teacher rows, decoded on the
 step as the cache's teacher source does; the reads themselves are benchmarked apart). Phases are
 timed from outside the code, by wrapping the functions train_step and compute_losses call (the
 student's forward, ATSS assign_batch, gfl_losses, distillation_losses, the teacher rows, backward,
-the optimizer step), so the same script measures any version of the code that has these names:
---code DIR imports the project from DIR instead of this checkout. "rest" is the step's time outside
+the optimizer step), so the same script measures any version of the code that has these names
+(run it in that checkout; --label names it). "rest" is the step's time outside
 the wrapped phases (row flattening, the loss read-out, Python). On CUDA each phase is synchronised
 before and after, which costs some overlap; on the CPU nothing changes. Variants alternate for
 --rounds rounds; the table gives the median over rounds of ms per step.
@@ -26,43 +25,19 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+import torch
+
+import detector
+import distill.criterion as criterion
+import distill.step as step_module
+from benchmarks.harness import common
+from benchmarks.harness.batches import random_batch
+from detector.config import ModelConfig
+from detector.model import build_detector
+from detector.rows import TeacherRows, flatten_rows
+from distill.config import LossConfig
 
 
-def _parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--code", help="a checkout of ldcache to measure instead of this one (e.g. a git worktree)")
-    p.add_argument("--label", default="this checkout", help="the name of the measured code in the table and JSON")
-    p.add_argument("--img-scale", default="640,640", help="W,H of the batch's images")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", help="JSON result (default benchmarks/results/step_phases-LABEL.json)")
-    return p.parse_args(argv)
-
-
-ARGS = _parse_args() if __name__ == "__main__" else None
-if ARGS is not None and ARGS.code:
-    # The other checkout's packages first; this checkout's root last, so that common.py does not put
-    # it in front (it adds the root only when missing).
-    sys.path.insert(0, str(Path(ARGS.code).resolve()))
-    sys.path.append(str(HERE.parent))
-sys.path.insert(0, str(HERE))
-import common  # noqa: E402
-import torch  # noqa: E402
-
-import detector  # noqa: E402
-import distill.criterion as criterion  # noqa: E402
-import distill.step as step_module  # noqa: E402
-from detector.config import ModelConfig  # noqa: E402
-from detector.model import build_detector  # noqa: E402
-from detector.rows import TeacherRows, flatten_rows  # noqa: E402
-from distill.config import LossConfig  # noqa: E402
-from vs_mmdetection import random_batch  # noqa: E402
 
 SCRIPT = "step_phases"
 PHASES = ("teacher rows", "forward", "assignment", "gfl_losses", "distillation", "backward", "optimizer")
@@ -112,7 +87,23 @@ class Timed(torch.nn.Module):
         return self.clock.wrap("forward", self.model)(images)
 
 
-def main(args: argparse.Namespace) -> None:
+def _parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--label", default="this checkout", help="the name of the measured code in the table and JSON")
+    p.add_argument("--img-scale", default="640,640", help="W,H of the batch's images")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", help="JSON result (default benchmarks/results/step_phases-LABEL.json)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = _parse_args(argv)
     torch.set_num_threads(args.threads)
     device = common.resolve_device(args.device)
     w, h = common.parse_pair(args.img_scale)
@@ -174,4 +165,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(ARGS)
+    main()

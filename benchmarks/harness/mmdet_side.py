@@ -1,16 +1,14 @@
-"""mmdetection's side of benchmarks/vs_mmdetection.py, run in the mmdetection oracle venv
+"""mmdetection's side of benchmarks/suite/vs_mmdetection.py, run in the mmdetection oracle venv
 (../shared/tools/mmdet_oracle/make_venv.sh): builds mmdetection's own GFL R-18 and LD R-18 <- R-101
 (teacher online, Main LD) from its shipped configs with random weights, and times model.loss +
 backward + SGD step on the batch the driver saved. It answers the driver's JSON commands on
-stdin/stdout (benchmarks/step_worker.py), one model per process: {"build": "gfl" | "ld"}, then
+stdin/stdout (benchmarks/harness/step_worker.py), one model per process: {"build": "gfl" | "ld"}, then
 "time" and "profile" commands for it.
 """
 
 import argparse
 import logging
 import os.path as osp
-import sys
-from pathlib import Path
 
 import torch
 from mmengine.config import Config
@@ -22,8 +20,7 @@ from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
 from mmdet.utils import register_all_modules
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import step_worker  # noqa: E402  (standard library and torch only)
+from benchmarks.harness import step_worker
 
 CONFIGS = osp.join(osp.dirname(mmdet.__file__), ".mim", "configs")
 MODEL_CONFIGS = {"gfl": ("gfl/gfl_r50_fpn_1x_coco.py", 18), "ld": ("ld/ld_r18-gflv1-r101_fpn_1x_coco.py", None)}

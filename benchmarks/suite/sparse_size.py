@@ -1,7 +1,7 @@
 """How much smaller is a region-sparse cache? From the annotations alone, no teacher needed.
 
-    .venv/bin/python benchmarks/sparse_size.py                                   # the synthetic default
-    .venv/bin/python benchmarks/sparse_size.py --images coco/train2017 \\
+    .venv/bin/python -m benchmarks.suite.sparse_size                                   # the synthetic default
+    .venv/bin/python -m benchmarks.suite.sparse_size --images coco/train2017 \\
         --ann coco/annotations/instances_train2017.json --img-scale 1333,800 --workers 8   # COCO
 
 For every view (orig and hflip at --img-scale) it counts the rows a `--store-regions main+vlr`
@@ -20,50 +20,16 @@ Run the command above on the real file for the exact figure.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts the repository root on sys.path)
-import numpy as np  # noqa: E402
+from benchmarks.harness import common
+from benchmarks.harness.coco_like import write_coco_like
+import numpy as np
 
-from cache_teacher.plan import plan_region_rows  # noqa: E402
-from data.coco import CocoDetection  # noqa: E402
-from data.views import parse_views  # noqa: E402
-
-
-# COCO train2017 in published figures: 118k images of mostly 640x480 (long side 640), 860k boxes
-# (7.3 per image), 41% small (< 32^2 px), 34% medium, 24% large (> 96^2 px), 80 categories.
-COCO_OBJECTS_PER_IMAGE = 7.3
-COCO_SIZE_MIX = ((0.41, 4.0, 32.0), (0.34, 32.0, 96.0), (0.24, 96.0, 480.0))  # (share, min side, max side) of sqrt(area)
-COCO_NUM_CLASSES = 80
-
-
-def write_coco_like(num_images: int, path: Path, seed: int) -> Path:
-    """An annotation file with COCO train2017's published statistics (no image files)."""
-    import json
-
-    rng = np.random.default_rng(seed)
-    images, annotations = [], []
-    shares = np.array([m[0] for m in COCO_SIZE_MIX])
-    for image_id in range(1, num_images + 1):
-        w, h = (640, 480) if rng.random() < 0.75 else (480, 640)
-        images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": w, "height": h})
-        count = rng.geometric(1.0 / COCO_OBJECTS_PER_IMAGE)  # >= 1: training keeps non-empty images
-        for _ in range(count):
-            _, lo, hi = COCO_SIZE_MIX[rng.choice(len(shares), p=shares / shares.sum())]
-            side = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))  # sqrt(area), log-uniform in its bin
-            ratio = float(np.exp(rng.normal(0.0, 0.6)))  # width / height
-            bw, bh = min(side * np.sqrt(ratio), w), min(side / np.sqrt(ratio), h)
-            x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(rng.integers(1, 81)),
-                                "bbox": [round(x, 2), round(y, 2), round(bw, 2), round(bh, 2)],
-                                "area": round(bw * bh, 2), "iscrowd": 0})
-    categories = [{"id": i, "name": f"class{i}"} for i in range(1, COCO_NUM_CLASSES + 1)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
-    return path
+from cache_teacher.plan import plan_region_rows
+from data.coco import CocoDetection
+from data.views import parse_views
 
 
 def main() -> None:

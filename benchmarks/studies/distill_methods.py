@@ -1,12 +1,12 @@
 """LD against BCKD from ONE teacher dump per dataset: plain, LD (--recipe paper), BCKD (--recipe
 bckd) and the best combination of the two, each over seeds, with no weight flags.
 
-    .venv/bin/python benchmarks/distill_methods.py                  # everything: ~4 hours on 2 CPU cores
-    .venv/bin/python benchmarks/distill_methods.py --report-only    # the tables from the runs so far
+    .venv/bin/python -m benchmarks.studies.distill_methods                  # everything: ~4 hours on 2 CPU cores
+    .venv/bin/python -m benchmarks.studies.distill_methods --report-only    # the tables from the runs so far
 
 Every run is an `ldcache` command as a user types it (all in the JSON), in its own folder under
---workdir; finished runs are never redone and killed ones resume (benchmarks/command_queue.py).
-Datasets, teachers and students are benchmarks/ld_defaults.py's (500 train / 150 val images of at
+--workdir; finished runs are never redone and killed ones resume (benchmarks/harness/command_queue.py).
+Datasets, teachers and students are benchmarks/studies/ld_defaults.py's (500 train / 150 val images of at
 most 160 px; R-34 x 1/2 teachers, 30 epochs; R-18 x 1/4 students, 16 epochs, batch 8), plus
 `photos`: real pixels (make-synthetic --pixels photos: objects cut from scikit-image's sample
 photographs, 12 classes, 1,000 train / 200 val images). Per dataset ONE dense dump serves every
@@ -20,18 +20,16 @@ each method closes; the compact cache against the dense one; the combination can
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts the repository root on sys.path)
-from command_queue import Job, needed, run  # noqa: E402
-from ld_defaults import DATASETS as SHAPE_DATASETS  # noqa: E402
-from ld_defaults import SIZE, STUDENT_FLAGS, TEACHER_FLAGS  # noqa: E402
+from benchmarks.harness import common
+from benchmarks.harness.command_queue import Job, needed, run
+from benchmarks.harness.study import DATASETS as SHAPE_DATASETS
+from benchmarks.harness.study import (SIZE, STUDENT_FLAGS, TEACHER_FLAGS, ap, chosen_datasets, progress_log, seed_stats,
+                                      study_args)
 
 DATASETS = {**SHAPE_DATASETS,
             "photos": ["--pixels", "photos", "--num-classes", "12", "--num-train", "1000", "--num-val", "200"]}
@@ -79,21 +77,11 @@ def plan(work: Path, datasets: list[str], seeds: int, best: str | None) -> list[
     return sorted(jobs, key=lambda j: next((i for i, o in enumerate(order) if o in j.name), len(order)))
 
 
-def _ap(work: Path, run_name: str) -> float | None:
-    path = work / run_name / "eval.json"
-    return 100 * json.loads(path.read_text())["metrics"]["AP"] if path.is_file() else None
-
-
-def _stats(work: Path, pattern: str, seeds: int) -> dict:
-    aps = [a for s in range(seeds) if (a := _ap(work, pattern.format(s))) is not None]
-    return {"aps": aps, "mean": statistics.mean(aps) if aps else None, "sd": statistics.stdev(aps) if len(aps) > 1 else None}
-
-
 def choose_combo(work: Path, datasets: list[str]) -> tuple[str | None, dict]:
     """The combination with the largest mean gain over plain (seed 0) over the datasets that ran them all."""
     gains = {}
     for combo in COMBOS:
-        pairs = [(_ap(work, f"{n}/{combo}-s0"), _ap(work, f"{n}/plain-s0")) for n in datasets]
+        pairs = [(ap(work, f"{n}/{combo}-s0"), ap(work, f"{n}/plain-s0")) for n in datasets]
         if pairs and all(a is not None and p is not None for a, p in pairs):
             gains[combo] = statistics.mean(a - p for a, p in pairs)
     return (max(gains, key=gains.get) if len(gains) == len(COMBOS) else None), gains
@@ -112,8 +100,8 @@ def report(work: Path, jobs: list[Job], datasets: list[str], seeds: int, best: s
     for name in datasets:
         ann = work / "data" / name / "annotations" / "instances_train.json"
         classes = len(json.loads(ann.read_text())["categories"]) if ann.is_file() else None
-        teacher = _ap(work, f"{name}/teacher")
-        cells = {m: _stats(work, f"{name}/{m}-s{{}}", seeds) for m in methods}
+        teacher = ap(work, f"{name}/teacher")
+        cells = {m: seed_stats(work, f"{name}/{m}-s{{}}", seeds) for m in methods}
         plain = cells["plain"]["mean"]
         gap = {m: (cells[m]["mean"] - plain) / (teacher - plain)
                if None not in (teacher, plain, cells[m]["mean"]) and teacher > plain else None for m in methods[1:]}
@@ -123,14 +111,14 @@ def report(work: Path, jobs: list[Job], datasets: list[str], seeds: int, best: s
     text += ["", "### Combination candidates (seed 0; AP, and the mean gain over plain)", "",
              "| combination | flags | " + " | ".join(datasets) + " | mean gain |", "|---|---|" + "---|" * len(datasets) + "---|"]
     for combo, flags in COMBOS.items():
-        text.append(f"| {combo} | `{' '.join(flags)}` | " + " | ".join(f(_ap(work, f"{n}/{combo}-s0")) for n in datasets)
+        text.append(f"| {combo} | `{' '.join(flags)}` | " + " | ".join(f(ap(work, f"{n}/{combo}-s0")) for n in datasets)
                     + f" | {f(gains.get(combo))} |")
     if "synth" in datasets:
         text += ["", "### The compact ld+bckd cache against the dense one (synth, mean +- sd over seeds)", "",
                  "| method | dense cache | ld+bckd cache |", "|---|---|---|"]
         out["compact"] = {}
         for m in [*METHODS, *([best] if best else [])]:
-            dense, compact = _stats(work, f"synth/{m}-s{{}}", seeds), _stats(work, f"synth/{m}-s{{}}-compact", seeds)
+            dense, compact = seed_stats(work, f"synth/{m}-s{{}}", seeds), seed_stats(work, f"synth/{m}-s{{}}-compact", seeds)
             out["compact"][m] = {"dense": dense, "compact": compact}
             text.append(f"| {m} | {ms(dense)} | {ms(compact)} |")
         sizes = {c: sum(p.stat().st_size for p in (work / "synth" / f"{c}.zarr").rglob("*") if p.is_file())
@@ -145,28 +133,12 @@ def report(work: Path, jobs: list[Job], datasets: list[str], seeds: int, best: s
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default=str(common.REPO_ROOT / "runs" / "distill_methods"))
-    p.add_argument("--parallel", type=int, default=2, help="runs at once")
-    p.add_argument("--threads", type=int, help="threads per run (default: cores / parallel)")
+    p = study_args(__doc__.split("\n\n")[0], "distill_methods", DATASETS)
     p.add_argument("--seeds", type=int, default=SEEDS)
-    p.add_argument("--datasets", default=",".join(DATASETS), help="which of " + ", ".join(DATASETS))
-    p.add_argument("--only", help="a regular expression: run only the matching runs (and what they wait on)")
-    p.add_argument("--report-only", action="store_true")
-    p.add_argument("--out", default=str(common.RESULTS_DIR / "distill_methods.json"))
     args = p.parse_args()
-    work, datasets = Path(args.workdir), args.datasets.split(",")
-    unknown = sorted(set(datasets) - set(DATASETS))
-    if unknown:
-        p.error(f"unknown dataset(s) {', '.join(unknown)}: choose from {', '.join(DATASETS)}")
+    work, datasets = Path(args.workdir), chosen_datasets(p, args, DATASETS)
     if not args.report_only:
-        work.mkdir(parents=True, exist_ok=True)
-        with open(work / "progress.log", "a") as log_file:
-            def log(message):
-                line = f"{time.strftime('%H:%M:%S')} {message}"
-                print(line, flush=True)
-                log_file.write(line + "\n")
-                log_file.flush()
+        with progress_log(work) as log:
             # Phase 1: every method with every seed, and the candidates with seed 0; phase 2: the
             # chosen combination with the other seeds.
             run(needed(plan(work, datasets, args.seeds, None), args.only), args.parallel, log, args.threads)

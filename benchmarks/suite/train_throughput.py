@@ -1,12 +1,12 @@
 """Does training from the cache run at the speed of plain training? Student steps/s side by side.
 
-    .venv/bin/python benchmarks/train_throughput.py                      # CPU, synthetic, a few minutes
-    .venv/bin/python benchmarks/train_throughput.py --steps 4 --rounds 1 --num-images 16   # smoke run
-    .venv/bin/python benchmarks/train_throughput.py --device cuda --amp bf16 --img-scale 1344,800 \\
+    .venv/bin/python -m benchmarks.suite.train_throughput                      # CPU, synthetic, a few minutes
+    .venv/bin/python -m benchmarks.suite.train_throughput --steps 4 --rounds 1 --num-images 16   # smoke run
+    .venv/bin/python -m benchmarks.suite.train_throughput --device cuda --amp bf16 --img-scale 1344,800 \\
         --student-depth 18 --teacher-depth 101 --full-width --batch-size 8 --workers 8 \\
         --num-images 64 --steps 40 --warmup 5 --rounds 3
 
-Variants (benchmarks/student_steps.py): plain, cache, cache-mem, online, each the engine's
+Variants (benchmarks/harness/steps.py): plain, cache, cache-mem, online, each the engine's
 train_step on a fresh seeded student over the engine's seeded batches; the step's time includes
 waiting for the DataLoader (reported apart as "data wait"). Variants alternate for --rounds rounds;
 the table gives medians, "x plain" the median of per-round ratios. On CUDA: peak memory.
@@ -28,18 +28,17 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts the repository root on sys.path)
-import student_steps  # noqa: E402
+from benchmarks.harness import common
+from benchmarks.harness import steps
 
-import torch  # noqa: E402
+import torch
 
-from cache_teacher.reader import CacheReader  # noqa: E402
-from cache_teacher.targets import CachedTeacher  # noqa: E402
-from detector.config import ModelConfig  # noqa: E402
-from core.errors import UserError  # noqa: E402
-from distill.config import LossConfig, config_to_dict  # noqa: E402
-from distill.teachers import OnlineTeacher  # noqa: E402
+from cache_teacher.reader import CacheReader
+from cache_teacher.targets import CachedTeacher
+from detector.config import ModelConfig
+from core.errors import UserError
+from distill.config import LossConfig, config_to_dict
+from distill.teachers import OnlineTeacher
 
 SCRIPT = "train_throughput"
 MB = 2**20
@@ -136,7 +135,7 @@ def run(args, device: torch.device, workdir: Path) -> None:
     dump_seconds = None
     if {"cache", "cache-mem"} & set(args.variants) and cache is None:
         location = workdir / "train-bench.zarr"
-        dump_seconds = student_steps.make_cache(teacher_path, images, ann, location, args.views, args.img_scale,
+        dump_seconds = steps.make_cache(teacher_path, images, ann, location, args.views, args.img_scale,
                                                 args.batch_size, args.device, args.workers, args.amp, args.box_dtype,
                                                 args.shard_mb)
         cache = CacheReader(location)
@@ -147,14 +146,14 @@ def run(args, device: torch.device, workdir: Path) -> None:
     if "cache" in args.variants:
         teachers["cache"] = CachedTeacher(cache)
     if "cache-mem" in args.variants:
-        teachers["cache-mem"] = student_steps.InMemoryCacheTeacher(cache)
+        teachers["cache-mem"] = steps.InMemoryCacheTeacher(cache)
     if "online" in args.variants:
         # on the CPU until its variant runs
         teachers["online"] = OnlineTeacher.from_checkpoint(teacher_path, {}, torch.device("cpu"), amp=args.amp)
     for teacher in teachers.values():
         teacher.validate(dataset, cfg, loss.teacher_needs())
 
-    bench = student_steps.StepBench(dataset, cfg, teachers, device, args.batch_size, args.workers, args.amp,
+    bench = steps.StepBench(dataset, cfg, teachers, device, args.batch_size, args.workers, args.amp,
                                     args.optimizer, args.lr, args.seed, loss)
     num_views = len(dataset) * len(dataset.views)
     print(f"student GFL R-{cfg.depth} width {cfg.base_width}, fpn {cfg.fpn_channels}, head {cfg.head_channels}x"
@@ -214,7 +213,7 @@ def run(args, device: torch.device, workdir: Path) -> None:
     print(common.markdown_table(rows, columns))
     phases = {v: runs[v][-1]["phases_ms"] for v in args.variants if "phases_ms" in runs[v][-1]}
     if phases:
-        order = ["data wait", *student_steps.PHASES]
+        order = ["data wait", *steps.PHASES]
         names = sorted(dict.fromkeys(k for p in phases.values() for k in p), key=lambda k: order.index(k.split(" (")[0]))
         print("\nms per step by phase (last round, under torch.profiler; losses = assignment + gfl_losses + "
               "distillation)\n")

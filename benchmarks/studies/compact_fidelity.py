@@ -1,7 +1,7 @@
 """How faithful is an ld+bckd cache's compact storage to each distillation term? Trained teachers,
 trained students, every term computed from dense fp16 rows and from what ld+bckd stores.
 
-    .venv/bin/python benchmarks/compact_fidelity.py --workdir runs/distill_methods   # after its teachers
+    .venv/bin/python -m benchmarks.studies.compact_fidelity --workdir runs/distill_methods   # after its teachers
 
 For each dataset of a distill_methods work folder with a trained teacher and plain student (seed 0):
 the teacher's fresh rows on --views training views (batches of equal canvases), stored two ways:
@@ -20,17 +20,16 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts the repository root on sys.path)
-import torch  # noqa: E402
+from benchmarks.harness import common
+import torch
 
-from cache_teacher.codec import decode_rows, decode_topk, encode_edges, encode_rows, encode_topk  # noqa: E402
-from detector.checkpoint import load_model  # noqa: E402
-from data.coco import CocoDetection, collate  # noqa: E402
-from detector.rows import TeacherRows, flatten_rows  # noqa: E402
-from data.views import parse_views  # noqa: E402
-from distill.config import LossConfig  # noqa: E402
-from distill.criterion import compute_losses  # noqa: E402
+from cache_teacher.codec import decode_rows, decode_topk, encode_edges, encode_rows, encode_topk
+from detector.checkpoint import load_model
+from data.coco import CocoDetection, collate
+from detector.rows import TeacherRows, flatten_rows
+from data.views import parse_views
+from distill.config import LossConfig
+from distill.criterion import compute_losses
 
 SCRIPT = "compact_fidelity"
 TERMS = ("loss_ld", "loss_ld_vlr", "loss_kd", "loss_bckd_cls", "loss_bckd_box")

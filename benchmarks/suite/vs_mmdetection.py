@@ -1,8 +1,8 @@
 """Student steps side by side with mmdetection's own, in one run, on the same random batch.
 
     bash ../shared/tools/mmdet_oracle/make_venv.sh /tmp/mmdet_venv       # once: mmdetection 3.3.0 on CPU
-    .venv/bin/python benchmarks/vs_mmdetection.py                           # CPU: 640x640, batch 2, 2 threads
-    .venv/bin/python benchmarks/vs_mmdetection.py --device cuda --amp --img-scale 1344,800 --batch-size 8
+    .venv/bin/python -m benchmarks.suite.vs_mmdetection                           # CPU: 640x640, batch 2, 2 threads
+    .venv/bin/python -m benchmarks.suite.vs_mmdetection --device cuda --amp --img-scale 1344,800 --batch-size 8
 
 Five steps, each model.loss/our train_step + backward + SGD on B images of --img-scale with ~7 GT
 boxes each (80 classes), full-width models with random weights, the same threads on both sides:
@@ -14,7 +14,7 @@ boxes each (80 classes), full-width models with random weights, the same threads
                                         as from a cache; the cache's own reads are benchmarked apart)
   (e) ours, R-18 <- R-101 online        the full recipe with our teacher run every step
 Each variant runs in a process of its own that holds only its model, as a training job would
-(benchmarks/step_worker.py; mmdetection's in its venv through benchmarks/mmdet_side.py, ours in this
+(benchmarks/harness/step_worker.py; mmdetection's in its venv through benchmarks/harness/mmdet_side.py, ours in this
 one through --serve), so no step inherits another's allocator state or threads. The driver
 alternates a, b, c, d, e (reversed every other round) for --rounds rounds; the table gives the
 median ms per step over rounds, each ratio is the median over rounds of the ratio within a round
@@ -34,21 +34,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts the repository root on sys.path)
-import step_worker  # noqa: E402
-import torch  # noqa: E402
+from benchmarks.harness import common
+from benchmarks.harness.batches import CachedRows, random_batch
+from benchmarks.harness import step_worker
+import torch
 
-from cache_teacher.codec import decode_rows  # noqa: E402
-from data.coco import Batch  # noqa: E402
-from detector.config import ModelConfig  # noqa: E402
-from detector.model import build_detector  # noqa: E402
-from detector.rows import TeacherRows, flatten_rows  # noqa: E402
-from data.views import ViewRecord, level_sizes  # noqa: E402
-from distill.config import LossConfig  # noqa: E402
-from distill.criterion import build_criterion  # noqa: E402
-from distill.step import Learner, train_step  # noqa: E402
-from distill.teachers import OnlineTeacher  # noqa: E402
+from data.coco import Batch
+from detector.config import ModelConfig
+from detector.model import build_detector
+from detector.rows import flatten_rows
+from distill.config import LossConfig
+from distill.criterion import build_criterion
+from distill.step import Learner, train_step
+from distill.teachers import OnlineTeacher
 
 SCRIPT = "vs_mmdetection"
 VARIANTS = ("mmdet_gfl", "mmdet_ld", "ours_plain", "ours_cache", "ours_online")
@@ -57,32 +55,6 @@ NAMES = {"mmdet_gfl": "gfl", "mmdet_ld": "ld", "ours_plain": "ours_plain", "ours
 LABELS = {"mmdet_gfl": "(a) mmdet GFL R-18", "mmdet_ld": "(b) mmdet LD R-18 <- R-101 online",
           "ours_plain": "(c) ours plain R-18", "ours_cache": "(d) ours R-18 from cached rows",
           "ours_online": "(e) ours R-18 <- R-101 online"}
-
-
-class CachedRows:
-    """A teacher source serving fixed fp16 rows, decoded on the device each step (the cache's path
-    without its reads)."""
-
-    def __init__(self, stored: dict):
-        self.stored = stored
-
-    def rows(self, batch, stored, device) -> TeacherRows:
-        return TeacherRows(decode_rows(self.stored["box"], device=device), decode_rows(self.stored["cls"], device=device))
-
-
-def random_batch(b: int, h: int, w: int, strides) -> tuple[Batch, dict]:
-    """B normalised noise images with 7 random GT boxes each (80 classes), as mmdet_side reads them."""
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(b, 3, h, w, generator=g)
-    boxes, labels = [], []
-    for _ in range(b):
-        xy = torch.rand(7, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
-        wh = torch.rand(7, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3]) + 16
-        boxes.append(torch.cat([xy, xy + wh], 1))
-        labels.append(torch.randint(0, 80, (7,), generator=g))
-    records = [ViewRecord(i, False, (max(h, w), min(h, w)), (h, w), (h, w), (h, w), level_sizes((h, w), strides))
-               for i in range(b)]
-    return Batch(images, boxes, labels, records, list(range(b))), {"images": images, "boxes": boxes, "labels": labels}
 
 
 def build_step(variant: str, batch: Batch, device: torch.device, amp: str):
@@ -131,7 +103,10 @@ class Worker:
 
     def __init__(self, command: list[str], what: str):
         self.what = what
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # from the repository root: `python -m benchmarks...` finds the package there (the mmdetection
+        # venv has nothing of ours installed)
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        cwd=common.REPO_ROOT)
 
     def ask(self, command: dict) -> dict:
         self.process.stdin.write(json.dumps(command) + "\n")
@@ -204,11 +179,11 @@ def main() -> None:
         try:
             for variant in VARIANTS:  # one process per variant, built one after the other
                 if variant.startswith("mmdet"):
-                    command = [args.mmdet_python, str(Path(__file__).with_name("mmdet_side.py")),
+                    command = [args.mmdet_python, "-m", "benchmarks.harness.mmdet_side",
                                "--batch", str(Path(tmp) / "batch.pt"), *shared]
                 else:
-                    command = [sys.executable, __file__, "--serve", "--img-scale", f"{w},{h}",
-                               "--batch-size", str(args.batch_size), *shared]
+                    command = [sys.executable, "-m", "benchmarks.suite.vs_mmdetection", "--serve", "--img-scale",
+                               f"{w},{h}", "--batch-size", str(args.batch_size), *shared]
                 workers[variant] = Worker(command, LABELS[variant])
                 built[variant] = workers[variant].ask({"build": NAMES[variant]})
             runs = {v: [] for v in VARIANTS}

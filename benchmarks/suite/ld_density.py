@@ -2,34 +2,32 @@
 image, and where its box edges sit in the bins, from the annotations alone (no model): what LD's default
 normalisation and temperature rest on.
 
-    .venv/bin/python benchmarks/ld_density.py                        # synthetic default + COCO-like
-    .venv/bin/python benchmarks/ld_density.py --dataset dense1=ANN.json:IMAGES:192 ...
+    .venv/bin/python -m benchmarks.suite.ld_density                        # synthetic default + COCO-like
+    .venv/bin/python -m benchmarks.suite.ld_density --dataset dense1=ANN.json:IMAGES:192 ...
 
 Main LD is a sum over the ATSS positives of their KL (weighted by the student's score) and VLR LD a
 sum over the VLR band weighted by IoU; GIoU and DFL are means over the positives. So under the
 "image" normalisation (sum per image x 2) the LD-to-GIoU balance moves with positives per image,
 under "positive" it does not. The table says by how much each dataset's density differs from
 COCO's (the setting the paper's weights were tuned on). COCO-like: annotations drawn from COCO
-train2017's published statistics at 1333x800 (benchmarks/sparse_size.py), an estimate.
+train2017's published statistics at 1333x800 (benchmarks/suite/sparse_size.py), an estimate.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts the repository root on sys.path)
-from sparse_size import write_coco_like  # noqa: E402
+from benchmarks.harness import common
+from benchmarks.harness.coco_like import write_coco_like
 
-from detector.atss import assign_view  # noqa: E402
-from data.coco import CocoDetection  # noqa: E402
-from detector.regions import vlr_region  # noqa: E402
-from data.views import parse_views  # noqa: E402
-from distill.config import LossConfig  # noqa: E402
-from distill.geometry import positive_edge_distances  # noqa: E402
+from detector.atss import assign_view
+from data.coco import CocoDetection
+from detector.regions import vlr_region
+from data.views import parse_views
+from distill.config import LossConfig
+from distill.geometry import positive_edge_distances
 
 
 def density(dataset: CocoDetection, gamma: float, max_images: int) -> dict:

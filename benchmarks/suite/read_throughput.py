@@ -1,8 +1,8 @@
 """How fast can a student read cached views? CacheReader.read_view in random order.
 
-    .venv/bin/python benchmarks/read_throughput.py                       # dumps a small cache, ~1 min
-    .venv/bin/python benchmarks/read_throughput.py --cache runs/teacher-cache.zarr --seconds 10 --repeats 3
-    .venv/bin/python benchmarks/read_throughput.py --box-dtype uint8 --img-scale 1333,800 --num-images 64
+    .venv/bin/python -m benchmarks.suite.read_throughput                       # dumps a small cache, ~1 min
+    .venv/bin/python -m benchmarks.suite.read_throughput --cache runs/teacher-cache.zarr --seconds 10 --repeats 3
+    .venv/bin/python -m benchmarks.suite.read_throughput --box-dtype uint8 --img-scale 1333,800 --num-images 64
 
 Variants, alternated round by round for --repeats rounds (the table gives medians):
 - single process, box+cls decoded to float32 (no DataLoader);
@@ -24,21 +24,18 @@ targets at 1344x800.
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts the repository root on sys.path)
+from benchmarks.harness import common
+from benchmarks.harness.reads import RandomViews, ViewReads, measure, stored_bytes_per_view
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
-from data.config import DataConfig  # noqa: E402
-from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
-from cache_teacher.reader import CacheReader  # noqa: E402
+from data.config import DataConfig
+from cache_teacher.dump import DumpConfig, run_dump
+from cache_teacher.reader import CacheReader
 
 SCRIPT = "read_throughput"
 # Measuring more workers than cores is the point of the 4-worker variant on a small machine.
@@ -64,87 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-reads", type=int, default=0, help="per variant and round; overrides --seconds")
     p.add_argument("--repeats", type=int, default=3)
     return p.parse_args(argv)
-
-
-class ViewReads(torch.utils.data.Dataset):
-    """Index v -> the decoded float32 logits of view v (the reader opens its arrays per process)."""
-
-    def __init__(self, cache: CacheReader, kinds: tuple[str, ...]):
-        self.cache, self.kinds = cache, kinds
-
-    def __len__(self) -> int:
-        return len(self.cache.records)
-
-    def __getitem__(self, v: int) -> dict[str, torch.Tensor]:
-        view = self.cache.read_view(int(v), self.kinds)
-        out = {"box": view.box}
-        if view.cls is not None:
-            out["cls"] = view.cls
-        return out
-
-
-class RandomViews(torch.utils.data.Sampler):
-    """Seeded random permutations of all views, one after another, forever (or num_reads)."""
-
-    def __init__(self, num_views: int, seed: int, num_reads: int = 0):
-        self.num_views, self.seed, self.num_reads = num_views, seed, num_reads
-
-    def __iter__(self):
-        rng = np.random.default_rng(self.seed)
-        stream = itertools.chain.from_iterable(rng.permutation(self.num_views).tolist() for _ in itertools.count())
-        return itertools.islice(stream, self.num_reads) if self.num_reads else stream
-
-
-def stored_bytes_per_view(cache: CacheReader, kinds) -> np.ndarray:
-    """[V] encoded bytes of the arrays a read of these kinds touches."""
-    return cache.stored_bytes(kinds)
-
-
-def measure(dataset: ViewReads, workers: int, sampler: RandomViews, seconds: float, nbytes: np.ndarray) -> dict:
-    """Read views in the sampler's order until the time or the reads run out."""
-    if workers == 0:
-        order, startup = iter(sampler), 0.0
-        start, count, read = time.perf_counter(), 0, 0
-        for v in order:
-            dataset[v]
-            count += 1
-            read += int(nbytes[v])
-            if not sampler.num_reads and time.perf_counter() - start >= seconds:
-                break
-        elapsed = time.perf_counter() - start
-    else:
-        # The sampler runs in the main process; keep the index beside each item to count its bytes.
-        indices = []
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=_Recorded(sampler, indices),
-                                             num_workers=workers)
-        launch = time.perf_counter()
-        it = iter(loader)
-        next(it)  # worker start-up and the first view: not part of the steady rate
-        start = time.perf_counter()
-        startup = start - launch
-        count, read = 0, 0
-        for _ in it:
-            read += int(nbytes[indices[count + 1]])
-            count += 1
-            if not sampler.num_reads and time.perf_counter() - start >= seconds:
-                break
-        elapsed = time.perf_counter() - start
-        del it  # shuts the workers down
-    return {"reads": count, "seconds": elapsed, "views_per_s": count / elapsed, "mb_per_s": read / elapsed / MB,
-            "startup_seconds": startup}
-
-
-class _Recorded(torch.utils.data.Sampler):
-    """Passes a sampler's indices through, appending each to a list (in the order they are handed
-    to workers, which is the order the in-order DataLoader returns them)."""
-
-    def __init__(self, sampler, out: list):
-        self.sampler, self.out = sampler, out
-
-    def __iter__(self):
-        for v in self.sampler:
-            self.out.append(v)
-            yield v
 
 
 def make_cache(args, workdir: Path) -> tuple[str, dict]:

@@ -21,19 +21,17 @@ import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/ first, not the root
-    sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from benchmarks.harness.step_worker import sync  # noqa: F401  (one device sync for every benchmark)
+from data.coco import CocoDetection
+from data.views import parse_views
+from detector.checkpoint import read_checkpoint, resolve_model_config, save_checkpoint
+from detector.config import ModelConfig
+from detector.model import build_detector
 
-from detector.checkpoint import read_checkpoint, resolve_model_config, save_checkpoint  # noqa: E402
-from data.coco import CocoDetection  # noqa: E402
-from detector.config import ModelConfig  # noqa: E402
-from detector.model import build_detector  # noqa: E402
-from data.views import parse_views  # noqa: E402
-from step_worker import sync  # noqa: E402,F401  (one device sync for every benchmark)
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 TEACHER_RECIPE = REPO_ROOT / "configs" / "synthetic-teacher.toml"

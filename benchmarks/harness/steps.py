@@ -13,7 +13,7 @@ import contextlib
 import gc
 import time
 
-import common  # puts the repository root on sys.path
+from benchmarks.harness import common
 import torch
 
 from cache_teacher.dump import DumpConfig, run_dump
@@ -26,7 +26,7 @@ from data.config import DataConfig
 from data.sampler import batch_groups
 from distill.engine import build_optimizer, lr_at
 from data.sampler import ViewBatchSampler
-from distill.criterion import build_criterion  # noqa: E402
+from distill.criterion import build_criterion
 from distill.step import Learner, train_step
 from distill.teachers import OnlineTeacher
 

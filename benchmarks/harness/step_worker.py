@@ -7,7 +7,7 @@ one run without sharing a process, an allocator or a thread pool:
     {"build": NAME}                        ->  {"built": NAME, "seconds": ..., **info}
     {"time": NAME, "steps": N, "warmup": W} ->  {"ms_per_step": [...], "minflt_per_step": ...}
     {"profile": NAME, "steps": N}          ->  {"ops": {operator: [self ms, calls, self CPU ms] per step}}
-Only the standard library and torch are imported here: mmdetection's venv (benchmarks/mmdet_side.py)
+Only the standard library and torch are imported here: mmdetection's venv (benchmarks/harness/mmdet_side.py)
 uses this loop as well as ours.
 """
 

@@ -1,8 +1,8 @@
 """Bytes per view on disk and fidelity of the stored box distributions, per storage mode.
 
-    .venv/bin/python benchmarks/cache_size_fidelity.py                   # CPU, synthetic, ~1 min
-    .venv/bin/python benchmarks/cache_size_fidelity.py --teacher runs/teacher/checkpoints/last.pt
-    .venv/bin/python benchmarks/cache_size_fidelity.py --device cuda --img-scale 1333,800 \
+    .venv/bin/python -m benchmarks.suite.cache_size_fidelity                   # CPU, synthetic, ~1 min
+    .venv/bin/python -m benchmarks.suite.cache_size_fidelity --teacher runs/teacher/checkpoints/last.pt
+    .venv/bin/python -m benchmarks.suite.cache_size_fidelity --device cuda --img-scale 1333,800 \
         --images coco/train2017 --ann coco/annotations/instances_train2017.json --num-images 32 --teacher CKPT
 
 The same views are dumped once per mode (fp16 box+cls, uint8 box+cls, fp16 --no-cls, uint8
@@ -27,22 +27,20 @@ import argparse
 import shutil
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts the repository root on sys.path)
+from benchmarks.harness import common
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from data.config import DataConfig  # noqa: E402
-from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
-from detector.checkpoint import load_model  # noqa: E402
-from detector.rows import flatten_rows  # noqa: E402
-from detector.distributions import distribution_kl  # noqa: E402
-from cache_teacher.inspect import summarize  # noqa: E402
-from cache_teacher.reader import CacheReader  # noqa: E402
-from data.coco import collate  # noqa: E402
+from data.config import DataConfig
+from cache_teacher.dump import DumpConfig, run_dump
+from detector.checkpoint import load_model
+from detector.rows import flatten_rows
+from detector.distributions import distribution_kl
+from cache_teacher.inspect import summarize
+from cache_teacher.reader import CacheReader
+from data.coco import collate
 
 SCRIPT = "cache_size_fidelity"
 # name -> (box dtype, cls dtype or None, compressor)

@@ -2,21 +2,21 @@
 COCO-like images at img-scale 1333,800, both views; dump speed against the bare teacher forward,
 bytes per view and fidelity of every storage mode, read speed, and train2017 extrapolated.
 
-    .venv/bin/python benchmarks/coco_geometry.py                      # 32 images = 64 views; CPU: ~30 min
-    .venv/bin/python benchmarks/coco_geometry.py --device cuda --num-images 256 --workers 8
+    .venv/bin/python -m benchmarks.suite.coco_geometry                      # 32 images = 64 views; CPU: ~30 min
+    .venv/bin/python -m benchmarks.suite.coco_geometry --device cuda --num-images 256 --workers 8
 
-Data: --num-images images of COCO train2017's published statistics (benchmarks/sparse_size.py:
+Data: --num-images images of COCO train2017's published statistics (benchmarks/suite/sparse_size.py:
 640x480 (landscape 3 in 4), 7.3 objects per image, its size mix, 80 classes), drawn as noise
 images (pixels do not change a random teacher's cost). Modes, all measured on the same fresh fp32
 teacher rows of every view (KL at T=10 of the stored box distributions, per edge, on the rows each
 mode stores): dense fp16 (the reference), dense uint8, region-sparse main+vlr at min VLR gamma
 0.25 and 0, sparse + uint8, and ld+bckd (what serves LD and BCKD: box logits at the main+vlr rows,
 every location's expected edges and top-k class logits + floor) for k = 1, 2, 4, 8 and fp16 or
-uint8 boxes (the fidelity of its class logits needs a trained teacher: benchmarks/compact_fidelity.py);
+uint8 boxes (the fidelity of its class logits needs a trained teacher: benchmarks/studies/compact_fidelity.py);
 bytes per view are the stored rows' bytes (uncompressed: what is on disk but the shard index).
 Dumps: dense fp16, sparse(0.25) + uint8 and ld+bckd k=2 fp16, timed against the forward-only pass,
 their bytes on disk measured; reads of each with 1, 2 and 4 DataLoader workers
-(benchmarks/read_throughput.py). train2017: 118,287 images x 2 views
+(benchmarks/suite/read_throughput.py). train2017: 118,287 images x 2 views
 x the measured bytes per view (an estimate: COCO's own images differ from these).
 """
 
@@ -29,23 +29,22 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts the repository root on sys.path)
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from sparse_size import write_coco_like  # noqa: E402
+from benchmarks.harness import common
+import numpy as np
+import torch
+from PIL import Image
+from benchmarks.harness.coco_like import write_coco_like
 
-from cache_teacher.codec import decode_rows, encode_rows  # noqa: E402
-from data.config import DataConfig  # noqa: E402
-from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
-from cache_teacher.fidelity import edge_kl  # noqa: E402
-from cache_teacher.reader import CacheReader  # noqa: E402
-from detector.checkpoint import load_model, save_checkpoint  # noqa: E402
-from data.coco import CocoDetection, collate  # noqa: E402
-from detector.regions import distillation_rows  # noqa: E402
-from detector.rows import flatten_rows  # noqa: E402
-from data.views import parse_views  # noqa: E402
+from cache_teacher.codec import decode_rows, encode_rows
+from data.config import DataConfig
+from cache_teacher.dump import DumpConfig, run_dump
+from cache_teacher.fidelity import edge_kl
+from cache_teacher.reader import CacheReader
+from detector.checkpoint import load_model, save_checkpoint
+from data.coco import CocoDetection, collate
+from detector.regions import distillation_rows
+from detector.rows import flatten_rows
+from data.views import parse_views
 
 SCRIPT = "coco_geometry"
 TRAIN2017_IMAGES = 118_287
@@ -176,10 +175,10 @@ def main() -> None:
             dumps[name] = {"views_per_s": result["views"] / result["seconds"], "bytes_per_view": on_disk / num_views,
                            "dump_over_forward": (num_views / result["seconds"]) / (num_views / forward)}
             out = work / f"read-{name.replace(' ', '-')}.json"
-            subprocess.run([sys.executable, str(Path(__file__).with_name("read_throughput.py")), "--cache", str(store),
+            subprocess.run([sys.executable, "-m", "benchmarks.suite.read_throughput", "--cache", str(store),
                             "--workers-list", args.read_workers, "--seconds", str(args.read_seconds), "--repeats", "2",
                             "--out", str(out)],
-                           check=True, capture_output=True)
+                           check=True, capture_output=True, cwd=common.REPO_ROOT)
             reads[name] = {r["variant"]: r["views_per_s"] for r in json.loads(out.read_text())["rows"]}
     rows = []
     for mode, m in modes.items():

@@ -1,8 +1,8 @@
 """Scale-out figures: dump-teacher with 1 and 2 processes (torchrun), and cache reads from local
 disk against an S3 endpoint (a moto server on 127.0.0.1, standing in for object storage).
 
-    .venv/bin/python benchmarks/scaleout.py                        # CPU, synthetic data, a few minutes
-    .venv/bin/python benchmarks/scaleout.py --teacher runs/synth/teacher.pt --num-images 1000
+    .venv/bin/python -m benchmarks.suite.scaleout                        # CPU, synthetic data, a few minutes
+    .venv/bin/python -m benchmarks.suite.scaleout --teacher runs/synth/teacher.pt --num-images 1000
 
 The dumps run as real `cli.py dump-teacher` processes (one plain, one plain with 1 thread, one
 under `torchrun --nproc_per_node 2` with 1 thread per process) on the same images into fresh
@@ -25,11 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts the repository root on sys.path)
-import read_throughput  # noqa: E402
+from benchmarks.harness import common
+from benchmarks.harness import reads
 
-from cache_teacher.reader import CacheReader  # noqa: E402
+from cache_teacher.reader import CacheReader
 
 CLI = str(common.REPO_ROOT / "cli.py")
 
@@ -47,12 +46,12 @@ def _dump(cmd_prefix: list[str], args, images: str, ann: str, teacher: str, out:
 
 def _reads(location: str, options: dict | None, args, workers: int = 0) -> dict:
     cache = CacheReader(location, options)
-    reads = read_throughput.ViewReads(cache, ("box", "cls"))
-    nbytes = read_throughput.stored_bytes_per_view(cache, ("box", "cls"))
-    read_throughput.measure(reads, 0, read_throughput.RandomViews(len(cache.records), args.seed, len(cache.records)),
-                            args.seconds, nbytes)  # warm-up pass
-    runs = [read_throughput.measure(reads, workers, read_throughput.RandomViews(len(cache.records), args.seed + r),
-                                    args.seconds, nbytes) for r in range(args.repeats)]
+    views = reads.ViewReads(cache, ("box", "cls"))
+    nbytes = reads.stored_bytes_per_view(cache, ("box", "cls"))
+    reads.measure(views, 0, reads.RandomViews(len(cache.records), args.seed, len(cache.records)),
+                  args.seconds, nbytes)  # warm-up pass
+    runs = [reads.measure(views, workers, reads.RandomViews(len(cache.records), args.seed + r),
+                          args.seconds, nbytes) for r in range(args.repeats)]
     return {"views_per_s": common.median([r["views_per_s"] for r in runs]),
             "mb_per_s": common.median([r["mb_per_s"] for r in runs])}
 

@@ -1,8 +1,8 @@
 """Do the default loss settings help out of the box? Plain vs LD students with no weight flags,
 across batch sizes, datasets and seeds, plus the paper's ablation and VLR gamma sweep.
 
-    .venv/bin/python benchmarks/ld_defaults.py                 # everything: ~2 hours on 2 CPU cores
-    .venv/bin/python benchmarks/ld_defaults.py --report-only   # the tables from the runs so far
+    .venv/bin/python -m benchmarks.studies.ld_defaults                 # everything: ~2 hours on 2 CPU cores
+    .venv/bin/python -m benchmarks.studies.ld_defaults --report-only   # the tables from the runs so far
 
 Every run is an `ldcache` command as a user types it (printed in the JSON), in its own folder
 under --workdir; a finished run (eval.json) is never redone, a killed one resumes, so the script
@@ -21,36 +21,16 @@ seeds 0-2 (mean and spread); ablation (plain, Main LD, + VLR LD, + Main KD); VLR
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts the repository root on sys.path)
-from command_queue import Job, needed, run  # noqa: E402
+from benchmarks.harness import common
+from benchmarks.harness.study import (DATASETS, SIZE, SPARSE_U8, STUDENT_FLAGS, TEACHER_FLAGS, ap, chosen_datasets,
+                                      progress_log, seed_stats, study_args)
+from benchmarks.harness.command_queue import Job, needed, run
 
-CONFIGS = common.REPO_ROOT / "configs"
-TEACHER, STUDENT = CONFIGS / "synthetic-teacher.toml", CONFIGS / "synthetic-student.toml"
-SIZE = ["--num-train", "500", "--num-val", "150", "--image-size", "160"]
-DATASETS = {  # name -> make-synthetic options
-    "synth": [],
-    "dense1": ["--num-classes", "1", "--min-objects", "15", "--max-objects", "40", "--min-object-px", "6",
-               "--max-object-frac", "0.15"],
-    "large8": ["--num-classes", "8", "--min-objects", "1", "--max-objects", "3", "--min-object-px", "30",
-               "--max-object-frac", "0.9"],
-    "tiny6": ["--num-classes", "6", "--min-objects", "10", "--max-objects", "25", "--min-object-px", "6",
-              "--max-object-frac", "0.15", "--seed", "6"],
-}
-# The demo's teacher (R-34 half width, 96-channel 3-conv head) and schedules; model and schedule
-# flags only, never a loss weight.
-TEACHER_FLAGS = ["--config", str(TEACHER), "--epochs", "30", "--fpn-channels", "96", "--head-channels", "96",
-                 "--stacked-convs", "3", "--warmup-iters", "50", "--workers", "1"]
-STUDENT_FLAGS = ["--config", str(STUDENT), "--epochs", "16", "--warmup-iters", "50", "--workers", "1"]
-SPARSE_U8 = ["--store-regions", "main+vlr", "--min-vlr-gamma", "0.25", "--box-dtype", "uint8"]
 VARIANTS = {  # LD variants of the synthetic default at batch 8 (the ablation, gamma, normalisations)
     "mainld": ["--vlr-weight", "0", "--kd-weight", "0"], "mainld-vlr": ["--kd-weight", "0"],
     "gamma0": ["--vlr-gamma", "0"], "gamma0.5": ["--vlr-gamma", "0.5"], "gamma1": ["--vlr-gamma", "1"],
@@ -126,11 +106,6 @@ def _priority(name: str) -> int:
     return next((i for i, pattern in enumerate(PRIORITY) if re.fullmatch(pattern, name)), len(PRIORITY))
 
 
-def _ap(work: Path, run_name: str, key: str = "AP") -> float | None:
-    path = work / run_name / "eval.json"
-    return 100 * json.loads(path.read_text())["metrics"][key] if path.is_file() else None
-
-
 def _objects_per_image(coco: dict) -> float:
     return sum(not a.get("iscrowd") for a in coco["annotations"]) / max(len(coco["images"]), 1)
 
@@ -153,29 +128,23 @@ def _gap_shares(work: Path, name: str) -> dict | None:
     return json.loads(cached.read_text())
 
 
-def _seed_stats(work: Path, run_pattern: str, seeds: int) -> dict:
-    """The APs of the finished runs NAME/...-s{seed} for seeds 0..seeds-1, their mean and sd."""
-    aps = [a for s in range(seeds) if (a := _ap(work, run_pattern.format(s))) is not None]
-    return {"aps": aps, "mean": statistics.mean(aps) if aps else None, "sd": statistics.stdev(aps) if len(aps) > 1 else None}
-
-
 def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
     f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     out, text = {"batches": [], "datasets": [], "seeds": {}, "variants": {}}, []
     text += ["### Batch size (synthetic default, seed 0, lr = 0.001 x batch / 8)", "",
              "| images per step | plain AP | LD AP (defaults) | LD - plain |", "|---|---|---|---|"]
     for b in batches:
-        p, d = _ap(work, f"synth/plain-b{b}-s0"), _ap(work, f"synth/ld-b{b}-s0")
+        p, d = ap(work, f"synth/plain-b{b}-s0"), ap(work, f"synth/ld-b{b}-s0")
         out["batches"].append({"batch": b, "plain": p, "ld": d})
         text.append(f"| {b} | {f(p)} | {f(d)} | {f(d - p) if p is not None and d is not None else '-'} |")
     text += ["", "### Seeds", "", "| | batch | seeds | AP mean | spread (sd) | APs |", "|---|---|---|---|---|---|"]
     for name, b, n in [*(("synth", b, seeds) for b in SEED_BATCHES), *((d, 8, n) for d, n in SEEDS_OF.items())]:
         for kind in ("plain", "ld"):
             key = (kind if name == "synth" else f"{name}/{kind}") + ("" if b == 8 else f"/b{b}")
-            c = out["seeds"][key] = _seed_stats(work, f"{name}/{kind}-b{b}-s{{}}", n)
+            c = out["seeds"][key] = seed_stats(work, f"{name}/{kind}-b{b}-s{{}}", n)
             text.append(f"| {name} {kind} | {b} | {len(c['aps'])} | {f(c['mean'])} | {f(c['sd'])} | "
                         f"{', '.join(f'{a:.1f}' for a in c['aps'])} |")
-    c = out["seeds"]["ld/sparse-u8"] = _seed_stats(work, "synth/ld-b8-s{}-sparse-u8", seeds)
+    c = out["seeds"]["ld/sparse-u8"] = seed_stats(work, "synth/ld-b8-s{}-sparse-u8", seeds)
     text.append(f"| synth ld, region-sparse uint8 cache | 8 | {len(c['aps'])} | {f(c['mean'])} | {f(c['sd'])} | "
                 f"{', '.join(f'{a:.1f}' for a in c['aps'])} |")
     text += ["", "### The LD temperature (batch 8; mean +- sd (seeds); * = the default's choice)", "",
@@ -187,7 +156,7 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
         edge, default = (configs[0].get("median_edge_bins"), configs[0]["loss"]["ld_temperature"]) if configs else (None, None)
         # the default LD run is the T = 1 or the T = 10 column, the variant the other one
         other = "T1" if default == 10 else "T10"
-        cells = {key: _seed_stats(work, f"{name}/{pattern}", SEEDS_OF.get(name, seeds))
+        cells = {key: seed_stats(work, f"{name}/{pattern}", SEEDS_OF.get(name, seeds))
                  for key, pattern in (("plain", "plain-b8-s{}"), ("default", "ld-b8-s{}"), ("other", f"ld-b8-s{{}}-{other}"))}
         by_t = {1: cells["default"], 10: cells["other"]} if default == 1 else {1: cells["other"], 10: cells["default"]}
         out["temperature"][name] = {"median_edge_bins": edge, "default_temperature": default, "plain": cells["plain"],
@@ -200,7 +169,7 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
              "scores alone recover |", "|---|---|---|---|---|---|---|---|"]
     for name in DATASETS:
         ann = work / "data" / name / "annotations" / "instances_train.json"
-        t = _ap(work, f"{name}/teacher")
+        t = ap(work, f"{name}/teacher")
         p, d = (out["seeds"][kind if name == "synth" else f"{name}/{kind}"]["mean"] for kind in ("plain", "ld"))  # batch 8
         share = (d - p) / (t - p) if None not in (t, p, d) and t > p else None
         coco = json.loads(ann.read_text()) if ann.is_file() else None
@@ -228,7 +197,7 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
     rows += [(f"LD temperature 1 ({n}; its default is 10)", "--ld-temperature 1", f"{n}/ld-b8-s0-T1")
              for n in DATASETS if "T1" in VARIANTS_OF[n]]
     for label, flags, run_name in rows:
-        m = [_ap(work, run_name, k) for k in ("AP", "AP50", "AP75")]
+        m = [ap(work, run_name, k) for k in ("AP", "AP50", "AP75")]
         out["variants"][run_name] = dict(zip(("AP", "AP50", "AP75"), m))
         text.append(f"| {label} | `{flags}` | {' | '.join(f(v) for v in m)} |")
     sizes = {c: sum(f.stat().st_size for f in (work / "synth" / c).rglob("*") if f.is_file())
@@ -243,31 +212,14 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default=str(common.REPO_ROOT / "runs" / "ld_defaults"))
-    p.add_argument("--parallel", type=int, default=2, help="runs at once")
-    p.add_argument("--threads", type=int, help="threads per run (default: cores / parallel)")
+    p = study_args(__doc__.split("\n\n")[0], "ld_defaults", DATASETS)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--batches", default="2,4,8,16")
-    p.add_argument("--datasets", default=",".join(DATASETS), help="which of " + ", ".join(DATASETS))
-    p.add_argument("--only", help="a regular expression: run only the matching runs (and what they wait on)")
-    p.add_argument("--report-only", action="store_true")
-    p.add_argument("--out", default=str(common.RESULTS_DIR / "ld_defaults.json"))
     args = p.parse_args()
     work, batches = Path(args.workdir), [int(b) for b in args.batches.split(",")]
-    datasets = args.datasets.split(",")
-    unknown = sorted(set(datasets) - set(DATASETS))
-    if unknown:
-        p.error(f"unknown dataset(s) {', '.join(unknown)}: choose from {', '.join(DATASETS)}")
-    jobs = plan(work, args.seeds, batches, datasets)
+    jobs = plan(work, args.seeds, batches, chosen_datasets(p, args, DATASETS))
     if not args.report_only:
-        work.mkdir(parents=True, exist_ok=True)
-        with open(work / "progress.log", "a") as log_file:
-            def log(message):
-                line = f"{time.strftime('%H:%M:%S')} {message}"
-                print(line, flush=True)
-                log_file.write(line + "\n")
-                log_file.flush()
+        with progress_log(work) as log:
             run(needed(jobs, args.only), args.parallel, log, args.threads)
     result = report(work, jobs, args.seeds, batches)
     print(result["table"])

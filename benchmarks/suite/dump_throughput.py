@@ -1,7 +1,7 @@
 """Is writing the cache hidden behind the teacher? Teacher-forward-only loop vs the full run_dump.
 
-    .venv/bin/python benchmarks/dump_throughput.py                       # CPU, synthetic, ~1-2 min
-    .venv/bin/python benchmarks/dump_throughput.py --device cuda --img-scale 1333,800 \
+    .venv/bin/python -m benchmarks.suite.dump_throughput                       # CPU, synthetic, ~1-2 min
+    .venv/bin/python -m benchmarks.suite.dump_throughput --device cuda --img-scale 1333,800 \
         --num-images 500 --batch-size 8 --shard-mb 64 --teacher CKPT --repeats 3
 
 Both variants run the same views in the same batches (views of equal padded canvas, cut at shard
@@ -22,19 +22,17 @@ import argparse
 import shutil
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts the repository root on sys.path)
+from benchmarks.harness import common
 
-import torch  # noqa: E402
+import torch
 
-from data.config import DataConfig  # noqa: E402
-from cache_teacher.dump import DumpConfig, run_dump  # noqa: E402
-from detector.checkpoint import load_model  # noqa: E402
-from cache_teacher.reader import CacheReader  # noqa: E402
-from data.coco import collate  # noqa: E402
-from core.runtime import autocast_for  # noqa: E402
+from data.config import DataConfig
+from cache_teacher.dump import DumpConfig, run_dump
+from detector.checkpoint import load_model
+from cache_teacher.reader import CacheReader
+from data.coco import collate
+from core.runtime import autocast_for
 
 SCRIPT = "dump_throughput"
 MB = 2**20

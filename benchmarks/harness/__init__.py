@@ -1,0 +1,1 @@
+"""What the benchmarks share: options, teachers and data, result files, timing workers, queues."""

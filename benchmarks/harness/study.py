@@ -1,0 +1,78 @@
+"""What the training studies share (studies/ld_defaults.py, studies/distill_methods.py): the small
+datasets, the teacher and student recipes, their options, the progress log, and reading finished runs."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+from benchmarks.harness import common
+
+CONFIGS = common.REPO_ROOT / "configs"
+TEACHER, STUDENT = CONFIGS / "synthetic-teacher.toml", CONFIGS / "synthetic-student.toml"
+SIZE = ["--num-train", "500", "--num-val", "150", "--image-size", "160"]
+DATASETS = {  # name -> make-synthetic options
+    "synth": [],
+    "dense1": ["--num-classes", "1", "--min-objects", "15", "--max-objects", "40", "--min-object-px", "6",
+               "--max-object-frac", "0.15"],
+    "large8": ["--num-classes", "8", "--min-objects", "1", "--max-objects", "3", "--min-object-px", "30",
+               "--max-object-frac", "0.9"],
+    "tiny6": ["--num-classes", "6", "--min-objects", "10", "--max-objects", "25", "--min-object-px", "6",
+              "--max-object-frac", "0.15", "--seed", "6"],
+}
+# The demo's teacher (R-34 half width, 96-channel 3-conv head) and schedules; model and schedule
+# flags only, never a loss weight.
+TEACHER_FLAGS = ["--config", str(TEACHER), "--epochs", "30", "--fpn-channels", "96", "--head-channels", "96",
+                 "--stacked-convs", "3", "--warmup-iters", "50", "--workers", "1"]
+STUDENT_FLAGS = ["--config", str(STUDENT), "--epochs", "16", "--warmup-iters", "50", "--workers", "1"]
+SPARSE_U8 = ["--store-regions", "main+vlr", "--min-vlr-gamma", "0.25", "--box-dtype", "uint8"]
+
+
+def study_args(description: str, name: str, datasets: dict) -> argparse.ArgumentParser:
+    """The options every training study takes (more are added by each)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--workdir", default=str(common.REPO_ROOT / "runs" / name))
+    p.add_argument("--parallel", type=int, default=2, help="runs at once")
+    p.add_argument("--threads", type=int, help="threads per run (default: cores / parallel)")
+    p.add_argument("--datasets", default=",".join(datasets), help="which of " + ", ".join(datasets))
+    p.add_argument("--only", help="a regular expression: run only the matching runs (and what they wait on)")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--out", default=str(common.RESULTS_DIR / f"{name}.json"))
+    return p
+
+
+def chosen_datasets(p: argparse.ArgumentParser, args, datasets: dict) -> list[str]:
+    chosen = args.datasets.split(",")
+    unknown = sorted(set(chosen) - set(datasets))
+    if unknown:
+        p.error(f"unknown dataset(s) {', '.join(unknown)}: choose from {', '.join(datasets)}")
+    return chosen
+
+
+@contextlib.contextmanager
+def progress_log(work: Path):
+    """A log function that prints a timestamped line and appends it to WORK/progress.log."""
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / "progress.log", "a") as log_file:
+        def log(message: str) -> None:
+            line = f"{time.strftime('%H:%M:%S')} {message}"
+            print(line, flush=True)
+            log_file.write(line + "\n")
+            log_file.flush()
+        yield log
+
+
+def ap(work: Path, run_name: str, key: str = "AP") -> float | None:
+    """A finished run's COCO metric in percent (None: not finished)."""
+    path = work / run_name / "eval.json"
+    return 100 * json.loads(path.read_text())["metrics"][key] if path.is_file() else None
+
+
+def seed_stats(work: Path, run_pattern: str, seeds: int) -> dict:
+    """The APs of the finished runs run_pattern.format(seed) for seeds 0..seeds-1, their mean and sd."""
+    aps = [a for s in range(seeds) if (a := ap(work, run_pattern.format(s))) is not None]
+    return {"aps": aps, "mean": statistics.mean(aps) if aps else None, "sd": statistics.stdev(aps) if len(aps) > 1 else None}

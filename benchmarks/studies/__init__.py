@@ -1,0 +1,1 @@
+"""Studies that train many models or need another environment (hours, or the mmdetection venv)."""
