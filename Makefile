@@ -21,10 +21,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(BIN)/ldcache demo
 
+# Lint first (ruff, the rules in pyproject.toml), then the default suite.
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 test-all: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m ''
 
 # Regenerate the golden mmdetection fixtures (needs the oracle venv, see tools/make_mmdet_fixtures.py).

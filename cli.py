@@ -2,7 +2,7 @@
 arguments and prints for humans.
 
 Commands only declare their options and map them onto config dataclasses: every config field
-(declared once, with its default, help and domain, via detector.config.param) becomes the
+(declared once, with its default, help and domain, via core.config.param) becomes the
 kebab-case flag of its name, parsed and checked by its domain (core.domains). A command's own
 options are declared the same way (Opt). Options resolve as dataclass defaults < the command's
 --config TOML tables (checked when read) < flags actually typed; the resolved configuration is
@@ -18,7 +18,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,19 +26,20 @@ from cache_teacher.dump_config import DumpConfig
 from cache_teacher.inspect import InspectConfig
 from cli_options import Group, Opt, UsageError, command
 from core.config import build_config, read_toml_tables
-from detector.config import ARCH_FIELDS, ModelConfig
 from core.domains import Flag, JsonObject, Range, Text
 from core.errors import UserError, one_line
-from detector.inference import EvalConfig
 from core.paths import InputDir, InputFile, OutputPath
-from data.synthetic import SyntheticConfig
 from data.config import DataConfig
+from data.synthetic import SyntheticConfig
+from detector.config import ARCH_FIELDS, ModelConfig
+from detector.inference import EvalConfig
 from distill.config import LossConfig, TrainConfig
 from workflows.demo import DemoConfig
 from workflows.sweep import SweepConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Localization Distillation with the teacher run once: dump its logits, train students from them.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Localization Distillation with the teacher run once: dump its logits, train students from them.")
 THIS = Path(__file__).resolve()  # sweeps start train-student the way this command was started
 
 
@@ -98,12 +99,12 @@ def train_detector_cmd(out: Out = Path("runs/detector"), resume: Resume = False,
 
 @command(app, "train-student", *STUDENT, ignored_tables=("sweep",))
 def train_student_cmd(
-    cache: Annotated[Optional[str], Opt(STORE, "teacher cache from dump-teacher (folder or fsspec URL)")] = None,
-    teacher: Annotated[Optional[str], Opt(InputFile("checkpoint file"),
-                                          "instead of --cache: run this teacher online on every batch")] = None,
-    teacher_gn_groups: Annotated[Optional[int], Opt(Range(1, 2048), "GroupNorm groups of an mmdet --teacher "
-                                                                    "[default: 32]")] = None,
-    storage_options: Annotated[Optional[dict], Opt(JsonObject(), "JSON of fsspec storage options for a cache URL")] = None,
+    cache: Annotated[str | None, Opt(STORE, "teacher cache from dump-teacher (folder or fsspec URL)")] = None,
+    teacher: Annotated[str | None, Opt(InputFile("checkpoint file"),
+                                       "instead of --cache: run this teacher online on every batch")] = None,
+    teacher_gn_groups: Annotated[int | None, Opt(Range(1, 2048), "GroupNorm groups of an mmdet --teacher "
+                                                                 "[default: 32]")] = None,
+    storage_options: Annotated[dict | None, Opt(JsonObject(), "JSON of fsspec storage options for a cache URL")] = None,
     out: Out = Path("runs/student"), resume: Resume = False, *, fields, config,
 ):
     """Train a GFL student with the full LD recipe from a teacher cache (or an online teacher)."""
@@ -121,7 +122,8 @@ def evaluate_cmd(*, fields, config):
     from detector.inference import run_evaluate
 
     result = run_evaluate(build_config(EvalConfig, {**fields["evaluate"], "arch": fields["model"],
-                                                    "data": build_config(DataConfig, fields["data"], "data")}, "evaluate"))
+                                                    "data": build_config(DataConfig, fields["data"], "data")},
+                                       "evaluate"))
     if result["metrics"] is not None:  # rank 0 (or the only process)
         typer.echo(format_metrics_table(result["metrics"]))
         typer.echo(f"{result['detections']} detections on {result['images']} images -> {result['out']}; "
@@ -144,8 +146,10 @@ def inspect_cache_cmd(store: Annotated[str, Opt(STORE, "cache folder or fsspec U
     """What a cache holds, whether it is whole and faithful (--verify), and a picture (--png)."""
     from cache_teacher.inspect import run_inspect
 
-    report, text = run_inspect(store, build_config(InspectConfig, {**fields["inspect"],
-                                                                  "data": build_config(DataConfig, fields["data"], "data")}, "inspect"))
+    report, text = run_inspect(store, build_config(InspectConfig,
+                                                   {**fields["inspect"],
+                                                    "data": build_config(DataConfig, fields["data"], "data")},
+                                                   "inspect"))
     typer.echo(text)
     if "verify" in report and not report["verify"]["ok"]:
         raise typer.Exit(1)
@@ -190,7 +194,8 @@ def sweep_cmd(ctx: typer.Context, *, fields, config):
     typer.echo((Path(cfg.out) / "sweep.md").read_text())
     failed = [r for r in results if r.status == "failed"]
     if failed:
-        typer.echo(f"{len(failed)} point(s) failed; their logs are in {failed[0].run_dir}/log.txt and beside it", err=True)
+        typer.echo(f"{len(failed)} point(s) failed; their logs are in {failed[0].run_dir}/log.txt and beside it",
+                   err=True)
         raise typer.Exit(1)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -21,7 +21,7 @@ from core.paths import InputFile
 TYPED = ("COMMANDLINE", "ENVIRONMENT")  # parameter sources of values the user gave (typer vendors click)
 # Every option of every command: command -> {parameter name: (what the user types, domain)}.
 OPTIONS: dict[str, dict[str, tuple[tuple[str, ...], Domain]]] = {}
-GROUPS: dict[str, tuple["Group", ...]] = {}  # command -> the config groups its options and --config set
+GROUPS: dict[str, tuple[Group, ...]] = {}  # command -> the config groups its options and --config set
 # click's base of usage errors (a bad or unknown flag); typer vendors click, so it is found, not imported.
 UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
@@ -81,7 +81,7 @@ def _parameter(name: str, domain: Domain, help_text: str, default, shown, positi
         info = typer.Option(f"--{flag}", help=help_text, parser=_parser(each), metavar=each.metavar,
                             show_default=shown)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                             annotation=Annotated[kind if positional else Optional[kind], info])
+                             annotation=Annotated[kind if positional else kind | None, info])
 
 
 def _field_option(f: dataclasses.Field, shown: str | None) -> inspect.Parameter:
@@ -120,7 +120,9 @@ def command(app: typer.Typer, name: str, *groups: Group, ignored_tables: tuple[s
     by the flags typed} and config (the TOML path, or None); ignored_tables are another command's,
     skipped. A parameter named ctx receives the click context."""
     tables = ", ".join(f"[{g.table}]" for g in groups)
-    config_help = f"TOML file with {'the ' + tables + ' table' if len(groups) == 1 else tables + ' tables'}; typed flags win"
+    config_help = (
+        f"TOML file with {'the ' + tables + ' table' if len(groups) == 1 else tables + ' tables'}; typed flags win"
+    )
     config_domain = InputFile("TOML file")
 
     def wrap(fn):

@@ -49,10 +49,11 @@ def plan(args) -> list[tuple[str, list[str]]]:
                                   "18", "--teacher-depth", "101", "--full-width", "--batch-size", "8", "--workers",
                                   "8", "--num-images", "64", "--steps", "40", "--warmup", "5", "--rounds", "3",
                                   "--profile"]),
-            ("vs_mmdetection", ["--device", "cuda", "--amp", "--img-scale", "1344,800", "--batch-size", "8", "--threads",
-                                "8", "--steps", "20", "--warmup", "5", "--rounds", "3", "--mmdet-python", args.mmdet_python]),
-            ("step_phases", ["--device", "cuda", "--amp", "--img-scale", "1344,800", "--batch-size", "8", "--threads", "8",
-                             "--steps", "10", "--warmup", "3", "--label", "gpu"]),
+            ("vs_mmdetection", ["--device", "cuda", "--amp", "--img-scale", "1344,800", "--batch-size", "8",
+                                "--threads", "8", "--steps", "20", "--warmup", "5", "--rounds", "3", "--mmdet-python",
+                                args.mmdet_python]),
+            ("step_phases", ["--device", "cuda", "--amp", "--img-scale", "1344,800", "--batch-size", "8", "--threads",
+                             "8", "--steps", "10", "--warmup", "3", "--label", "gpu"]),
             ("coco_geometry", ["--device", "cuda", "--num-images", "64", "--batch-size", "8", "--workers", "8"]),
         ]
     cpu = ["--threads", "0"]  # every core: run_all is meant for an idle machine

@@ -13,8 +13,8 @@ from typing import NamedTuple
 
 import torch
 
-from detector.distributions import logits_of_edges
 from data.views import ViewRecord
+from detector.distributions import logits_of_edges
 
 
 class DecodedRows(NamedTuple):
@@ -40,7 +40,7 @@ class DecodedView:
     location: torch.Tensor | None = None  # region-sparse caches: each box row's index among the dense rows
     edges: torch.Tensor | None = None  # ld+bckd caches: [num_rows, 4] (cls covers every location too)
 
-    def dense(self) -> "DecodedView":
+    def dense(self) -> DecodedView:
         """A sparse view spread over all its locations, NaN where nothing is stored (spread); an
         ld+bckd cache's every location has box logits whose expectation is its stored edges. Dense
         views are returned as they are."""
@@ -56,7 +56,7 @@ class DecodedView:
             cls = spread(self.cls, loc, n)
         return DecodedView(self.record, box, cls, None, self.edges)
 
-    def without_holes(self) -> "DecodedView":
+    def without_holes(self) -> DecodedView:
         """The dense view with its NaN locations as no detection (class logits -1e4: probability 0;
         box logits 0: a flat distribution), for what looks at every location (pictures, AP)."""
         view = self.dense()

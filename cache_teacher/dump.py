@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +26,13 @@ from cache_teacher.layout import Layout
 from cache_teacher.plan import plan_dump, shard_batches, view_keys
 from cache_teacher.reader import is_url, open_group
 from cache_teacher.writer import CacheWriter
-from detector.checkpoint import file_sha256, load_model
-from data.coco import CocoDetection, collate
 from core.distributed import barrier, init_from_env, run_on_main
 from core.errors import UserError
-from detector.rows import flatten_rows
 from core.runtime import autocast_for, progress_bar, resolve_device
+from data.coco import CocoDetection, collate
 from data.views import parse_views
+from detector.checkpoint import file_sha256, load_model
+from detector.rows import flatten_rows
 
 
 def _open_store(cfg: DumpConfig, meta: schema.CacheMetadata, layout: Layout, dataset, num_specs: int) -> CacheWriter:
@@ -174,7 +174,7 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
         image_ids=dataset.image_ids, specs=specs, strides=teacher_cfg.strides,
         reg_max=teacher_cfg.reg_max, num_classes=teacher_cfg.num_classes, box_dtype=cfg.box_dtype,
         cls_dtype=cfg.cls_dtype, layout=layout, compressor=cfg.compressor, package_version=package_version(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         source={"teacher": cfg.teacher, "images": data.images, "ann": data.ann}, regions=regions,
     )
     opened = {}
@@ -222,7 +222,9 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
                     n = layout.records[views[0]].num_rows  # equal canvases: equal dense rows
                     take = torch.cat([p.long() + i * n for i, p in enumerate(picks)]).to(box_rows.device)
                     box_rows, cls_rows = box_rows[take], cls_rows[take]
-                encoded.update({f"box.{k}": t for k, t in encode_rows(box_rows, cfg.box_dtype, teacher_cfg.reg_max).items()})
+                encoded.update(
+                    {f"box.{k}": t for k, t in encode_rows(box_rows, cfg.box_dtype, teacher_cfg.reg_max).items()}
+                )
                 if cfg.cls_dtype is not None and not two:
                     encoded["cls.data"] = encode_rows(cls_rows, cfg.cls_dtype)["data"]
                 if sparse:

@@ -9,15 +9,13 @@ from importlib import metadata as importlib_metadata
 
 from cache_teacher import schema
 from cache_teacher.writer import COMPRESSORS
-from detector.checkpoint import read_checkpoint
 from core.config import check, param, validate_fields
-from core.domains import Nested
-from data.config import DataConfig
-from detector.checkpoint import trained_img_scale
-from core.domains import Flag, JsonObject, OneOf, Range, Table
+from core.domains import Flag, JsonObject, Nested, OneOf, Range, Table
 from core.paths import InputFile, OutputPath
-from detector.regions import VLR_IOUS
 from core.runtime import AMP_MODES, Device
+from data.config import DataConfig
+from detector.checkpoint import read_checkpoint, trained_img_scale
+from detector.regions import VLR_IOUS
 
 BOX_DTYPE_NAMES = {"fp16": "float16", "uint8": "uint8", "fp32": "float32"}  # the CLI's short names
 
@@ -76,7 +74,9 @@ class DumpConfig:
 def resolve_dump(cfg: DumpConfig) -> DumpConfig:
     """The dump with its data resolved (data.config): the images given, else the synthetic train
     split; the scale given, else the one the teacher's run was trained at."""
-    return dataclasses.replace(cfg, data=cfg.data.resolve("train", scale=trained_img_scale(read_checkpoint(cfg.teacher))))
+    return dataclasses.replace(
+        cfg, data=cfg.data.resolve("train", scale=trained_img_scale(read_checkpoint(cfg.teacher)))
+    )
 
 
 def package_version() -> str:

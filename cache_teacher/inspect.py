@@ -14,15 +14,14 @@ import torch
 from cache_teacher.reader import CacheReader
 from cache_teacher.verify import dataset_of_cache, format_verify, verify
 from core.config import param, validate_fields
-from core.domains import Nested
-from data.config import DataConfig
-from core.domains import Flag, JsonObject, Range
+from core.domains import Flag, JsonObject, Nested, Range
 from core.errors import UserError
 from core.paths import InputFile, OutputPath
+from core.runtime import Device, resolve_device
+from data.config import DataConfig
+from data.views import PIXEL_MEAN, PIXEL_STD
 from detector.postprocess import postprocess
 from detector.rows import row_index, row_location, view_maps
-from core.runtime import Device, resolve_device
-from data.views import PIXEL_MEAN, PIXEL_STD
 
 PICTURE_MIN_SCORE = 0.25
 PICTURE_MAX_DETECTIONS = 12
@@ -86,8 +85,11 @@ def format_summary(s: dict) -> str:
     rows = [
         ("cache", f"{s['location']} (format v{s['format_version']}, ldcache {s['package_version']}, {s['created']})"),
         ("state", f"{'complete' if s['complete'] else 'INCOMPLETE'}: {s['shards_done']}/{s['num_shards']} shards"),
-        ("teacher", f"GFL R-{t['depth']} ({t['num_classes']} classes, width {t['base_width']}, fpn {t['fpn_channels']}, "
-                    f"head {t['head_channels']}x{t['stacked_convs']}), sha256 {t['checkpoint_sha256'][:12]}"),
+        (
+            "teacher",
+            f"GFL R-{t['depth']} ({t['num_classes']} classes, width {t['base_width']}, fpn {t['fpn_channels']}, "
+            f"head {t['head_channels']}x{t['stacked_convs']}), sha256 {t['checkpoint_sha256'][:12]}",
+        ),
         ("images / views", f"{s['images']:,} / {s['views']:,} ({', '.join(s['view_specs'])})"),
         ("levels", f"strides {s['strides']}, reg_max {s['reg_max']}, {s['rows']:,} rows"),
     ]
@@ -99,7 +101,12 @@ def format_summary(s: dict) -> str:
     rows += [
         ("dtypes", f"box {s['box_dtype']}, cls {s['cls_dtype'] or 'not stored'}, compressor {s['compressor']}"),
         ("regions", _regions_line(s["regions"])),
-        ("on disk", f"{_mb(s['bytes_on_disk_total'])} (" + ", ".join(f"{k} {_mb(v)}" for k, v in s["bytes_on_disk"].items()) + ")"),
+        (
+            "on disk",
+            f"{_mb(s['bytes_on_disk_total'])} ("
+            + ", ".join(f"{k} {_mb(v)}" for k, v in s["bytes_on_disk"].items())
+            + ")",
+        ),
         ("per view", f"{s['bytes_per_view'] / 1024:,.1f} KiB"),
         ("compression", f"{s['compression_ratio']:.2f}x (stored rows / bytes on disk)"),
     ]

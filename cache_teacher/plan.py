@@ -12,11 +12,10 @@ import torch
 
 from cache_teacher import schema
 from cache_teacher.layout import Layout, plan_layout, with_region_space
-
+from core.runtime import progress_bar
 from data.coco import CocoDetection
 from detector.config import ModelConfig
 from detector.regions import distillation_rows
-from core.runtime import progress_bar
 
 
 class RegionRows(torch.utils.data.Dataset):
@@ -48,8 +47,12 @@ def plan_region_rows(dataset: CocoDetection, min_vlr_gamma: float, vlr_iou: str,
     the VLR band per view, in loader workers): known before the teacher runs, like dense offsets."""
     loader = torch.utils.data.DataLoader(RegionRows(dataset, min_vlr_gamma, vlr_iou), batch_size=None,
                                          num_workers=workers, collate_fn=_as_is)
-    return [rows for rows in progress_bar(loader, total=len(dataset), desc="plan regions", unit="img", disable=not progress,
-                                  leave=False)]
+    return [
+        rows
+        for rows in progress_bar(
+            loader, total=len(dataset), desc="plan regions", unit="img", disable=not progress, leave=False
+        )
+    ]
 
 
 @dataclass(frozen=True)

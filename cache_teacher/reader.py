@@ -24,7 +24,7 @@ import zarr
 
 from cache_teacher import schema
 from cache_teacher.codec import decode_rows, decode_topk
-from cache_teacher.decoded import DecodedView, DecodedRows
+from cache_teacher.decoded import DecodedRows, DecodedView
 from cache_teacher.layout import REGION_FIELDS, VIEW_FIELDS, records_from_table
 from cache_teacher.rawshards import open_raw
 from core.errors import UserError

@@ -1,7 +1,6 @@
 """The teacher cache contract (format v3; v1 and v2 caches are read as before): array names and the
-metadata, parsed and validated once. The single source of truth for what a cache holds;
-docs/cache-format.md describes the same thing for other readers, and cache_teacher/layout.py
-where the rows of each view lie.
+metadata, parsed and validated once; the single source of truth for what a cache holds (for other
+readers: docs/cache-format.md; where each view's rows lie: cache_teacher/layout.py).
 
 A cache is one Zarr v3 group:
 - attrs["ldcache"]: CacheMetadata.to_json() (identity, transform, dtypes, layout, state).
@@ -12,8 +11,7 @@ A cache is one Zarr v3 group:
 - dataset/image_ids [N]: the dataset's ordered image ids; dataset/lookup [N, S]: the view index of
   (image index, view spec index); dataset/image_digests [N, 16] uint8 (v2): each image's
   CocoDetection.image_digest, so a run on a subset of the images can be checked image by image.
-- progress [num_shards] uint8: 1 once a shard's write has returned (one chunk per shard, so writers
-  never share an object).
+- progress [num_shards] uint8: 1 once a shard's write has returned (a chunk per shard: no sharing).
 - location [R] int32 (region-sparse caches only): the row's index among its view's dense rows; a
   sparse view stores only the rows its distillation losses read (CacheMetadata.regions).
 
@@ -175,7 +173,7 @@ class CacheMetadata:
     def has_cls(self) -> bool:
         return self.cls_dtype is not None
 
-    def completed(self) -> "CacheMetadata":
+    def completed(self) -> CacheMetadata:
         return dataclasses.replace(self, complete=True)
 
     def to_json(self) -> dict:
@@ -205,7 +203,7 @@ class CacheMetadata:
         }
 
     @classmethod
-    def from_json(cls, doc: dict, where: str) -> "CacheMetadata":
+    def from_json(cls, doc: dict, where: str) -> CacheMetadata:
         """The stored document -> CacheMetadata; UserError naming `where` for anything else."""
         if not is_cache_document(doc):
             raise UserError(f"{where} is not an ldcache teacher cache (no '{ATTRS_KEY}' metadata); pass a store "
@@ -236,7 +234,7 @@ class CacheMetadata:
         """What makes two dumps the same cache (not when, by which version or from which paths)."""
         return {k: v for k, v in self.to_json().items() if k not in NOT_IDENTITY}
 
-    def identity_differences(self, other: "CacheMetadata") -> list[str]:
+    def identity_differences(self, other: CacheMetadata) -> list[str]:
         """Top-level identity entries in which two caches differ (the dump's overwrite refusal)."""
         mine, theirs = self.identity(), other.identity()
         return [k for k in mine if mine[k] != theirs.get(k)]
@@ -255,7 +253,8 @@ class CacheMetadata:
             differ("teacher checkpoint sha256", self.teacher_sha256[:12], expected["teacher_sha256"][:12])
         if "teacher_config" in expected:
             want = expected["teacher_config"]
-            diffs = [k for k in sorted(set(self.teacher_config) | set(want)) if self.teacher_config.get(k) != want.get(k)]
+            mine = self.teacher_config
+            diffs = [k for k in sorted(set(mine) | set(want)) if mine.get(k) != want.get(k)]
             if diffs:
                 out.append(f"teacher architecture differs in {', '.join(diffs)}")
         if "ann_sha256" in expected:
@@ -295,6 +294,7 @@ def build_metadata(*, teacher_config: dict, teacher_sha256: str, ann_sha256: str
         num_views=len(layout.records), strides=tuple(int(s) for s in strides), reg_max=int(reg_max),
         num_classes=int(num_classes), box_dtype=box_dtype, cls_dtype=cls_dtype,
         layout=CacheLayout(layout.rows_per_shard, layout.chunk_rows, layout.num_shards, layout.total_rows, compressor,
-                           region_rows_per_shard=layout.region_rows_per_shard, region_chunk_rows=layout.region_chunk_rows),
+                           region_rows_per_shard=layout.region_rows_per_shard,
+                           region_chunk_rows=layout.region_chunk_rows),
         regions=regions, package_version=package_version, created=created, source=dict(source or {}),
     )

@@ -15,9 +15,9 @@ import torch
 from cache_teacher.decoded import spread
 from cache_teacher.reader import CacheReader
 from cache_teacher.schema import LOCATION, transform_spec
+from core.errors import UserError
 from data.coco import Batch, CocoDetection, Sample, collate
 from detector.config import ModelConfig
-from core.errors import UserError
 from detector.regions import TeacherNeeds
 from detector.rows import TeacherRows
 
@@ -75,7 +75,7 @@ class CachedTeacher:
         return {"kind": "cache", "location": self.cache.location, "teacher_sha256": self.cache.meta.teacher_sha256,
                 "teacher_config": self.cache.meta.teacher_config}
 
-    def to(self, device: torch.device) -> "CachedTeacher":
+    def to(self, device: torch.device) -> CachedTeacher:
         return self  # rows are read on the host and moved with each batch (rows())
 
     def validate(self, dataset: CocoDetection, student: ModelConfig, needs: TeacherNeeds) -> None:

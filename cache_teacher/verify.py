@@ -12,13 +12,13 @@ from cache_teacher import schema
 from cache_teacher.codec import all_finite
 from cache_teacher.fidelity import edge_kl
 from cache_teacher.reader import CacheReader
+from core.errors import UserError
+from data.coco import CocoDetection
 from data.config import DataConfig
 from detector.checkpoint import file_sha256, load_model
-from data.coco import CocoDetection
-from core.errors import UserError
-from detector.inference import coco_detections
-from detector.evaluation import coco_evaluate
 from detector.distributions import integral
+from detector.evaluation import coco_evaluate
+from detector.inference import coco_detections
 from detector.rows import flatten_rows, view_maps
 
 
@@ -101,7 +101,9 @@ def fidelity(cache: CacheReader, teacher: str, dataset: CocoDetection, num_views
             kls.append(edge_kl(fresh_box, cached.box, 10.0, config.reg_max + 1))
         if cached.cls is not None:
             fresh_cls = flatten_rows(cls_maps, [cached.record.level_hw]).float().cpu()[slice(None) if two else rows]
-            prob_err = max(prob_err, float((fresh_cls.sigmoid() - cached.cls.sigmoid()).abs().amax() if fresh_cls.numel() else 0.0))
+            prob_err = max(
+                prob_err, float((fresh_cls.sigmoid() - cached.cls.sigmoid()).abs().amax() if fresh_cls.numel() else 0.0)
+            )
             if not two:  # top-k + floor is exact only in probability mass: its logit error says little
                 cls_err = max(cls_err, float((fresh_cls - cached.cls).abs().amax()) if fresh_cls.numel() else 0.0)
     kl = torch.cat(kls) if kls else torch.zeros(1)
@@ -128,7 +130,9 @@ def teacher_ap(cache: CacheReader, dataset: CocoDetection, max_images: int = 100
             yield [record], {"cache": ([m[None] for m in view_maps(view.cls, record.level_hw)],
                                        [m[None] for m in view_maps(view.box, record.level_hw)])}
 
-    results = coco_detections(outputs(), cache.meta.strides, cache.meta.reg_max, dataset.label_to_cat_id).get("cache", [])
+    results = coco_detections(outputs(), cache.meta.strides, cache.meta.reg_max, dataset.label_to_cat_id).get(
+        "cache", []
+    )
     image_ids = [dataset.image_ids[int(i)] for i in chosen]
     metrics = coco_evaluate(dataset.ann_file, results, image_ids=image_ids)
     return {"images": len(image_ids), "of_images": len(dataset), "view": cache.specs[spec].name,
@@ -147,15 +151,19 @@ def format_verify(r: dict) -> str:
         ap = r["teacher_ap"]
         m = ap["metrics"]
         note = ", stored rows only (region-sparse)" if ap["sparse"] else ""
-        lines.append(f"  teacher AP from the cache ({ap['view']} views of {ap['images']:,} of {ap['of_images']:,} cached "
-                     f"images{note}): AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}, AP75 {100 * m['AP75']:.1f}")
+        lines.append(
+            f"  teacher AP from the cache ({ap['view']} views of {ap['images']:,} of {ap['of_images']:,} cached "
+            f"images{note}): AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}, AP75 {100 * m['AP75']:.1f}"
+        )
         if m["AP50"] < 0.01:
             lines.append("  note: the teacher finds almost nothing on its own training images: an untrained "
                          "teacher, or one of another dataset (class order)?")
     if "fidelity" in r:
         f = r["fidelity"]
-        lines.append(f"  KL(T=10) on {f['views']} fresh fp32 views: mean {f['kl_t10_mean']:.3g}, p99 {f['kl_t10_p99']:.3g}, "
-                     f"max {f['kl_t10_max']:.3g}")
+        lines.append(
+            f"  KL(T=10) on {f['views']} fresh fp32 views: mean {f['kl_t10_mean']:.3g}, p99 {f['kl_t10_p99']:.3g}, "
+            f"max {f['kl_t10_max']:.3g}"
+        )
         if f["cls_max_abs_err"] is not None:
             lines.append(f"  class logits max |error| {f['cls_max_abs_err']:.3g}")
         if f.get("cls_max_prob_err") is not None:

@@ -41,7 +41,7 @@ class CacheWriter:
 
     @classmethod
     def create(cls, url: str, meta: schema.CacheMetadata, layout: Layout, image_ids, num_specs: int,
-               storage_options: dict | None = None, image_digests: np.ndarray | None = None) -> "CacheWriter":
+               storage_options: dict | None = None, image_digests: np.ndarray | None = None) -> CacheWriter:
         """A new, empty cache (the caller decides whether an existing store may be replaced)."""
         # Identity first, in the group's own metadata document: a dump killed while creating the
         # arrays leaves a store that a re-run recognises as its own and creates again.
@@ -86,7 +86,7 @@ class CacheWriter:
         return cls(group, meta)
 
     @classmethod
-    def resume(cls, url: str, storage_options: dict | None = None) -> "CacheWriter | None":
+    def resume(cls, url: str, storage_options: dict | None = None) -> CacheWriter | None:
         """The writer of an existing cache, or None if its creation never finished."""
         _remove_partial_writes(url)
         group = open_group(url, mode="r+", storage_options=storage_options)

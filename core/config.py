@@ -104,7 +104,9 @@ def read_toml_tables(path: Path | None, known: dict[str, type], ignored=()) -> d
         by_name = {f.name: f for f in fields(known[table]) if f.metadata.get("flag", True)}
         bad = sorted(set(values) - set(by_name))
         if bad:
-            raise UserError(f"config file {path}: unknown [{table}] option(s) {bad}; expected some of {sorted(by_name)}")
+            raise UserError(
+                f"config file {path}: unknown [{table}] option(s) {bad}; expected some of {sorted(by_name)}"
+            )
         out[table] = {}
         for key, value in values.items():
             value = domain_of(by_name[key]).coerce(value)

@@ -1,4 +1,4 @@
-"""What a config field may hold: its domain, declared once beside the field (detector.config.param).
+"""What a config field may hold: its domain, declared once beside the field (core.config.param).
 
 A domain is the one description of a value's allowed set, used in three places: the CLI parses a
 typed flag with it (a bad value is a one-line usage error naming the flag), the TOML loader and a

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from data.coco import CocoDetection
-
 from detector.box_ops import pairwise_iou
 from detector.priors import anchor_centres, image_priors
 
@@ -206,11 +205,11 @@ class _BatchGrid:
 
     def __init__(self, level_hw_per_image: list[tuple], strides: tuple[int, ...], device):
         level_hw_per_image = [tuple(tuple(hw) for hw in level_hw) for level_hw in level_hw_per_image]
-        max_hw = [(max(hw[l][0] for hw in level_hw_per_image), max(hw[l][1] for hw in level_hw_per_image))
-                  for l in range(len(strides))]
+        max_hw = [(max(hw[lvl][0] for hw in level_hw_per_image), max(hw[lvl][1] for hw in level_hw_per_image))
+                  for lvl in range(len(strides))]
         self.anchors, self.strides, self.levels = image_priors(tuple(max_hw), strides, device)  # [Np, 4], [Np], [Np]
         self.level_counts = [h * w for h, w in max_hw]
-        self.level_starts = [sum(self.level_counts[:l]) for l in range(len(strides))]
+        self.level_starts = [sum(self.level_counts[:lvl]) for lvl in range(len(strides))]
         ys = torch.cat([torch.arange(h, device=device).repeat_interleave(w) for h, w in max_hw])  # [Np]
         xs = torch.cat([torch.arange(w, device=device).repeat(h) for h, w in max_hw])
         sizes = torch.tensor(level_hw_per_image, device=device)  # [B, L, 2]

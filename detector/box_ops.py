@@ -70,7 +70,8 @@ def broadcast_diou(boxes1: torch.Tensor, boxes2: torch.Tensor, official: bool = 
     return overlap_term - rho2 / (enclose_wh**2).sum(-1).clamp(min=EPS)
 
 
-def distance_to_box(points: torch.Tensor, dist_ltrb: torch.Tensor, max_hw: tuple[int, int] | None = None) -> torch.Tensor:
+def distance_to_box(points: torch.Tensor, dist_ltrb: torch.Tensor,
+                    max_hw: tuple[int, int] | None = None) -> torch.Tensor:
     """Points [N, 2] and distances (left, top, right, bottom) [N, 4] -> boxes [N, 4], optionally
     clipped to an image of size max_hw = (h, w). Units are whatever the inputs share."""
     x1 = points[:, 0] - dist_ltrb[:, 0]
@@ -84,11 +85,13 @@ def distance_to_box(points: torch.Tensor, dist_ltrb: torch.Tensor, max_hw: tuple
     return torch.stack([x1, y1, x2, y2], dim=-1)
 
 
-def box_to_distance(points: torch.Tensor, boxes: torch.Tensor, max_dist: float | None = None, eps: float = 0.1) -> torch.Tensor:
+def box_to_distance(points: torch.Tensor, boxes: torch.Tensor, max_dist: float | None = None,
+                    eps: float = 0.1) -> torch.Tensor:
     """Inverse coding: points [N, 2], boxes [N, 4] -> (l, t, r, b) [N, 4], clamped to
     [0, max_dist - eps] when max_dist is given (the last DFL bin needs a right neighbour)."""
     dist = torch.stack(
-        [points[:, 0] - boxes[:, 0], points[:, 1] - boxes[:, 1], boxes[:, 2] - points[:, 0], boxes[:, 3] - points[:, 1]],
+        [points[:, 0] - boxes[:, 0], points[:, 1] - boxes[:, 1],
+         boxes[:, 2] - points[:, 0], boxes[:, 3] - points[:, 1]],
         dim=-1,
     )
     if max_dist is not None:

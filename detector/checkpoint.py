@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from detector.config import ModelConfig
 from core.errors import UserError
+from detector.config import ModelConfig
 from detector.model import build_detector
 
 FORMAT = "ldcache.detector"
@@ -88,7 +88,9 @@ def infer_model_config(state_dict: dict, **overrides) -> ModelConfig:
             num_classes=sd["bbox_head.gfl_cls.weight"].shape[0],
             base_width=sd["backbone.conv1.weight"].shape[0],
             fpn_channels=sd["neck.lateral_convs.0.conv.weight"].shape[0],
-            head_channels=sd["bbox_head.cls_convs.0.conv.weight"].shape[0] if stacked else sd["neck.lateral_convs.0.conv.weight"].shape[0],
+            head_channels=sd["bbox_head.cls_convs.0.conv.weight"].shape[0]
+            if stacked
+            else sd["neck.lateral_convs.0.conv.weight"].shape[0],
             stacked_convs=stacked,
             reg_max=sd["bbox_head.gfl_reg.weight"].shape[0] // 4 - 1,
         )
@@ -122,7 +124,11 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "ch
                   if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
     if missing or unexpected or mis_shaped:
         parts = []
-        for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mis_shaped)):
+        for name, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mis_shaped),
+        ):
             if keys:
                 more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
                 parts.append(f"{name} {keys[:3]}{more}")

@@ -12,16 +12,16 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from data.coco_json import labels_to_cat_ids, load_coco
 from core.errors import UserError
+from data.coco_json import labels_to_cat_ids, load_coco
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # pycocotools stats[0:6], in this order
 MAX_DETS = [100, 300, 1000]  # mmdet's proposal_nums

@@ -27,7 +27,9 @@ class FPN(nn.Module):
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
         for i in range(len(laterals) - 1, 0, -1):  # top-down pathway
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(
+                laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest"
+            )
         outs = [self.fpn_convs[i](laterals[i]) for i in range(self.num_inputs)]
         for conv in self.fpn_convs[self.num_inputs:]:
             outs.append(conv(outs[-1]))  # no ReLU before the extra convs

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from detector.distributions import integral
-
 from detector.layers import ConvBlock, Scale
 
 

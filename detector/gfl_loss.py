@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from detector.atss import BatchAssignment
-from detector.distributions import integral
-from detector.box_ops import aligned_giou, aligned_iou, box_to_distance, distance_to_box
 from core.distributed import reduce_mean, world_size
+from detector.atss import BatchAssignment
+from detector.box_ops import aligned_giou, aligned_iou, box_to_distance, distance_to_box
+from detector.distributions import integral
 from detector.priors import anchor_centres
 
 DFL_EPS = 0.1  # DFL targets live in [0, reg_max - 0.1] so both neighbouring bins exist
@@ -91,4 +91,7 @@ def distribution_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch
     right = left + 1
     w_left = right.float() - target
     w_right = target - left.float()
-    return F.cross_entropy(logits, left, reduction="none") * w_left + F.cross_entropy(logits, right, reduction="none") * w_right
+    return (
+        F.cross_entropy(logits, left, reduction="none") * w_left
+        + F.cross_entropy(logits, right, reduction="none") * w_right
+    )

@@ -15,20 +15,18 @@ from pathlib import Path
 import torch
 
 from core import distributed
-from detector.checkpoint import load_state_dict_strict, read_checkpoint, resolve_model_config
-from data.coco import CocoDetection, collate
 from core.config import check, param, validate_fields
-from core.domains import Nested
-from data.config import DataConfig
-from detector.checkpoint import trained_img_scale
-from core.domains import OneOf, Range, Table
+from core.domains import Nested, OneOf, Range, Table
 from core.errors import UserError
+from core.paths import InputFile, OutputPath
+from core.runtime import AMP_MODES, Device, autocast_for, progress_bar, resolve_device
+from data.coco import CocoDetection, collate
+from data.config import DataConfig
+from data.views import ViewRecord, ViewSpec
+from detector.checkpoint import load_state_dict_strict, read_checkpoint, resolve_model_config, trained_img_scale
 from detector.evaluation import coco_evaluate, detections_to_coco, save_results
 from detector.model import build_detector
-from core.paths import InputFile, OutputPath
 from detector.postprocess import PostprocessConfig, postprocess
-from core.runtime import AMP_MODES, Device, autocast_for, progress_bar, resolve_device
-from data.views import ViewRecord, ViewSpec
 
 
 def canvas_batches(records: list[ViewRecord], batch_size: int) -> list[list[int]]:

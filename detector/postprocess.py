@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data.views import ViewRecord, boxes_to_original
 from detector.box_ops import box_area, distance_to_box
 from detector.distributions import integral
 from detector.priors import anchor_centres, level_priors
 from detector.rows import image_level_rows
-from data.views import ViewRecord, boxes_to_original
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,9 @@ def postprocess(cls_logits_per_level: list[torch.Tensor], box_logits_per_level: 
     results = []
     for i, record in enumerate(records):
         boxes_all, scores_all, labels_all = [], [], []
-        for cls_map, box_map, stride, (h, w) in zip(cls_logits_per_level, box_logits_per_level, strides, record.level_hw):
+        for cls_map, box_map, stride, (h, w) in zip(
+            cls_logits_per_level, box_logits_per_level, strides, record.level_hw
+        ):
             scores = image_level_rows(cls_map, i, (h, w)).float().sigmoid()  # [HW, C]
             box_logits = image_level_rows(box_map, i, (h, w)).float()  # [HW, 4(n+1)]
             keep = scores > cfg.score_thr

@@ -9,8 +9,8 @@ from dataclasses import dataclass, replace
 from core.config import config_to_dict, param, validate_fields
 from core.domains import MAX_SEED, Flag, Ints, OneOf, Range
 from core.paths import InputFile
-from detector.regions import VLR_IOUS, TeacherNeeds
 from core.runtime import AMP_MODES, Device
+from detector.regions import VLR_IOUS, TeacherNeeds
 
 __all__ = ["LossConfig", "TrainConfig", "config_to_dict"]
 
@@ -80,7 +80,7 @@ KD_NORMALIZATIONS = ("coco", "official")
 KD_MODES = ("auto", "softmax", "sigmoid")
 # The LD temperature, unless given: the paper's 10, except on data whose boxes sit in the first bins of
 # the edge distributions (distill/geometry.py). On the two such datasets measured, T = 1 beat plain
-# training on every seed; T = 10 did not on one of them (README: "The LD temperature on small objects").
+# training on every seed; T = 10 did not on one of them (docs/defaults.md: "The LD temperature on small objects").
 PAPER_LD_TEMPERATURE = 10.0
 SMALL_BOX_LD_TEMPERATURE = 1.0
 SMALL_BOX_EDGE_BINS = 1.5  # COCO-like data: 3.5 bins; objects below the finest anchors: under 1
@@ -165,11 +165,11 @@ class LossConfig:
             return "off" if num_classes == 1 else "softmax"
         return self.kd_mode
 
-    def for_classes(self, num_classes: int) -> "LossConfig":
+    def for_classes(self, num_classes: int) -> LossConfig:
         """The losses a run on num_classes classes trains with. With one class there is no relation
         between classes for Main KD to transfer (a softmax over one class is constant, and QFL already
         supervises the one score), and the per-class sigmoid KD made one-class students worse
-        (README, results): auto turns Main KD off there; --kd-mode sigmoid keeps it."""
+        (docs/results.md): auto turns Main KD off there; --kd-mode sigmoid keeps it."""
         if self.kd_mode_for(num_classes) == "off" and self.kd_weight > 0:
             return replace(self, kd_weight=0.0)
         return self
@@ -179,7 +179,7 @@ class LossConfig:
         """The LD temperature the losses use: the one given or resolved (for_edges), else the paper's."""
         return PAPER_LD_TEMPERATURE if self.ld_temperature is None else self.ld_temperature
 
-    def for_edges(self, median_edge_bins: float | None) -> "LossConfig":
+    def for_edges(self, median_edge_bins: float | None) -> LossConfig:
         """The LD temperature of a run whose data's positive box edges lie at median_edge_bins (the
         median over the ATSS positives, in bins: distill.geometry), when none was given."""
         if self.ld_temperature is not None:
@@ -203,7 +203,11 @@ class LossConfig:
         if self.kd_weight and self.kd_mode_for(num_classes) == "softmax" and num_classes == 1:
             out.append("softmax Main KD over one class is constant (no signal): use --kd-mode auto (no Main KD "
                        "on one class), --kd-mode sigmoid or --kd-weight 0")
-        elif self.kd_weight and self.kd_normalization == "official" and not 2 / 3 <= REF_NUM_CLASSES / num_classes <= 1.5:
-            out.append(f"--kd-normalization official averages Main KD over {num_classes} classes: "
-                       f"{REF_NUM_CLASSES / num_classes:.1f}x its strength on COCO's 80; --kd-normalization coco keeps it")
+        elif (
+            self.kd_weight and self.kd_normalization == "official" and not 2 / 3 <= REF_NUM_CLASSES / num_classes <= 1.5
+        ):
+            out.append(
+                f"--kd-normalization official averages Main KD over {num_classes} classes: "
+                f"{REF_NUM_CLASSES / num_classes:.1f}x its strength on COCO's 80; --kd-normalization coco keeps it"
+            )
         return out

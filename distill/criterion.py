@@ -22,10 +22,15 @@ from detector.box_ops import aligned_giou, distance_to_box
 from detector.distributions import integral
 from detector.gfl_loss import GFLLossOutput, gfl_losses
 from detector.priors import anchor_centres
-from distill.config import (REF_IMAGES_PER_PROCESS, REF_NUM_CLASSES, REF_POSITIVES_PER_IMAGE,
-                            REF_VLR_WEIGHT_PER_IMAGE, LossConfig)
 from detector.regions import vlr_region
 from detector.rows import flatten_rows
+from distill.config import (
+    REF_IMAGES_PER_PROCESS,
+    REF_NUM_CLASSES,
+    REF_POSITIVES_PER_IMAGE,
+    REF_VLR_WEIGHT_PER_IMAGE,
+    LossConfig,
+)
 from distill.losses import bckd_box_weights, bckd_cls_loss, distill_kl, sigmoid_kl
 
 LOSS_KEYS = ("loss_qfl", "loss_giou", "loss_dfl", "loss_ld", "loss_ld_vlr", "loss_kd", "loss_bckd_cls",

@@ -16,18 +16,18 @@ from pathlib import Path
 
 import torch
 
-from detector.checkpoint import load_backbone_weights, load_state_dict_strict, read_checkpoint, save_checkpoint
-from data.coco import CocoDetection, collate
-from detector.config import ModelConfig
 from core.distributed import DistInfo, barrier, init_from_env, mean_over_ranks, run_on_main
 from core.errors import UserError
+from core.runtime import progress_bar, resolve_device
+from data.builders import build_train_dataset, build_val_dataset
+from data.coco import CocoDetection, collate
+from data.config import DataConfig
+from data.sampler import ViewBatchSampler, batch_groups
+from detector.checkpoint import load_backbone_weights, load_state_dict_strict, read_checkpoint, save_checkpoint
+from detector.config import ModelConfig
 from detector.evaluation import format_metrics_table, save_results
 from detector.inference import evaluate_model
 from detector.model import build_detector
-from core.runtime import progress_bar, resolve_device
-from data.builders import build_train_dataset, build_val_dataset
-from data.config import DataConfig
-from data.sampler import ViewBatchSampler, batch_groups
 from distill.config import LossConfig, TrainConfig, config_to_dict
 from distill.criterion import build_criterion
 from distill.policy import resolve_loss_policy
@@ -183,7 +183,9 @@ def build_training(data, model_cfg, train, loss, out: Path, resume, extra_config
     sampler = ViewBatchSampler(batch_groups(dataset, train.group_by), batch_size=train.batch_size, seed=train.seed,
                                rank=dist_info.rank, world_size=dist_info.world_size)
     per_epoch = sampler.batches_per_epoch()
-    total_iters = per_epoch * train.epochs if train.max_iters is None else min(per_epoch * train.epochs, train.max_iters)
+    total_iters = (
+        per_epoch * train.epochs if train.max_iters is None else min(per_epoch * train.epochs, train.max_iters)
+    )
     learner = Learner(net, optimizer, scaler, build_criterion(loss, model_cfg), device, train.amp, teacher)
     loader_kwargs = dict(num_workers=train.workers, collate_fn=collate_fn, pin_memory=device.type == "cuda",
                          persistent_workers=False)

@@ -8,15 +8,15 @@ smaller than the detector's finest anchors they pile up in the first bins (media
 the other bins are never a target, and the teacher's logits there are whatever its training left.
 At the paper's T = 10 the LD KL is close to matching every logit alike, those included; at T = 1 it
 follows the teacher's mass near the edges. Which transfers more on such data is measured, not
-derived (README: "The LD temperature on small objects")."""
+derived (docs/defaults.md: "The LD temperature on small objects")."""
 
 from __future__ import annotations
 
 import torch
 
+from data.coco import CocoDetection
 from detector.atss import assign_view
 from detector.box_ops import box_to_distance
-from data.coco import CocoDetection
 from detector.gfl_loss import DFL_EPS, pos_geometry
 
 SAMPLE_IMAGES = 200  # images read (evenly spread over the dataset): seconds even at COCO's size

@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from detector.checkpoint import read_checkpoint
 from core.errors import UserError
+from detector.checkpoint import read_checkpoint
 
 # Settings that may differ when a run is resumed: they change how, not what, is trained.
 RESUMABLE_CHANGES = {"max_iters", "workers", "device", "amp", "log_every", "checkpoint_every", "eval_batch_size",
@@ -66,7 +66,9 @@ def prepare_run_dir(paths: RunPaths, config: dict, resume: bool) -> bool:
     """Refuse to overwrite a run; on resume check the configuration. Writes config.json and
     returns whether there is a checkpoint to resume from."""
     if paths.last.exists() and not resume:
-        raise UserError(f"{paths.root} already holds a training run; pass --resume to continue it or choose another --out")
+        raise UserError(
+            f"{paths.root} already holds a training run; pass --resume to continue it or choose another --out"
+        )
     resuming = resume and paths.last.exists()
     if resuming:
         old = json.loads(paths.config.read_text()) if paths.config.exists() else {}

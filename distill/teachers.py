@@ -13,13 +13,13 @@ from typing import Any, Protocol
 
 import torch
 
-from detector.checkpoint import file_sha256, load_model
-from data.coco import Batch, CocoDetection, collate
-from detector.config import ModelConfig
 from core.errors import UserError
+from core.runtime import autocast_for
+from data.coco import Batch, CocoDetection, collate
+from detector.checkpoint import file_sha256, load_model
+from detector.config import ModelConfig
 from detector.regions import TeacherNeeds
 from detector.rows import TeacherRows, flatten_rows
-from core.runtime import autocast_for
 
 
 class TeacherSource(Protocol):
@@ -31,7 +31,7 @@ class TeacherSource(Protocol):
     def validate(self, dataset: CocoDetection, student: ModelConfig, needs: TeacherNeeds) -> None:
         """Raise UserError before step 1 if the source cannot serve this run."""
 
-    def to(self, device: torch.device) -> "TeacherSource":
+    def to(self, device: torch.device) -> TeacherSource:
         """Put what the source computes with on the student's device (the process's own GPU under
         torchrun, known only once the process group exists); returns the source."""
 
@@ -52,7 +52,7 @@ class OnlineTeacher:
         self.model, self.config, self.sha256, self.amp = model.eval(), config, checkpoint_sha256, amp
 
     @classmethod
-    def from_checkpoint(cls, path, arch: dict, device: torch.device, amp: str = "auto") -> "OnlineTeacher":
+    def from_checkpoint(cls, path, arch: dict, device: torch.device, amp: str = "auto") -> OnlineTeacher:
         model, config = load_model(path, arch, device, role="teacher checkpoint")
         return cls(model, config, file_sha256(path), amp=amp)
 
@@ -66,7 +66,7 @@ class OnlineTeacher:
             raise UserError("teacher and student must share classes, strides and reg_max (LD pairs rows anchor by "
                             "anchor): " + "; ".join(mismatches))
 
-    def to(self, device: torch.device) -> "OnlineTeacher":
+    def to(self, device: torch.device) -> OnlineTeacher:
         self.model.to(device)
         return self
 

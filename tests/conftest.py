@@ -26,7 +26,8 @@ TINY_MODEL_FLAGS = ["--depth", "18", "--base-width", "8", "--fpn-channels", "16"
 
 @pytest.fixture(scope="session")
 def tiny_coco(tmp_path_factory):
-    """A tiny synthetic COCO dataset (5 classes, like the r18_small mmdet fixture, 10 train / 4 val images of <= 96 px)."""
+    """A tiny synthetic COCO dataset (5 classes, like the r18_small mmdet fixture; 10 train / 4 val images of
+    <= 96 px)."""
     from data.synthetic import make_synthetic
 
     root = make_synthetic(tmp_path_factory.mktemp("data") / "tiny", num_train=10, num_val=4, image_size=96,
@@ -56,7 +57,6 @@ def tiny_teacher(tmp_path_factory):
 def dump_tiny_cache(tiny: dict, teacher, out, img_scale=(96, 96), shard_mb=0.05, **kw) -> Path:
     """Dump `teacher` over a tiny dataset in-process (small shards, so views cross shard boundaries)."""
     from cache_teacher.dump import DumpConfig, run_dump
-
     from data.config import DataConfig
 
     data = DataConfig(images=str(tiny["images"]), ann=str(tiny["ann"]), img_scale=img_scale)

@@ -101,6 +101,9 @@ def test_the_checker_sees_a_private_use(tmp_path):
 
 
 def test_files_stay_short():
-    long = {str(p.relative_to(ROOT)): n for p in _python_files(*PACKAGES, "cli.py", "cli_options.py", "benchmarks", "tests", "tools")
-            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in _python_files(*PACKAGES, "cli.py", "cli_options.py", "benchmarks", "tests", "tools")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert long == {}, f"split these (one concept per file, at most ~{MAX_LINES} lines): {long}"

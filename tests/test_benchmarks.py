@@ -171,11 +171,10 @@ def test_gap_decomposition_swaps_scores_and_boxes_location_by_location(tiny_coco
     """Each model alone detects what `evaluate` detects; a swap between a model and itself changes
     nothing; a swap between two models gives detections of neither."""
     from benchmarks.harness import gap
-
-    from detector import ModelConfig, build_detector, save_checkpoint
     from data.coco import CocoDetection
-    from detector.inference import predict_dataset
     from data.views import ViewSpec
+    from detector import ModelConfig, build_detector, save_checkpoint
+    from detector.inference import predict_dataset
     from tests.conftest import TINY_MODEL
 
     paths, models = [], []

@@ -24,8 +24,8 @@ import cli
 from cli_options import GROUPS, OPTIONS
 from core import domains as d
 from core import paths, runtime
-from data import views
 from core.config import domain_of
+from data import views
 from tests.conftest import TINY_MODEL_FLAGS
 
 # A fixed, reproducible budget: the whole file runs in well under a minute on 2 cores.

@@ -78,7 +78,8 @@ def test_two_process_evaluation_equals_one_process(tiny_coco, tmp_path):
     and the same metrics as one process."""
     train = ["train-detector", "--images", tiny_coco["images"], "--ann", tiny_coco["ann"], "--img-scale", "96,96",
              "--workers", "0", *TINY_MODEL_FLAGS, "--epochs", "40", "--lr", "0.02", "--batch-size", "10",
-             "--views", "orig", "--warmup-iters", "5", "--lr-steps", "100", "--log-every", "20", "--out", tmp_path / "run"]
+             "--views", "orig", "--warmup-iters", "5", "--lr-steps", "100", "--log-every", "20",
+             "--out", tmp_path / "run"]
     assert _single(*train).returncode == 0
     # On its (overfitted) training images the detector finds objects: detections to compare.
     args = ["evaluate", "--checkpoint", tmp_path / "run" / "checkpoints" / "last.pt", "--images",
@@ -122,4 +123,5 @@ def test_online_teacher_under_torchrun_gives_the_cached_runs_losses(tiny_coco, t
             assert rb[k] != 0.0
             assert rb[k] == pytest.approx(ra[k], rel=3e-3, abs=1e-6), (ra["iter"], k)
     teacher = json.loads((tmp_path / "online" / "config.json").read_text())["teacher"]
-    assert teacher["kind"] == "online" and json.loads((tmp_path / "online" / "config.json").read_text())["world_size"] == 2
+    assert (teacher["kind"] == "online"
+            and json.loads((tmp_path / "online" / "config.json").read_text())["world_size"] == 2)

@@ -8,13 +8,12 @@ import subprocess
 import sys
 import time
 
+import moto.server as moto_server  # noqa: E402  (test extras)
 import numpy as np
 import pytest
+import s3fs  # noqa: E402
 
 from tests.conftest import ROOT, TINY_MODEL_FLAGS
-
-import moto.server as moto_server  # noqa: E402  (test extras)
-import s3fs  # noqa: E402
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -91,8 +90,9 @@ def test_dump_inspect_train_and_resume_on_s3(s3, tiny_coco, tiny_teacher, tmp_pa
     assert report["summary"]["complete"] and report["verify"]["ok"] and report["summary"]["views"] == 20
 
     code, out, err = _run("train-student", "--cache", url, "--storage-options", options, "--images",
-                          tiny_coco["images"], "--ann", tiny_coco["ann"], "--out", tmp_path / "student", "--workers", "2",
-                          *TINY_MODEL_FLAGS, "--batch-size", "4", "--max-iters", "2", "--log-every", "1")
+                          tiny_coco["images"], "--ann", tiny_coco["ann"], "--out", tmp_path / "student",
+                          "--workers", "2", *TINY_MODEL_FLAGS, "--batch-size", "4", "--max-iters", "2",
+                          "--log-every", "1")
     assert code == 0, err[-2000:]
     records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(np.isfinite(r["loss_ld"]) for r in records)

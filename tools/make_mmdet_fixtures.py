@@ -29,15 +29,15 @@ STRIDES = [8, 16, 32, 64, 128]
 
 
 def mmdet_imports():
-    from mmengine.config import Config
-    from mmengine.structures import InstanceData
-
     import mmdet
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+    from mmengine.structures import InstanceData
 
     register_all_modules()
     import logging
+
     from mmengine.logging import MMLogger
     MMLogger.get_current_instance().setLevel(logging.ERROR)
     config_dir = Path(mmdet.__file__).parent / ".mim" / "configs"
@@ -107,7 +107,7 @@ def make_case(name, arch, image_shapes, canvas, gts, gen):
         metas.append(dict(img_shape=(h, w), pad_shape=(ph, pw), batch_input_shape=tuple(canvas),
                           ori_shape=(h, w), scale_factor=(1.0, 1.0)))
     gt_instances = [InstanceData(bboxes=torch.tensor(b, dtype=torch.float32).reshape(-1, 4),
-                                 labels=torch.tensor(l, dtype=torch.long)) for b, l in gts]
+                                 labels=torch.tensor(c, dtype=torch.long)) for b, c in gts]
 
     feats = model.extract_feat(images)
     cls_scores, bbox_preds = model.bbox_head(feats)

@@ -1,9 +1,9 @@
 """`ldcache demo`: the whole product on the synthetic data in one work folder, end to end.
 
 make data -> train a teacher -> dump-teacher -> inspect-cache (+ picture) -> a plain student, an
-LD student and a BCKD student, both distilled from the same cache -> one table. Every step leaves its artefacts under the work folder and is
-skipped when they are already complete, so running the demo again reuses what exists (a killed
-training run continues from its checkpoint)."""
+LD student and a BCKD student, both distilled from the same cache -> one table. Every step leaves
+its artefacts under the work folder and is skipped when they are already complete, so running the
+demo again reuses what exists (a killed training run continues from its checkpoint)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from cache_teacher.reader import CacheReader
 from cache_teacher.targets import CachedTeacher
 from cache_teacher.verify import dataset_of_cache, teacher_ap
 from core.config import param, validate_fields
-from detector.config import ModelConfig
 from core.domains import Flag, Range
 from core.paths import OutputPath
 from core.runtime import Device
-from data.synthetic import make_synthetic
 from data.builders import build_train_dataset
 from data.config import DataConfig
+from data.synthetic import make_synthetic
+from detector.config import ModelConfig
 from distill.config import LossConfig, TrainConfig
 from distill.engine import run_train
 
@@ -159,7 +159,8 @@ def run_demo(workdir: Path, quick: bool = False, device: str = "auto", workers: 
 
 
 def _describe(model: dict) -> str:
-    return f"R-{model['depth']} x{model['base_width'] / 64:g} width, head {model['head_channels']}x{model['stacked_convs']}"
+    head = f"{model['head_channels']}x{model['stacked_convs']}"
+    return f"R-{model['depth']} x{model['base_width'] / 64:g} width, head {head}"
 
 
 def _row(ev: dict) -> dict:
@@ -170,12 +171,16 @@ def _row(ev: dict) -> dict:
 def format_table(report: dict) -> str:
     lines = ["| model | AP | AP50 | AP75 | train time | teacher forwards avoided |", "|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['model']} | {r['AP']:.1f} | {r['AP50']:.1f} | {r['AP75']:.1f} | {r['train s'] / 60:.1f} min | "
-                     f"{r['teacher forwards avoided']} |")
+        lines.append(
+            f"| {r['model']} | {r['AP']:.1f} | {r['AP50']:.1f} | {r['AP75']:.1f} | {r['train s'] / 60:.1f} min | "
+            f"{r['teacher forwards avoided']} |"
+        )
     c = report["cache"]
     lines.append("")
-    lines.append(f"cache: {c['views']:,} views, {c['bytes'] / 2**20:,.1f} MiB on disk, dumped in {c['dump_seconds']:.0f} s "
-                 f"-> {c['location']}")
+    lines.append(
+        f"cache: {c['views']:,} views, {c['bytes'] / 2**20:,.1f} MiB on disk, dumped in {c['dump_seconds']:.0f} s "
+        f"-> {c['location']}"
+    )
     lines.append(f"work folder: {report['workdir']} (everything above lives there; run again to reuse it)")
     return "\n".join(lines)
 

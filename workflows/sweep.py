@@ -21,12 +21,12 @@ from dataclasses import Field, dataclass, fields
 from pathlib import Path
 
 from core.config import domain_of, param, validate_fields
-from detector.config import ModelConfig
 from core.domains import Flag, Range, Text, Texts
 from core.errors import UserError
 from core.paths import OutputPath
 from core.runtime import DeviceList
 from data.config import DataConfig
+from detector.config import ModelConfig
 from distill.config import LossConfig, TrainConfig
 from workflows.plots import plot_sweep
 

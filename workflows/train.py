@@ -8,9 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from core.config import build_config
-from detector.config import GFL_STRIDES, ModelConfig
 from data.builders import build_train_dataset
 from data.config import DataConfig
+from detector.config import GFL_STRIDES, ModelConfig
 from distill.config import LossConfig, TrainConfig
 from distill.engine import run_train
 from distill.teachers import TeacherSource

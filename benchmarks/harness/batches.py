@@ -3,13 +3,13 @@ no dataset, no reads, the same batch every step."""
 
 from __future__ import annotations
 
-from data.views import ViewRecord, level_sizes
-
 import torch
 
 from cache_teacher.codec import decode_rows
 from data.coco import Batch
+from data.views import ViewRecord, level_sizes
 from detector.rows import TeacherRows
+
 
 class CachedRows:
     """A teacher source serving fixed fp16 rows, decoded on the device each step (the cache's path
@@ -19,7 +19,9 @@ class CachedRows:
         self.stored = stored
 
     def rows(self, batch, stored, device) -> TeacherRows:
-        return TeacherRows(decode_rows(self.stored["box"], device=device), decode_rows(self.stored["cls"], device=device))
+        return TeacherRows(
+            decode_rows(self.stored["box"], device=device), decode_rows(self.stored["cls"], device=device)
+        )
 
 
 def random_batch(b: int, h: int, w: int, strides) -> tuple[Batch, dict]:

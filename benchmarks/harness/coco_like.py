@@ -10,7 +10,8 @@ import numpy as np
 # COCO train2017 in published figures: 118k images of mostly 640x480 (long side 640), 860k boxes
 # (7.3 per image), 41% small (< 32^2 px), 34% medium, 24% large (> 96^2 px), 80 categories.
 COCO_OBJECTS_PER_IMAGE = 7.3
-COCO_SIZE_MIX = ((0.41, 4.0, 32.0), (0.34, 32.0, 96.0), (0.24, 96.0, 480.0))  # (share, min side, max side) of sqrt(area)
+# (share, min side, max side) of sqrt(area)
+COCO_SIZE_MIX = ((0.41, 4.0, 32.0), (0.34, 32.0, 96.0), (0.24, 96.0, 480.0))
 COCO_NUM_CLASSES = 80
 
 
@@ -31,7 +32,8 @@ def write_coco_like(num_images: int, path: Path, seed: int) -> Path:
             ratio = float(np.exp(rng.normal(0.0, 0.6)))  # width / height
             bw, bh = min(side * np.sqrt(ratio), w), min(side / np.sqrt(ratio), h)
             x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(rng.integers(1, 81)),
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": int(rng.integers(1, 81)),
                                 "bbox": [round(x, 2), round(y, 2), round(bw, 2), round(bh, 2)],
                                 "area": round(bw * bh, 2), "iscrowd": 0})
     categories = [{"id": i, "name": f"class{i}"} for i in range(1, COCO_NUM_CLASSES + 1)]

@@ -66,8 +66,12 @@ def run(jobs: list[Job], parallel: int, log, threads: int | None = None) -> None
             todo.remove(job)
             job.out.parent.mkdir(parents=True, exist_ok=True)
             with open(job.out.parent / f"{job.out.name}.log", "a") as f:
-                job.proc = subprocess.Popen([str(LDCACHE), *job.argv, *(["--resume"] if job.argv[0].startswith("train") else [])],
-                                            stdout=f, stderr=subprocess.STDOUT, env=env)
+                job.proc = subprocess.Popen(
+                    [str(LDCACHE), *job.argv, *(["--resume"] if job.argv[0].startswith("train") else [])],
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
             running.append(job)
             log(f"start: {job.name} ({len(todo)} waiting)")
         if not ready and not running and todo:

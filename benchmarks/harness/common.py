@@ -18,7 +18,7 @@ import statistics
 import sys
 import tempfile
 import tomllib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +67,9 @@ def read_recipe_model(path: Path) -> dict:
 def add_teacher_args(parser: argparse.ArgumentParser) -> None:
     arch = _recipe_arch()
     g = parser.add_argument_group("teacher (random weights of this architecture unless --teacher is given)")
-    g.add_argument("--teacher", help="an ldcache checkpoint; default: a random teacher (seeded) of the architecture below")
+    g.add_argument(
+        "--teacher", help="an ldcache checkpoint; default: a random teacher (seeded) of the architecture below"
+    )
     g.add_argument("--depth", type=int, default=arch["depth"])
     g.add_argument("--base-width", type=int, default=arch["base_width"])
     g.add_argument("--fpn-channels", type=int, default=arch["fpn_channels"])
@@ -257,7 +259,7 @@ def write_results(out: str, args, rows: list[dict], device: torch.device, **extr
     params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
     record = {
         "script": Path(sys.argv[0]).name,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
         "cwd": os.getcwd(),
         "parameters": params,

@@ -22,20 +22,23 @@ COMBOS = {  # name -> (whose class logits, whose box logits)
 def predictions(teacher_path: str, student_path: str, images: str, ann: str, img_scale: tuple[int, int],
                 batch_size: int = 8) -> tuple[CocoDetection, dict[str, list[dict]]]:
     """-> (the dataset, {combo: COCO result dicts sorted by image}) for every entry of COMBOS."""
-    models = {"teacher": load_model(teacher_path, role="teacher")[0], "student": load_model(student_path, role="student")[0]}
+    models = {"teacher": load_model(teacher_path, role="teacher")[0],
+              "student": load_model(student_path, role="student")[0]}
     configs = {k: m.config for k, m in models.items()}
-    if configs["teacher"].strides != configs["student"].strides or configs["teacher"].reg_max != configs["student"].reg_max:
+    if (configs["teacher"].strides != configs["student"].strides
+            or configs["teacher"].reg_max != configs["student"].reg_max):
         raise SystemExit("error: teacher and student differ in strides or reg_max; their outputs do not line up")
     config = configs["student"]
     dataset = CocoDetection(images, ann, views=[ViewSpec(False, img_scale)], strides=config.strides, train=False)
     records = [dataset.view_record(i, 0) for i in range(len(dataset))]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[[(i, 0) for i in b] for b in canvas_batches(records, batch_size)],
-                                         collate_fn=collate)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=[[(i, 0) for i in b] for b in canvas_batches(records, batch_size)], collate_fn=collate)
 
     def outputs():
         for batch in loader:
             maps = {k: m(batch.images) for k, m in models.items()}  # (cls per level, box per level)
-            yield batch.records, {name: (maps[cls_from][0], maps[box_from][1]) for name, (cls_from, box_from) in COMBOS.items()}
+            yield batch.records, {name: (maps[cls_from][0], maps[box_from][1])
+                                  for name, (cls_from, box_from) in COMBOS.items()}
 
     results = coco_detections(outputs(), config.strides, config.reg_max, dataset.label_to_cat_id)
     return dataset, {name: results.get(name, []) for name in COMBOS}

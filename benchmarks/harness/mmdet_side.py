@@ -10,15 +10,14 @@ import argparse
 import logging
 import os.path as osp
 
-import torch
-from mmengine.config import Config
-from mmengine.logging import MMLogger
-from mmengine.structures import InstanceData
-
 import mmdet
+import torch
 from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
 from mmdet.utils import register_all_modules
+from mmengine.config import Config
+from mmengine.logging import MMLogger
+from mmengine.structures import InstanceData
 
 from benchmarks.harness import step_worker
 
@@ -88,7 +87,10 @@ def main() -> None:
 
     def build_step(name: str):
         model, optimizer = build(name, device)
-        return step_of(model, optimizer, images, data, args.amp), {"mmdet": mmdet.__version__, "torch": torch.__version__}
+        return step_of(model, optimizer, images, data, args.amp), {
+            "mmdet": mmdet.__version__,
+            "torch": torch.__version__,
+        }
 
     step_worker.serve(build_step, device)
 

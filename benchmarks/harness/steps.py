@@ -13,20 +13,19 @@ import contextlib
 import gc
 import time
 
-from benchmarks.harness import common
 import torch
 
+from benchmarks.harness import common
 from cache_teacher.dump import DumpConfig, run_dump
 from cache_teacher.targets import CachedTeacher, SampleWithRows
 from data.coco import collate
+from data.config import DataConfig
+from data.sampler import ViewBatchSampler, batch_groups
 from detector.config import ModelConfig
 from detector.model import build_detector
 from distill.config import LossConfig, TrainConfig
-from data.config import DataConfig
-from data.sampler import batch_groups
-from distill.engine import build_optimizer, lr_at
-from data.sampler import ViewBatchSampler
 from distill.criterion import build_criterion
+from distill.engine import build_optimizer, lr_at
 from distill.step import Learner, train_step
 from distill.teachers import OnlineTeacher
 
@@ -64,7 +63,7 @@ class InMemoryTargets(torch.utils.data.Dataset):
         return SampleWithRows(self.cached.base[key], dict(self.rows[key]))
 
 
-class InMemoryCacheTeacher(CachedTeacher):
+class InMemoryCachedTeacher(CachedTeacher):
     def dataset(self, base, needs):
         return InMemoryTargets(super().dataset(base, needs))
 
@@ -74,9 +73,17 @@ def make_cache(teacher_path: str, images: str, ann: str, store, views: str, img_
     """Dump the teacher over the images into `store`; seconds taken. Restores the cuDNN flags
     run_dump sets (a student run is a separate process with the defaults)."""
     flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
-    cfg = DumpConfig(teacher=teacher_path, out=str(store), data=DataConfig(images=images, ann=ann, views=views,
-                                                                       img_scale=img_scale), batch_size=batch_size, device=device, workers=workers, amp=amp, box_dtype=box_dtype,
-                     shard_mb=shard_mb)
+    cfg = DumpConfig(
+        teacher=teacher_path,
+        out=str(store),
+        data=DataConfig(images=images, ann=ann, views=views, img_scale=img_scale),
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        amp=amp,
+        box_dtype=box_dtype,
+        shard_mb=shard_mb,
+    )
     start = time.perf_counter()
     try:
         run_dump(cfg, progress=False)

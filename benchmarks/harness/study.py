@@ -75,4 +75,8 @@ def ap(work: Path, run_name: str, key: str = "AP") -> float | None:
 def seed_stats(work: Path, run_pattern: str, seeds: int) -> dict:
     """The APs of the finished runs run_pattern.format(seed) for seeds 0..seeds-1, their mean and sd."""
     aps = [a for s in range(seeds) if (a := ap(work, run_pattern.format(s))) is not None]
-    return {"aps": aps, "mean": statistics.mean(aps) if aps else None, "sd": statistics.stdev(aps) if len(aps) > 1 else None}
+    return {
+        "aps": aps,
+        "mean": statistics.mean(aps) if aps else None,
+        "sd": statistics.stdev(aps) if len(aps) > 1 else None,
+    }

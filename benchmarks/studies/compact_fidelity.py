@@ -20,14 +20,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks.harness import common
 import torch
 
+from benchmarks.harness import common
 from cache_teacher.codec import decode_rows, decode_topk, encode_edges, encode_rows, encode_topk
-from detector.checkpoint import load_model
 from data.coco import CocoDetection, collate
-from detector.rows import TeacherRows, flatten_rows
 from data.views import parse_views
+from detector.checkpoint import load_model
+from detector.rows import TeacherRows, flatten_rows
 from distill.config import LossConfig
 from distill.criterion import compute_losses
 
@@ -70,11 +70,12 @@ def measure(teacher_path: str, student_path: str, images: str, ann: str, num_vie
         s_cls, s_box = student(b.images)
         box, cls = flatten_rows(t_box, level_hw).float(), flatten_rows(t_cls, level_hw).float()
         for mode, spec in modes.items():
-            losses = compute_losses(s_cls, s_box, level_hw, b.boxes, b.labels, ALL_TERMS, tcfg.num_classes, tcfg.reg_max,
-                                    tcfg.strides, teacher_rows=stored(box, cls, tcfg.reg_max, spec))
+            losses = compute_losses(s_cls, s_box, level_hw, b.boxes, b.labels, ALL_TERMS, tcfg.num_classes,
+                                    tcfg.reg_max, tcfg.strides, teacher_rows=stored(box, cls, tcfg.reg_max, spec))
             for term in TERMS:  # unweighted: divide the weight out
-                weight = getattr(ALL_TERMS, {"loss_ld": "ld_weight", "loss_ld_vlr": "vlr_weight", "loss_kd": "kd_weight",
-                                             "loss_bckd_cls": "bckd_cls_weight", "loss_bckd_box": "bckd_box_weight"}[term])
+                weight = getattr(ALL_TERMS, {"loss_ld": "ld_weight", "loss_ld_vlr": "vlr_weight",
+                                             "loss_kd": "kd_weight", "loss_bckd_cls": "bckd_cls_weight",
+                                             "loss_bckd_box": "bckd_box_weight"}[term])
                 sums[mode][term] += float(losses[term]) / weight
         seen += len(views)
     reference = sums["dense fp16"]
@@ -84,7 +85,8 @@ def measure(teacher_path: str, student_path: str, images: str, ann: str, num_vie
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=str(common.REPO_ROOT / "runs" / "distill_methods"))
     p.add_argument("--views", type=int, default=64, help="training views per dataset")
     p.add_argument("--batch-size", type=int, default=8)

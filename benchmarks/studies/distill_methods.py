@@ -28,8 +28,16 @@ from pathlib import Path
 from benchmarks.harness import common
 from benchmarks.harness.command_queue import Job, needed, run
 from benchmarks.harness.study import DATASETS as SHAPE_DATASETS
-from benchmarks.harness.study import (SIZE, STUDENT_FLAGS, TEACHER_FLAGS, ap, chosen_datasets, progress_log, seed_stats,
-                                      study_args)
+from benchmarks.harness.study import (
+    SIZE,
+    STUDENT_FLAGS,
+    TEACHER_FLAGS,
+    ap,
+    chosen_datasets,
+    progress_log,
+    seed_stats,
+    study_args,
+)
 
 DATASETS = {**SHAPE_DATASETS,
             "photos": ["--pixels", "photos", "--num-classes", "12", "--num-train", "1000", "--num-val", "200"]}
@@ -95,7 +103,8 @@ def report(work: Path, jobs: list[Job], datasets: list[str], seeds: int, best: s
     out, text = {"datasets": {}, "best_combination": best, "combination_gains_seed0": gains}, []
     text += [f"### Plain, LD, BCKD and the best combination ({best or 'not chosen yet'}), batch 8, no weight flags, "
              "one dense dump per dataset (AP: mean +- sd (seeds); share of the teacher-plain gap closed)", "",
-             "| dataset | classes | teacher | " + " | ".join(methods) + " | " + " | ".join(f"{m} gap" for m in methods[1:]) + " |",
+             "| dataset | classes | teacher | " + " | ".join(methods) + " | "
+             + " | ".join(f"{m} gap" for m in methods[1:]) + " |",
              "|---" * (3 + 2 * len(methods) - 1) + "|"]
     for name in datasets:
         ann = work / "data" / name / "annotations" / "instances_train.json"
@@ -109,7 +118,8 @@ def report(work: Path, jobs: list[Job], datasets: list[str], seeds: int, best: s
         text.append(f"| {name} | {classes or '-'} | {f(teacher)} | " + " | ".join(ms(cells[m]) for m in methods) + " | "
                     + " | ".join(pct(gap[m]) for m in methods[1:]) + " |")
     text += ["", "### Combination candidates (seed 0; AP, and the mean gain over plain)", "",
-             "| combination | flags | " + " | ".join(datasets) + " | mean gain |", "|---|---|" + "---|" * len(datasets) + "---|"]
+             "| combination | flags | " + " | ".join(datasets) + " | mean gain |",
+             "|---|---|" + "---|" * len(datasets) + "---|"]
     for combo, flags in COMBOS.items():
         text.append(f"| {combo} | `{' '.join(flags)}` | " + " | ".join(f(ap(work, f"{n}/{combo}-s0")) for n in datasets)
                     + f" | {f(gains.get(combo))} |")
@@ -118,7 +128,8 @@ def report(work: Path, jobs: list[Job], datasets: list[str], seeds: int, best: s
                  "| method | dense cache | ld+bckd cache |", "|---|---|---|"]
         out["compact"] = {}
         for m in [*METHODS, *([best] if best else [])]:
-            dense, compact = seed_stats(work, f"synth/{m}-s{{}}", seeds), seed_stats(work, f"synth/{m}-s{{}}-compact", seeds)
+            dense, compact = (seed_stats(work, f"synth/{m}-s{{}}", seeds),
+                              seed_stats(work, f"synth/{m}-s{{}}-compact", seeds))
             out["compact"][m] = {"dense": dense, "compact": compact}
             text.append(f"| {m} | {ms(dense)} | {ms(compact)} |")
         sizes = {c: sum(p.stat().st_size for p in (work / "synth" / f"{c}.zarr").rglob("*") if p.is_file())

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.harness import common
-from benchmarks.harness.gap import KEYS, decompose, shares
 import torch
 
+from benchmarks.harness import common
+from benchmarks.harness.gap import KEYS, decompose, shares
 
 SCRIPT = "gap_decomposition"
 def main() -> None:

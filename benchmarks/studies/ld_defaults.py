@@ -27,9 +27,19 @@ import sys
 from pathlib import Path
 
 from benchmarks.harness import common
-from benchmarks.harness.study import (DATASETS, SIZE, SPARSE_U8, STUDENT_FLAGS, TEACHER_FLAGS, ap, chosen_datasets,
-                                      progress_log, seed_stats, study_args)
 from benchmarks.harness.command_queue import Job, needed, run
+from benchmarks.harness.study import (
+    DATASETS,
+    SIZE,
+    SPARSE_U8,
+    STUDENT_FLAGS,
+    TEACHER_FLAGS,
+    ap,
+    chosen_datasets,
+    progress_log,
+    seed_stats,
+    study_args,
+)
 
 VARIANTS = {  # LD variants of the synthetic default at batch 8 (the ablation, gamma, normalisations)
     "mainld": ["--vlr-weight", "0", "--kd-weight", "0"], "mainld-vlr": ["--kd-weight", "0"],
@@ -77,29 +87,29 @@ def plan(work: Path, seeds: int, batches: list[int], datasets: list[str] | None 
                                 out, needs if kind == "plain" else (f"{name}/cache",)))
         if name == "synth":  # the smallest large-dataset cache (docs/coco.md): region-sparse + uint8
             small = root / "cache-sparse-u8.zarr"
-            jobs.append(Job(f"{name}/cache-sparse-u8", ["dump-teacher", "--teacher", str(teacher / "checkpoints" / "last.pt"),
-                                                        *data[:4], *SPARSE_U8, "--out", str(small)],
-                            small, (f"{name}/teacher",)))
+            argv = ["dump-teacher", "--teacher", str(teacher / "checkpoints" / "last.pt"), *data[:4], *SPARSE_U8,
+                    "--out", str(small)]
+            jobs.append(Job(f"{name}/cache-sparse-u8", argv, small, (f"{name}/teacher",)))
             for s in range(seeds):  # the recipe's batch 8 and lr; seed 0 is the default
                 out = root / f"ld-b8-s{s}-sparse-u8"
-                jobs.append(Job(f"{name}/ld-b8-s{s}-sparse-u8", ["train-student", "--cache", str(small), *STUDENT_FLAGS,
-                                                                  *data, *(["--seed", str(s)] if s else []), "--out", str(out)],
-                                out, (f"{name}/cache-sparse-u8",)))
+                argv = ["train-student", "--cache", str(small), *STUDENT_FLAGS, *data,
+                        *(["--seed", str(s)] if s else []), "--out", str(out)]
+                jobs.append(Job(f"{name}/ld-b8-s{s}-sparse-u8", argv, out, (f"{name}/cache-sparse-u8",)))
         for variant in VARIANTS_OF[name]:
             for s in range(VARIANT_SEEDS.get((name, variant), 1)):
                 out = root / f"ld-b8-s{s}-{variant}"
-                jobs.append(Job(f"{name}/ld-b8-s{s}-{variant}", ["train-student", "--cache", str(cache), *STUDENT_FLAGS,
-                                                                  *data, *VARIANTS[variant], *(["--seed", str(s)] if s else []),
-                                                                  "--out", str(out)],
-                                out, (f"{name}/cache",)))
+                argv = ["train-student", "--cache", str(cache), *STUDENT_FLAGS, *data, *VARIANTS[variant],
+                        *(["--seed", str(s)] if s else []), "--out", str(out)]
+                jobs.append(Job(f"{name}/ld-b8-s{s}-{variant}", argv, out, (f"{name}/cache",)))
     return sorted(jobs, key=lambda j: _priority(j.name))
 
 
 # What the acceptance rests on runs first (the teachers start early: they are the longest runs):
 # defaults vs plain at batch 8 and 2 on every dataset, then seeds, ablation, the other batch sizes.
 PRIORITY = [r".*/data", r".*/teacher", r"synth/plain-b8-s0", r".*/cache", r"synth/(plain|ld)-b8-s0",
-            r".*/(plain|ld)-b8-s0", r"synth/(plain|ld)-b2-s0", r"synth/(plain|ld)-b8-s\d", r"synth/ld-b8-s0-mainld.*",
-            r"synth/ld-b8-s0-official", r"synth/(cache|ld-b8-s\d)-sparse-u8", r"synth/ld-b8-s0-gamma.*", r"synth/.*-b(16|4)-s0"]
+            r".*/(plain|ld)-b8-s0", r"synth/(plain|ld)-b2-s0", r"synth/(plain|ld)-b8-s\d",
+            r"synth/ld-b8-s0-mainld.*", r"synth/ld-b8-s0-official", r"synth/(cache|ld-b8-s\d)-sparse-u8",
+            r"synth/ld-b8-s0-gamma.*", r"synth/.*-b(16|4)-s0"]
 
 
 def _priority(name: str) -> int:
@@ -112,17 +122,17 @@ def _objects_per_image(coco: dict) -> float:
 
 def _gap_shares(work: Path, name: str) -> dict | None:
     """The share of the teacher's AP lead over plain-b8-s0 that the teacher's boxes alone, or its scores
-    alone, recover (gap_decomposition.py), computed once into NAME/gap.json."""
+    alone, recover (harness/gap.py), computed once into NAME/gap.json."""
     cached, teacher, student = work / name / "gap.json", work / name / "teacher", work / name / "plain-b8-s0"
     if not cached.is_file():
         if not all((run / "checkpoints" / "last.pt").is_file() for run in (teacher, student)):
             return None
-        import gap_decomposition
+        from benchmarks.harness import gap
 
         data = work / "data" / name
-        metrics = gap_decomposition.decompose(str(teacher / "checkpoints" / "last.pt"), str(student / "checkpoints" / "last.pt"),
-                                              str(data / "val"), str(data / "annotations" / "instances_val.json"), (160, 160))
-        shares = gap_decomposition.shares(metrics)
+        metrics = gap.decompose(str(teacher / "checkpoints" / "last.pt"), str(student / "checkpoints" / "last.pt"),
+                                str(data / "val"), str(data / "annotations" / "instances_val.json"), (160, 160))
+        shares = gap.shares(metrics)
         cached.write_text(json.dumps({"boxes": shares["student scores + teacher boxes"],
                                       "scores": shares["teacher scores + student boxes"], "metrics": metrics}))
     return json.loads(cached.read_text())
@@ -148,16 +158,19 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
     text.append(f"| synth ld, region-sparse uint8 cache | 8 | {len(c['aps'])} | {f(c['mean'])} | {f(c['sd'])} | "
                 f"{', '.join(f'{a:.1f}' for a in c['aps'])} |")
     text += ["", "### The LD temperature (batch 8; mean +- sd (seeds); * = the default's choice)", "",
-             "| dataset | median positive edge (bins) | plain | LD, T = 1 | LD, T = 10 (the paper's) |", "|---|---|---|---|---|"]
+             "| dataset | median positive edge (bins) | plain | LD, T = 1 | LD, T = 10 (the paper's) |",
+             "|---|---|---|---|---|"]
     out["temperature"] = {}
     for name in DATASETS:
         configs = [json.loads(c.read_text()) for c in sorted((work / name).glob("ld-b8-s*/config.json"))]
         configs = [c for c in configs if "median_edge_bins" in c] or configs  # runs from before the rule lack it
-        edge, default = (configs[0].get("median_edge_bins"), configs[0]["loss"]["ld_temperature"]) if configs else (None, None)
+        edge, default = ((configs[0].get("median_edge_bins"), configs[0]["loss"]["ld_temperature"]) if configs
+                         else (None, None))
         # the default LD run is the T = 1 or the T = 10 column, the variant the other one
         other = "T1" if default == 10 else "T10"
         cells = {key: seed_stats(work, f"{name}/{pattern}", SEEDS_OF.get(name, seeds))
-                 for key, pattern in (("plain", "plain-b8-s{}"), ("default", "ld-b8-s{}"), ("other", f"ld-b8-s{{}}-{other}"))}
+                 for key, pattern in (("plain", "plain-b8-s{}"), ("default", "ld-b8-s{}"),
+                                      ("other", f"ld-b8-s{{}}-{other}"))}
         by_t = {1: cells["default"], 10: cells["other"]} if default == 1 else {1: cells["other"], 10: cells["default"]}
         out["temperature"][name] = {"median_edge_bins": edge, "default_temperature": default, "plain": cells["plain"],
                                     "T1": by_t[1], "T10": by_t[10]}
@@ -170,7 +183,8 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
     for name in DATASETS:
         ann = work / "data" / name / "annotations" / "instances_train.json"
         t = ap(work, f"{name}/teacher")
-        p, d = (out["seeds"][kind if name == "synth" else f"{name}/{kind}"]["mean"] for kind in ("plain", "ld"))  # batch 8
+        # batch 8
+        p, d = (out["seeds"][kind if name == "synth" else f"{name}/{kind}"]["mean"] for kind in ("plain", "ld"))
         share = (d - p) / (t - p) if None not in (t, p, d) and t > p else None
         coco = json.loads(ann.read_text()) if ann.is_file() else None
         classes = len(coco["categories"]) if coco else None
@@ -183,7 +197,8 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
                     f"{pct(gap and gap['boxes'])} / {pct(gap and gap['scores'])} |")
     text += ["", "### Ablation, VLR gamma and normalisations (synthetic default, batch 8, seed 0)", "",
              "| run | flags | AP | AP50 | AP75 |", "|---|---|---|---|---|"]
-    rows = [("plain", "train-detector", "synth/plain-b8-s0"), ("Main LD", "--vlr-weight 0 --kd-weight 0", "synth/ld-b8-s0-mainld"),
+    rows = [("plain", "train-detector", "synth/plain-b8-s0"),
+            ("Main LD", "--vlr-weight 0 --kd-weight 0", "synth/ld-b8-s0-mainld"),
             ("+ VLR LD", "--kd-weight 0", "synth/ld-b8-s0-mainld-vlr"), ("+ Main KD (defaults)", "", "synth/ld-b8-s0")]
     rows += [(f"gamma {g}", f"--vlr-gamma {g}", f"synth/ld-b8-s0-gamma{g}") for g in ("0", "0.5", "1")]
     rows += [("official normalisation", " ".join(VARIANTS["official"]), "synth/ld-b8-s0-official")]
@@ -204,7 +219,8 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
              for c in ("cache.zarr", "cache-sparse-u8.zarr") if (work / "synth" / c).is_dir()}
     if len(sizes) == 2:
         text += ["", f"synth caches on disk: dense fp16 {sizes['cache.zarr'] / 2**20:.1f} MiB, region-sparse uint8 "
-                     f"{sizes['cache-sparse-u8.zarr'] / 2**20:.1f} MiB ({sizes['cache-sparse-u8.zarr'] / sizes['cache.zarr']:.3f}x)"]
+                     f"{sizes['cache-sparse-u8.zarr'] / 2**20:.1f} MiB "
+                     f"({sizes['cache-sparse-u8.zarr'] / sizes['cache.zarr']:.3f}x)"]
     out["cache_bytes"] = sizes
     out["commands"] = {j.name: "ldcache " + " ".join(j.argv) for j in jobs}
     out["table"] = "\n".join(text)

@@ -17,7 +17,7 @@ import json
 import platform
 import statistics
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -47,8 +47,8 @@ def main() -> None:
     import logging
 
     import mmdet
-    from mmengine.logging import MMLogger
     from mmdet.utils import register_all_modules
+    from mmengine.logging import MMLogger
 
     from benchmarks.harness import mmdet_side
 
@@ -89,9 +89,12 @@ def main() -> None:
         rows.append({"pass": kind, "mmdetection_ms": statistics.median(ms["mmdetection", kind]),
                      "ours_ms": statistics.median(ms["ours", kind]), "ours_over_mmdetection": statistics.median(ratios),
                      "ratio_range": [min(ratios), max(ratios)], "rounds_ms": {s: ms[s, kind] for s in sides}})
-    print(f"\n{platform.processor() or platform.machine()}, {args.threads} threads, {args.batch_size} x {w}x{h}, "
-          f"GFL R-18, 80 classes; parameters (all / trainable): mmdetection {count['mmdetection']}, ours {count['ours']}; "
-          f"median of {args.rounds} alternating rounds of {args.steps} passes\n")
+    print(
+        f"\n{platform.processor() or platform.machine()}, {args.threads} threads, {args.batch_size} x {w}x{h}, "
+        f"GFL R-18, 80 classes; parameters (all / trainable): mmdetection {count['mmdetection']}, "
+        f"ours {count['ours']}; "
+        f"median of {args.rounds} alternating rounds of {args.steps} passes\n"
+    )
     print("| pass | mmdetection ms | ours ms | ours / mmdetection (range over rounds) |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['pass']} | {r['mmdetection_ms']:.0f} | {r['ours_ms']:.0f} | {r['ours_over_mmdetection']:.3f} "
@@ -106,7 +109,7 @@ def main() -> None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
-        "script": Path(__file__).name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "script": Path(__file__).name, "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "parameters": vars(args),
         "environment": {"torch": torch.__version__, "mmdet": mmdet.__version__, "python": platform.python_version(),
                         "cpu": platform.processor() or platform.machine(), "threads": args.threads},

@@ -28,19 +28,18 @@ import shutil
 import sys
 import time
 
-from benchmarks.harness import common
-
 import numpy as np
 import torch
 
-from data.config import DataConfig
+from benchmarks.harness import common
 from cache_teacher.dump import DumpConfig, run_dump
-from detector.checkpoint import load_model
-from detector.rows import flatten_rows
-from detector.distributions import distribution_kl
 from cache_teacher.inspect import summarize
 from cache_teacher.reader import CacheReader
 from data.coco import collate
+from data.config import DataConfig
+from detector.checkpoint import load_model
+from detector.distributions import distribution_kl
+from detector.rows import flatten_rows
 
 SCRIPT = "cache_size_fidelity"
 # name -> (box dtype, cls dtype or None, compressor)
@@ -58,14 +57,16 @@ REFERENCE = "fp16 box+cls"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_teacher_args(p)
     common.add_data_args(p, num_images=32)
     common.add_run_args(p, SCRIPT)
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma list of {list(MODES)}")
     p.add_argument("--batch-size", type=int, default=8, help="dump batch size and fresh-forward batch size")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--amp", default="off", help="autocast of the dump: off (default, storage error only) | auto | bf16 | fp16")
+    p.add_argument("--amp", default="off",
+                   help="autocast of the dump: off (default, storage error only) | auto | bf16 | fp16")
     p.add_argument("--temperature", type=float, default=10.0)
     p.add_argument("--shard-mb", type=float, default=64.0)
     return p.parse_args(argv)
@@ -84,7 +85,8 @@ def compare(teacher, dataset, keys, caches: dict[str, CacheReader], device, reg_
         cls_maps, box_maps = teacher(batch.images.to(device))
         n = len(views)
         level_hw = [r.level_hw for r in batch.records]  # equal canvases: the maps' own sizes
-        fresh_box = flatten_rows(box_maps, level_hw).float().cpu().reshape(n, -1, box_maps[0].shape[1])  # [B, rows, 4(n+1)]
+        # [B, rows, 4(n+1)]
+        fresh_box = flatten_rows(box_maps, level_hw).float().cpu().reshape(n, -1, box_maps[0].shape[1])
         fresh_cls = flatten_rows(cls_maps, level_hw).float().cpu().reshape(n, -1, cls_maps[0].shape[1])  # [B, rows, C]
         for i, (image_index, spec_index) in enumerate(views):
             for name, cache in caches.items():
@@ -154,18 +156,20 @@ def main(argv=None) -> None:
                          "compression_ratio": s["compression_ratio"], "dump_seconds": dump_seconds[name],
                          **fidelity[name]})
         columns = [("mode", "mode", ""), ("kb_per_view", "KB/view", ".1f"), ("relative_size", f"vs {REFERENCE}", ".3f"),
-                   ("compression_ratio", "compression", ".2f"), ("kl_mean", "KL mean", ".3g"), ("kl_p99", "KL p99", ".3g"),
-                   ("kl_max", "KL max", ".3g"), ("kl64_mean", "KL mean fp64", ".3g"),
-               ("kl64_p99", "KL p99 fp64", ".3g"), ("box_max_abs_err", "box max |err|", ".3g"),
+                   ("compression_ratio", "compression", ".2f"), ("kl_mean", "KL mean", ".3g"),
+                   ("kl_p99", "KL p99", ".3g"), ("kl_max", "KL max", ".3g"), ("kl64_mean", "KL mean fp64", ".3g"),
+                   ("kl64_p99", "KL p99 fp64", ".3g"), ("box_max_abs_err", "box max |err|", ".3g"),
                    ("cls_max_abs_err", "cls max |err|", ".3g")]
         note = ("RANDOM teacher weights: box logits are nearly flat, so these KL figures understate the error on a "
                 "trained teacher" if random_weights else f"trained teacher {teacher_path}")
         print(f"\n{common.describe_teacher(teacher_info)}\n{num_views} views at {args.img_scale}, device {device}, "
               f"dump amp {args.amp}; KL(fresh fp32 || stored) at T={args.temperature:g} over "
-              f"{rows[0]['edges']:,} edges (KL = distributions.distribution_kl, float32, noise floor ~1e-6; fp64 = the same formula in float64); goal uint8 KL mean <= 1e-5; {note}\n")
+              f"{rows[0]['edges']:,} edges (KL = distributions.distribution_kl, float32, noise floor ~1e-6; "
+              f"fp64 = the same formula in float64); goal uint8 KL mean <= 1e-5; {note}\n")
         print(common.markdown_table(rows, columns))
         out = common.write_results(args.out, args, rows, device, teacher=teacher_info,
-                                   data={"images": images, "ann": ann, "num_images": len(dataset), "num_views": num_views},
+                                   data={"images": images, "ann": ann, "num_images": len(dataset),
+                                         "num_views": num_views},
                                    notes=note)
         print(f"\nwrote {out}", file=sys.stderr)
 

@@ -29,22 +29,22 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import common
 import numpy as np
 import torch
 from PIL import Image
-from benchmarks.harness.coco_like import write_coco_like
 
+from benchmarks.harness import common
+from benchmarks.harness.coco_like import write_coco_like
 from cache_teacher.codec import decode_rows, encode_rows
-from data.config import DataConfig
 from cache_teacher.dump import DumpConfig, run_dump
 from cache_teacher.fidelity import edge_kl
 from cache_teacher.reader import CacheReader
-from detector.checkpoint import load_model, save_checkpoint
 from data.coco import CocoDetection, collate
+from data.config import DataConfig
+from data.views import parse_views
+from detector.checkpoint import load_model, save_checkpoint
 from detector.regions import distillation_rows
 from detector.rows import flatten_rows
-from data.views import parse_views
 
 SCRIPT = "coco_geometry"
 TRAIN2017_IMAGES = 118_287
@@ -101,7 +101,9 @@ def measure(teacher, dataset, device, batch_size: int, workers: int) -> tuple[di
                 fresh = box[i][rows]
                 enc = encode_rows(fresh, box_dtype, teacher.config.reg_max)
                 stored = decode_rows(enc["data"], enc.get("lo"), enc.get("scale"))
-                row_bytes = sum(t.element_size() * t.shape[1] for t in enc.values()) + 4 * (gamma is not None)  # location
+                row_bytes = sum(t.element_size() * t.shape[1] for t in enc.values()) + 4 * (
+                    gamma is not None
+                )  # location
                 if topk is None:
                     sizes[mode].append(fresh.shape[0] * (row_bytes + 2 * teacher.config.num_classes))  # + fp16 cls
                 else:  # every row: 4 fp16 edges, k fp16 logits + k uint8 classes, one fp16 floor
@@ -132,7 +134,9 @@ def calibrate_box_logits(path: str, dataset, device, target_std: float) -> float
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--num-images", type=int, default=32, help="COCO-like images (2 views each)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--img-scale", type=common.parse_pair, default=(1333, 800), help="LONG,SHORT (smaller: smoke runs)")

@@ -23,23 +23,24 @@ import shutil
 import sys
 import time
 
-from benchmarks.harness import common
-
 import torch
 
-from data.config import DataConfig
+from benchmarks.harness import common
 from cache_teacher.dump import DumpConfig, run_dump
-from detector.checkpoint import load_model
 from cache_teacher.reader import CacheReader
-from data.coco import collate
 from core.runtime import autocast_for
+from data.coco import collate
+from data.config import DataConfig
+from detector.checkpoint import load_model
 
 SCRIPT = "dump_throughput"
 MB = 2**20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common.add_teacher_args(p)
     common.add_data_args(p, num_images=64)
     common.add_run_args(p, SCRIPT)
@@ -84,10 +85,15 @@ def main(argv=None) -> None:
         teacher_info = common.teacher_summary(teacher_path, teacher_cfg, random_weights)
         teacher, _ = load_model(teacher_path, {}, device)
         dataset = common.build_dataset(images, ann, args, teacher_cfg.strides)
-        keys, layout = common.dump_batches(dataset, teacher_cfg, box_dtypes[0], cls_dtype, args.shard_mb, args.batch_size)
+        keys, layout = common.dump_batches(
+            dataset, teacher_cfg, box_dtypes[0], cls_dtype, args.shard_mb, args.batch_size
+        )
         num_views = sum(len(k) for k in keys)
-        print(f"{common.describe_teacher(teacher_info)}\n{len(dataset)} images, {num_views} views, {len(keys)} batches, "
-              f"{layout.num_shards} shards of {layout.rows_per_shard} rows, device {device}", file=sys.stderr)
+        print(
+            f"{common.describe_teacher(teacher_info)}\n{len(dataset)} images, {num_views} views, {len(keys)} batches, "
+            f"{layout.num_shards} shards of {layout.rows_per_shard} rows, device {device}",
+            file=sys.stderr,
+        )
 
         runs: dict[str, list[dict]] = {"forward": [], **{f"dump {d}": [] for d in box_dtypes}}
         for rep in range(args.repeats):

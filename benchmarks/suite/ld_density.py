@@ -21,11 +21,10 @@ from pathlib import Path
 
 from benchmarks.harness import common
 from benchmarks.harness.coco_like import write_coco_like
-
-from detector.atss import assign_view
 from data.coco import CocoDetection
-from detector.regions import vlr_region
 from data.views import parse_views
+from detector.atss import assign_view
+from detector.regions import vlr_region
 from distill.config import LossConfig
 from distill.geometry import positive_edge_distances
 
@@ -74,7 +73,9 @@ def main() -> None:
     rows = []
     for name, im, a, scale in specs:
         dataset = CocoDetection(im, a, views=parse_views("orig", scale), train=True)
-        rows.append({"dataset": name, "classes": dataset.num_classes, **density(dataset, args.vlr_gamma, args.max_images)})
+        rows.append(
+            {"dataset": name, "classes": dataset.num_classes, **density(dataset, args.vlr_gamma, args.max_images)}
+        )
     ref = rows[0]
     for r in rows:
         r["positives_vs_first"] = r["positives_per_image"] / ref["positives_per_image"]

@@ -31,11 +31,9 @@ from pathlib import Path
 
 from benchmarks.harness import common
 from benchmarks.harness.reads import RandomViews, ViewReads, measure, stored_bytes_per_view
-
-
-from data.config import DataConfig
 from cache_teacher.dump import DumpConfig, run_dump
 from cache_teacher.reader import CacheReader
+from data.config import DataConfig
 
 SCRIPT = "read_throughput"
 # Measuring more workers than cores is the point of the 4-worker variant on a small machine.
@@ -44,7 +42,9 @@ MB = 2**20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--cache", help="an existing cache to read; default: dump one into a temporary folder")
     common.add_teacher_args(p)
     common.add_data_args(p, num_images=64)

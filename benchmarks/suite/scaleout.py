@@ -7,10 +7,10 @@ disk against an S3 endpoint (a moto server on 127.0.0.1, standing in for object 
 The dumps run as real `cli.py dump-teacher` processes (one plain, one plain with 1 thread, one
 under `torchrun --nproc_per_node 2` with 1 thread per process) on the same images into fresh
 stores, and the 2-process store is compared byte for byte with the 1-thread one (on CPU the float
-sums of a convolution depend on the thread count, so that is the like-for-like pair); the table gives wall seconds of the
-whole command (start-up included, so use enough images) and views/s. Reads: one process reading
-random views (box + cls, decoded) from the local store and from the same cache uploaded to the S3
-endpoint. On a 2-core CPU two dump processes share the cores a single process already uses; the
+sums of a convolution depend on the thread count, so that is the like-for-like pair); the table
+gives wall seconds of the whole command (start-up included, so use enough images) and views/s.
+Reads: one process reading random views (box + cls, decoded) from the local store and from the same cache uploaded to
+the S3 endpoint. On a 2-core CPU two dump processes share the cores a single process already uses; the
 scaling figure that matters is on several GPUs, which this project has not measured.
 """
 
@@ -25,9 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import common
-from benchmarks.harness import reads
-
+from benchmarks.harness import common, reads
 from cache_teacher.reader import CacheReader
 
 CLI = str(common.REPO_ROOT / "cli.py")
@@ -35,8 +33,9 @@ CLI = str(common.REPO_ROOT / "cli.py")
 
 def _dump(cmd_prefix: list[str], args, images: str, ann: str, teacher: str, out: str, env: dict, extra=()) -> float:
     cmd = [*cmd_prefix, CLI, "dump-teacher", "--teacher", teacher, "--images", images, "--ann", ann, "--out", out,
-           "--img-scale", f"{args.img_scale[0]},{args.img_scale[1]}", "--views", args.views, "--workers", str(args.dump_workers),
-           "--batch-size", str(args.batch_size), "--shard-mb", str(args.shard_mb), *extra]
+           "--img-scale", f"{args.img_scale[0]},{args.img_scale[1]}", "--views", args.views,
+           "--workers", str(args.dump_workers), "--batch-size", str(args.batch_size), "--shard-mb", str(args.shard_mb),
+           *extra]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -93,8 +92,8 @@ def main() -> None:
             rows.append({"variant": name, "seconds": seconds, "views_per_s": views / seconds,
                          "ratio": one / seconds, "note": note})
 
-        from moto.server import ThreadedMotoServer  # the test extras install it
         import s3fs
+        from moto.server import ThreadedMotoServer  # the test extras install it
 
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()

@@ -23,10 +23,10 @@ import argparse
 import time
 from pathlib import Path
 
-from benchmarks.harness import common
-from benchmarks.harness.coco_like import write_coco_like
 import numpy as np
 
+from benchmarks.harness import common
+from benchmarks.harness.coco_like import write_coco_like
 from cache_teacher.plan import plan_region_rows
 from data.coco import CocoDetection
 from data.views import parse_views
@@ -36,7 +36,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", help="image folder (only listed, never read) [default: synthetic train]")
     p.add_argument("--ann", help="annotation json [default: synthetic train]")
-    p.add_argument("--img-scale", type=common.parse_pair, help="LONG,SHORT [default: 256,256; 1333,800 with --coco-like]")
+    p.add_argument(
+        "--img-scale", type=common.parse_pair, help="LONG,SHORT [default: 256,256; 1333,800 with --coco-like]"
+    )
     p.add_argument("--views", default="orig,hflip")
     p.add_argument("--min-vlr-gamma", type=float, nargs="+", default=[0.25, 0.0, 0.5])
     p.add_argument("--vlr-iou", default="official")
@@ -81,10 +83,16 @@ def main() -> None:
             row[f"dense GB total {kind}"] = dense.sum() * nbytes / 2**30
             row[f"sparse GB total {kind}"] = stored.sum() * (nbytes + 4) / 2**30
         rows.append(row)
-    columns = [("min_vlr_gamma", "min gamma", ""), ("views", "views", ","), ("dense_rows_per_view", "dense rows/view", ",.0f"),
-               ("stored_rows_per_view", "sparse rows/view", ",.0f"), ("fraction", "fraction", ".3f"),
-               ("dense GB total box+cls fp16", "dense GB", ".3f"), ("sparse GB total box+cls fp16", "sparse GB", ".3f"),
-               ("plan_seconds", "planning s", ".1f")]
+    columns = [
+        ("min_vlr_gamma", "min gamma", ""),
+        ("views", "views", ","),
+        ("dense_rows_per_view", "dense rows/view", ",.0f"),
+        ("stored_rows_per_view", "sparse rows/view", ",.0f"),
+        ("fraction", "fraction", ".3f"),
+        ("dense GB total box+cls fp16", "dense GB", ".3f"),
+        ("sparse GB total box+cls fp16", "sparse GB", ".3f"),
+        ("plan_seconds", "planning s", ".1f"),
+    ]
     print(common.markdown_table(rows, columns))
     common.write_results(args.out, args, rows, common.resolve_device("cpu"),
                          data={"images": args.images, "ann": args.ann, "num_classes": c})

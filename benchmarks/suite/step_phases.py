@@ -37,8 +37,6 @@ from detector.model import build_detector
 from detector.rows import TeacherRows, flatten_rows
 from distill.config import LossConfig
 
-
-
 SCRIPT = "step_phases"
 PHASES = ("teacher rows", "forward", "assignment", "gfl_losses", "distillation", "backward", "optimizer")
 VARIANTS = ("plain", "cache")
@@ -88,7 +86,9 @@ class Timed(torch.nn.Module):
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--label", default="this checkout", help="the name of the measured code in the table and JSON")
     p.add_argument("--img-scale", default="640,640", help="W,H of the batch's images")
     p.add_argument("--batch-size", type=int, default=2)
@@ -129,10 +129,15 @@ def main(argv=None) -> None:
         model = build_detector(student_cfg).to(device).train()
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
         optimizer.step = clock.wrap("optimizer", optimizer.step)
-        learners[variant] = step_module.Learner(Timed(model, clock), optimizer, torch.amp.GradScaler("cuda", enabled=False),
-                                                criterion.build_criterion(LossConfig(), student_cfg), device,
-                                                "bf16" if args.amp else "off",
-                                                fixed if variant == "cache" else None)
+        learners[variant] = step_module.Learner(
+            Timed(model, clock),
+            optimizer,
+            torch.amp.GradScaler("cuda", enabled=False),
+            criterion.build_criterion(LossConfig(), student_cfg),
+            device,
+            "bf16" if args.amp else "off",
+            fixed if variant == "cache" else None,
+        )
     runs = {v: [] for v in VARIANTS}
     for rnd in range(args.rounds):
         for variant in VARIANTS:

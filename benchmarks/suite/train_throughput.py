@@ -28,15 +28,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks.harness import common
-from benchmarks.harness import steps
-
 import torch
 
+from benchmarks.harness import common, steps
 from cache_teacher.reader import CacheReader
 from cache_teacher.targets import CachedTeacher
-from detector.config import ModelConfig
 from core.errors import UserError
+from detector.config import ModelConfig
 from distill.config import LossConfig, config_to_dict
 from distill.teachers import OnlineTeacher
 
@@ -56,7 +54,8 @@ def _student_defaults() -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", help="an existing cache of the same data; default: dump one into a temporary folder")
     common.add_teacher_args(p)
     t = p.add_argument_group("teacher aliases")
@@ -146,7 +145,7 @@ def run(args, device: torch.device, workdir: Path) -> None:
     if "cache" in args.variants:
         teachers["cache"] = CachedTeacher(cache)
     if "cache-mem" in args.variants:
-        teachers["cache-mem"] = steps.InMemoryCacheTeacher(cache)
+        teachers["cache-mem"] = steps.InMemoryCachedTeacher(cache)
     if "online" in args.variants:
         # on the CPU until its variant runs
         teachers["online"] = OnlineTeacher.from_checkpoint(teacher_path, {}, torch.device("cpu"), amp=args.amp)
@@ -205,7 +204,8 @@ def run(args, device: torch.device, workdir: Path) -> None:
                ("data_wait_ms", "of which data wait ms", ".1f"), ("x_plain", "x plain", ".3f")]
     if device.type == "cuda":
         columns.append(("peak_gpu_mb", "peak GPU MB", ".0f"))
-    print(f"\nstudent R-{cfg.depth} (width {cfg.base_width}, {cfg.fpn_channels}/{cfg.head_channels}x{cfg.stacked_convs}); "
+    print(f"\nstudent R-{cfg.depth} (width {cfg.base_width}, "
+          f"{cfg.fpn_channels}/{cfg.head_channels}x{cfg.stacked_convs}); "
           f"{common.describe_teacher(teacher_info)}; device {device}, amp {args.amp}, {args.img_scale[0]}x"
           f"{args.img_scale[1]}, batch {args.batch_size}, {args.workers} workers, {len(dataset)} images; medians of "
           f"{args.rounds} alternating rounds of {args.steps} steps after {args.warmup} warm-up steps; x plain = "
@@ -214,15 +214,16 @@ def run(args, device: torch.device, workdir: Path) -> None:
     phases = {v: runs[v][-1]["phases_ms"] for v in args.variants if "phases_ms" in runs[v][-1]}
     if phases:
         order = ["data wait", *steps.PHASES]
-        names = sorted(dict.fromkeys(k for p in phases.values() for k in p), key=lambda k: order.index(k.split(" (")[0]))
+        names = sorted(dict.fromkeys(k for p in phases.values() for k in p),
+                       key=lambda k: order.index(k.split(" (")[0]))
         print("\nms per step by phase (last round, under torch.profiler; losses = assignment + gfl_losses + "
               "distillation)\n")
         print(common.markdown_table([{"phase": n, **{v: p.get(n) for v, p in phases.items()}} for n in names],
                                     [("phase", "phase", "")] + [(v, v, ".1f") for v in phases]))
-    ratios = [f"{name} {summary[key]:.3f}" for name, key in (("cache/plain", "cache_vs_plain"),
-                                                              ("cache-mem/plain", "cache_mem_vs_plain"),
-                                                              ("online/plain", "online_vs_plain"),
-                                                              ("cache speed-up over online", "cache_speedup_over_online"))
+    ratios = [f"{name} {summary[key]:.3f}"
+              for name, key in (("cache/plain", "cache_vs_plain"), ("cache-mem/plain", "cache_mem_vs_plain"),
+                                ("online/plain", "online_vs_plain"),
+                                ("cache speed-up over online", "cache_speedup_over_online"))
               if summary[key] is not None]
     if ratios:
         print("\n" + "; ".join(ratios) + (f"; goal {'met' if summary['goal_met'] else 'NOT met'}"
@@ -233,8 +234,9 @@ def run(args, device: torch.device, workdir: Path) -> None:
         loss=config_to_dict(loss),
         data={"images": images, "ann": ann, "num_images": len(dataset), "num_views": num_views},
         cache=None if meta is None else {
-            "location": cache.location if args.cache else None, "reused": bool(args.cache), "dump_seconds": dump_seconds,
-            "box_dtype": meta.box_dtype, "cls_dtype": meta.cls_dtype, "compressor": meta.layout.compressor, "mb_on_disk": sum(cache.bytes_on_disk().values()) / MB},
+            "location": cache.location if args.cache else None, "reused": bool(args.cache),
+            "dump_seconds": dump_seconds, "box_dtype": meta.box_dtype, "cls_dtype": meta.cls_dtype,
+            "compressor": meta.layout.compressor, "mb_on_disk": sum(cache.bytes_on_disk().values()) / MB},
         notes="a step = the engine's step incl. waiting for the DataLoader, the finite-loss check and the per-step "
               "loss read-out; worker start-up is in the untimed warm-up; each (variant, round) uses a fresh student "
               "from the same seed and a fresh DataLoader over the same seeded batches")

@@ -34,11 +34,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.harness import common
-from benchmarks.harness.batches import CachedRows, random_batch
-from benchmarks.harness import step_worker
 import torch
 
+from benchmarks.harness import common, step_worker
+from benchmarks.harness.batches import CachedRows, random_batch
 from data.coco import Batch
 from detector.config import ModelConfig
 from detector.model import build_detector
@@ -147,7 +146,9 @@ def op_differences(ours: dict, theirs: dict, top: int) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--mmdet-python", default=os.environ.get("MMDET_PYTHON", "/tmp/mmdet_venv/bin/python"),
                    help="the Python of the mmdetection venv (../shared/tools/mmdet_oracle/make_venv.sh)")
     p.add_argument("--img-scale", type=common.parse_pair, default=(640, 640), help="W,H of the batch's images")
@@ -193,7 +194,9 @@ def main() -> None:
                     answer = workers[variant].ask({"time": NAMES[variant], "steps": args.steps, "warmup": args.warmup})
                     runs[variant].append(statistics.median(answer["ms_per_step"]))
                     faults[variant].append(answer["minflt_per_step"])
-                    print(f"[{rnd}] {LABELS[variant]:36s} {runs[variant][-1]:9.1f} ms/step", file=sys.stderr, flush=True)
+                    print(
+                        f"[{rnd}] {LABELS[variant]:36s} {runs[variant][-1]:9.1f} ms/step", file=sys.stderr, flush=True
+                    )
             profiles = {}
             if args.profile:
                 for variant in VARIANTS:

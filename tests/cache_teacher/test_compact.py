@@ -81,7 +81,9 @@ def test_ld_losses_are_the_dense_caches_and_bckd_within_its_error(tiny_coco, tin
     ld = LossConfig(kd_weight=0.0)  # the box logits at Main and VLR rows are stored as in a dense cache
     a, b = cache_losses(tiny_coco, dense, ld, keys), cache_losses(tiny_coco, compact, ld, keys)
     for key in ("loss_ld", "loss_ld_vlr"):
-        assert float(a[key].detach()) != 0 and float(b[key].detach()) == pytest.approx(float(a[key].detach()), rel=1e-3), key
+        assert float(a[key].detach()) != 0 and float(b[key].detach()) == pytest.approx(
+            float(a[key].detach()), rel=1e-3
+        ), key
     bckd = LossConfig(recipe="bckd")
     a, b = cache_losses(tiny_coco, dense, bckd, keys), cache_losses(tiny_coco, compact, bckd, keys)
     # Top 2 of a random teacher's 5 near-uniform classes: the floor moves BCKD's class targets and,

@@ -16,10 +16,10 @@ import zarr
 
 from cache_teacher.dump import DumpConfig, run_dump
 from cache_teacher.reader import CacheReader
-from detector import ModelConfig, build_detector, save_checkpoint
+from core.errors import UserError
 from data.coco import CocoDetection
 from data.config import DataConfig
-from core.errors import UserError
+from detector import ModelConfig, build_detector, save_checkpoint
 from tests.conftest import ROOT, TINY_MODEL, store_array_files
 
 

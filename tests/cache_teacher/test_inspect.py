@@ -5,8 +5,8 @@ import zarr
 from PIL import Image
 
 from cache_teacher.inspect import summarize
-from cache_teacher.verify import verify
 from cache_teacher.reader import CacheReader
+from cache_teacher.verify import verify
 from tests.cli_runner import assert_user_error, run_cli
 
 
@@ -24,7 +24,9 @@ def test_verify_with_the_teacher_measures_fidelity(tiny_cache, tiny_teacher):
     r = verify(CacheReader(tiny_cache), str(tiny_teacher["path"]), num_views=4)
     assert r["ok"] and r["teacher_matches"] and r["dataset_matches"] and r["nonfinite_rows"] == 0
     assert r["fidelity"]["views"] == 4
-    assert abs(r["fidelity"]["kl_t10_mean"]) < 1e-5  # fp16 storage of a fresh fp32 forward (float noise may dip below 0)
+    assert (
+        abs(r["fidelity"]["kl_t10_mean"]) < 1e-5
+    )  # fp16 storage of a fresh fp32 forward (float noise may dip below 0)
 
 
 def test_verify_reports_an_incomplete_cache(tiny_cache, tmp_path):

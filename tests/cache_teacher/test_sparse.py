@@ -6,13 +6,13 @@ import torch
 from cache_teacher.inspect import summarize
 from cache_teacher.reader import CacheReader
 from cache_teacher.targets import CachedTeacher
-from detector import ModelConfig, build_detector
-from data.coco import CocoDetection
 from core.errors import UserError
+from data.coco import CocoDetection
+from detector import ModelConfig, build_detector
 from distill.config import LossConfig
 from distill.criterion import compute_losses
-from tests.conftest import TINY_MODEL, dump_tiny_cache
 from tests.cli_runner import assert_user_error, run_cli
+from tests.conftest import TINY_MODEL, dump_tiny_cache
 
 
 def dump_at_160(tiny, teacher, out, **kw):
@@ -23,7 +23,9 @@ def dump_at_160(tiny, teacher, out, **kw):
 def caches(tiny_coco, tiny_teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("sparse")
     dense = dump_at_160(tiny_coco, tiny_teacher["path"], root / "dense.zarr")
-    sparse = dump_at_160(tiny_coco, tiny_teacher["path"], root / "sparse.zarr", store_regions="main+vlr", min_vlr_gamma=0.25)
+    sparse = dump_at_160(
+        tiny_coco, tiny_teacher["path"], root / "sparse.zarr", store_regions="main+vlr", min_vlr_gamma=0.25
+    )
     return dense, sparse
 
 

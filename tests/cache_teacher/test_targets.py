@@ -8,11 +8,11 @@ import pytest
 
 from cache_teacher.reader import CacheReader
 from cache_teacher.targets import CachedTeacher
-from detector import ModelConfig
 from core.errors import UserError
-from data.config import DataConfig
-from distill.config import LossConfig
 from data.builders import build_train_dataset
+from data.config import DataConfig
+from detector import ModelConfig
+from distill.config import LossConfig
 from tests.cli_runner import assert_user_error, run_cli
 from tests.conftest import TINY_MODEL, TINY_MODEL_FLAGS, dump_tiny_cache
 

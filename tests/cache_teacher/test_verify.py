@@ -6,9 +6,9 @@ import pytest
 
 from cache_teacher.reader import CacheReader
 from cache_teacher.verify import dataset_of_cache, format_verify, teacher_ap, verify
+from data.config import DataConfig
 from detector import ModelConfig
 from detector.inference import EvalConfig, run_evaluate
-from data.config import DataConfig
 from distill.config import LossConfig, TrainConfig
 from distill.engine import run_train
 from tests.conftest import TINY_MODEL, dump_tiny_cache

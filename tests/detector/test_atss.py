@@ -1,9 +1,9 @@
 import torch
 
+from data.views import level_sizes
 from detector.atss import TOPK, assign_batch, atss_assign
 from detector.box_ops import pairwise_iou
 from detector.priors import image_priors
-from data.views import level_sizes
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -78,7 +78,14 @@ def _assign_image_by_image(level_hw_per_image, gts, labels, num_classes):
         pos.append(p + offset), pos_gt.append(g[result.gt_index[p]]), labels_rows.append(row_labels)
         thresholds.append(result.thresholds), ious.append(result.ious), anchors.append(a)
         offset += a.shape[0]
-    return torch.cat(pos), torch.cat(pos_gt).reshape(-1, 4), torch.cat(labels_rows), thresholds, ious, torch.cat(anchors)
+    return (
+        torch.cat(pos),
+        torch.cat(pos_gt).reshape(-1, 4),
+        torch.cat(labels_rows),
+        thresholds,
+        ious,
+        torch.cat(anchors),
+    )
 
 
 def _random_batch(seed: int):

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from detector.box_ops import (aligned_giou, aligned_iou, box_area, box_to_distance, distance_to_box, pairwise_diou,
-                              pairwise_iou)
+from detector.box_ops import (
+    aligned_giou,
+    aligned_iou,
+    box_area,
+    box_to_distance,
+    distance_to_box,
+    pairwise_diou,
+    pairwise_iou,
+)
 
 A = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
 

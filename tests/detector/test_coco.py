@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from core.errors import UserError
 from data.coco import CocoDetection, collate
 from data.coco_json import labels_to_cat_ids
-from core.errors import UserError
 from data.views import ViewSpec, build_view_input
 
 SMALL_ORIG = ViewSpec(flip=False, img_scale=(128, 96))

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from data.coco_json import load_coco
 from core.errors import UserError
+from data.coco_json import load_coco
 from detector.evaluation import (
     METRIC_NAMES,
     coco_evaluate,

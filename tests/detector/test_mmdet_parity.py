@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from detector import ModelConfig, build_detector, load_checkpoint
-from detector.checkpoint import infer_model_config
 from core.errors import UserError
-from detector.atss import assign_batch
-from detector.gfl_loss import gfl_losses
-from detector.rows import flatten_rows
-from detector.postprocess import postprocess
 from data.views import ViewRecord, level_sizes
+from detector import ModelConfig, build_detector, load_checkpoint
+from detector.atss import assign_batch
+from detector.checkpoint import infer_model_config
+from detector.gfl_loss import gfl_losses
+from detector.postprocess import postprocess
+from detector.rows import flatten_rows
 from tests.conftest import FIXTURES
 
 STRIDES = (8, 16, 32, 64, 128)

@@ -1,7 +1,7 @@
 import torch
 
-from detector.postprocess import PostprocessConfig, batched_nms, nms, postprocess
 from data.views import ViewSpec, level_sizes, plan_view
+from detector.postprocess import PostprocessConfig, batched_nms, nms, postprocess
 
 STRIDES = (8, 16, 32, 64, 128)
 

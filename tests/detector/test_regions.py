@@ -4,10 +4,10 @@ band rule evaluated on every anchor."""
 import pytest
 import torch
 
+from data.views import level_sizes
 from detector.atss import BatchAssignment, assign_batch
 from detector.box_ops import pairwise_iou
 from detector.regions import vlr_region
-from data.views import level_sizes
 
 
 def _assignment(anchors, gt_boxes, thresholds):

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from data import synthetic, synthetic_render
 from core.errors import UserError
+from data import synthetic, synthetic_render
 from data.synthetic import ensure_synthetic_default, make_synthetic
 from data.synthetic_shapes import SHAPES, rasterise, sample_shape_params, shape_inside
 

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from data import synthetic_photos
 from core.errors import UserError
+from data import synthetic_photos
 from data.synthetic import make_synthetic
 from data.synthetic_photos import PHOTO_CLASSES, render_photo_image
 from tests.cli_runner import assert_user_error, run_cli

@@ -9,9 +9,9 @@ import torch
 
 from cache_teacher.reader import CacheReader
 from cache_teacher.targets import CachedTeacher
+from data.coco import CocoDetection
 from detector import ModelConfig, build_detector
 from detector.atss import assign_batch
-from data.coco import CocoDetection
 from distill.config import LossConfig
 from distill.criterion import compute_losses
 from distill.losses import bckd_box_weights, bckd_cls_loss

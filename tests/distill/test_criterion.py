@@ -4,10 +4,10 @@ import math
 
 import pytest
 
+from data.views import level_sizes
 from detector.atss import assign_batch
 from detector.gfl_loss import gfl_losses
 from detector.rows import flatten_rows
-from data.views import level_sizes
 from distill.config import LossConfig
 from distill.criterion import distillation_losses
 
@@ -51,7 +51,10 @@ def _batch(num_images: int, num_classes: int, seed: int = 0, repeat: int = 1):
         gts.append(torch.cat([xy, xy + wh], 1))
         labels.append(torch.randint(num_classes, (k,), generator=g))
     rows = sum(h * w for h, w in level_hw)
-    teacher = (torch.randn(num_images * rows, 68, generator=g) * 3, torch.randn(num_images * rows, num_classes, generator=g))
+    teacher = (
+        torch.randn(num_images * rows, 68, generator=g) * 3,
+        torch.randn(num_images * rows, num_classes, generator=g),
+    )
     tile = lambda maps: [torch.cat([m] * repeat) for m in maps]  # noqa: E731
     return (tile(cls), tile(box), [level_hw] * (num_images * repeat), gts * repeat, labels * repeat,
             (torch.cat([teacher[0]] * repeat), torch.cat([teacher[1]] * repeat)))

@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 
-from detector import ModelConfig, build_detector, load_checkpoint
 from core.errors import UserError
 from data.config import DataConfig
+from detector import ModelConfig, build_detector, load_checkpoint
 from distill.config import LossConfig, TrainConfig
 from distill.engine import lr_at, run_train
 from tests.conftest import TINY_MODEL
@@ -21,8 +21,15 @@ def _data(tiny, val=True, views="orig,hflip"):
 def _train(tiny, out, resume=False, val=False, views="orig,hflip", **train_kw):
     cfg = dict(epochs=2, batch_size=4, workers=0, log_every=1, warmup_iters=2, lr=0.01)
     cfg.update(train_kw)
-    return run_train(_data(tiny, val, views), ModelConfig(num_classes=5, **TINY_MODEL), TrainConfig(**cfg), LossConfig(),
-                     out, resume=resume, progress=False)
+    return run_train(
+        _data(tiny, val, views),
+        ModelConfig(num_classes=5, **TINY_MODEL),
+        TrainConfig(**cfg),
+        LossConfig(),
+        out,
+        resume=resume,
+        progress=False,
+    )
 
 
 def _losses(run_dir):

@@ -5,15 +5,15 @@ import json
 import pytest
 import torch
 
-from detector.atss import atss_assign
 from data.coco import CocoDetection
-from detector.priors import anchor_centres, image_priors
 from data.synthetic import make_synthetic
 from data.views import parse_views
+from detector.atss import atss_assign
+from detector.priors import anchor_centres, image_priors
 from distill.config import PAPER_LD_TEMPERATURE, SMALL_BOX_LD_TEMPERATURE, LossConfig
 from distill.geometry import median_edge_bins, positive_edge_distances
-from tests.conftest import TINY_MODEL_FLAGS
 from tests.cli_runner import run_cli
+from tests.conftest import TINY_MODEL_FLAGS
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -35,7 +35,11 @@ def test_edge_distances_are_the_positives_dfl_targets(tmp_path):
         anchors, strides, _ = image_priors(record.level_hw, STRIDES, torch.device("cpu"))
         result = atss_assign(anchors, [h * w for h, w in record.level_hw], boxes)
         for a in (result.gt_index >= 0).nonzero().squeeze(1).tolist():
-            (cx, cy), (x1, y1, x2, y2), s = anchor_centres(anchors[a:a + 1])[0].tolist(), boxes[result.gt_index[a]].tolist(), strides[a].item()
+            (cx, cy), (x1, y1, x2, y2), s = (
+                anchor_centres(anchors[a : a + 1])[0].tolist(),
+                boxes[result.gt_index[a]].tolist(),
+                strides[a].item(),
+            )
             expected += [min(max(d / s, 0.0), 15.9) for d in (cx - x1, cy - y1, x2 - cx, y2 - cy)]
     got = positive_edge_distances(dataset, STRIDES, reg_max=16)
     assert len(expected) > 20

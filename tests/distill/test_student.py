@@ -14,16 +14,16 @@ import torch
 
 from cache_teacher.reader import CacheReader
 from cache_teacher.targets import CachedTeacher
-from detector import ModelConfig
 from data.coco import CocoDetection
-from data.synthetic import make_synthetic
 from data.config import DataConfig
+from data.synthetic import make_synthetic
+from detector import ModelConfig
 from distill.config import LossConfig, TrainConfig
 from distill.criterion import compute_losses
 from distill.engine import run_train
 from distill.teachers import OnlineTeacher
-from tests.conftest import ROOT, TINY_MODEL, TINY_MODEL_FLAGS, equal_canvas_keys
 from tests.cli_runner import assert_user_error, run_cli
+from tests.conftest import ROOT, TINY_MODEL, TINY_MODEL_FLAGS, equal_canvas_keys
 
 
 def test_offline_losses_equal_online_losses_on_equal_canvases(tiny_coco, tiny_teacher, tiny_cache):

@@ -17,4 +17,6 @@ time.sleep(0.3)  # long enough for the points of one round to overlap
 record["end"] = time.time()
 (out / f"env-{rank}.json").write_text(json.dumps(record))
 if rank == 0:
-    (out / "eval.json").write_text(json.dumps({"metrics": {"AP": 0.1, "AP50": 0.2, "AP75": 0.05}, "train_seconds": 0.3}))
+    (out / "eval.json").write_text(
+        json.dumps({"metrics": {"AP": 0.1, "AP50": 0.2, "AP75": 0.05}, "train_seconds": 0.3})
+    )

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from core.errors import UserError
-from workflows.sweep import parse_grid, point_name
-from tests.conftest import ROOT, TINY_MODEL_FLAGS
 from tests.cli_runner import run_cli
+from tests.conftest import ROOT, TINY_MODEL_FLAGS
+from workflows.sweep import parse_grid, point_name
 
 
 def test_parse_grid_is_a_cartesian_product_of_known_options():
