@@ -25,21 +25,11 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.harness import common
+from benchmarks.harness import common, study
 from benchmarks.harness.command_queue import Job, needed, run
-from benchmarks.harness.study import DATASETS as SHAPE_DATASETS
-from benchmarks.harness.study import (
-    SIZE,
-    STUDENT_FLAGS,
-    TEACHER_FLAGS,
-    ap,
-    chosen_datasets,
-    progress_log,
-    seed_stats,
-    study_args,
-)
+from benchmarks.harness.study import SIZE, STUDENT_FLAGS, TEACHER_FLAGS, ap, seed_stats
 
-DATASETS = {**SHAPE_DATASETS,
+DATASETS = {**study.DATASETS,
             "photos": ["--pixels", "photos", "--num-classes", "12", "--num-train", "1000", "--num-val", "200"]}
 METHODS = {"ld": ["--recipe", "paper"], "bckd": ["--recipe", "bckd"]}
 # Combinations (LD's terms are typed on top of --recipe bckd, or BCKD's on top of the paper's)
@@ -144,12 +134,12 @@ def report(work: Path, jobs: list[Job], datasets: list[str], seeds: int, best: s
 
 
 def main() -> None:
-    p = study_args(__doc__.split("\n\n")[0], "distill_methods", DATASETS)
+    p = study.study_args(__doc__.split("\n\n")[0], "distill_methods", DATASETS)
     p.add_argument("--seeds", type=int, default=SEEDS)
     args = p.parse_args()
-    work, datasets = Path(args.workdir), chosen_datasets(p, args, DATASETS)
+    work, datasets = Path(args.workdir), study.chosen_datasets(p, args, DATASETS)
     if not args.report_only:
-        with progress_log(work) as log:
+        with study.progress_log(work) as log:
             # Phase 1: every method with every seed, and the candidates with seed 0; phase 2: the
             # chosen combination with the other seeds.
             run(needed(plan(work, datasets, args.seeds, None), args.only), args.parallel, log, args.threads)
