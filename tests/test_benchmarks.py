@@ -45,6 +45,7 @@ def test_benchmark_runs_and_writes_results(script, tiny_coco, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out.read_text())
     assert record["script"].endswith(f"{script}.py") or script in record["script"]
+    assert record["command"].split()[1:3] == ["-m", f"benchmarks.suite.{script}"]  # how to run it again
     values = _numbers(record["rows"], key)
     assert values, f"no {key!r} in the rows of {script}: {record['rows']}"
     assert all(math.isfinite(v) and v > 0 for v in values), values

@@ -257,10 +257,16 @@ def write_results(out: str, args, rows: list[dict], device: torch.device, **extr
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+    script = Path(sys.argv[0]).resolve()
+    try:  # run as python -m benchmarks.GROUP.NAME: record it so
+        module = ".".join(script.relative_to(REPO_ROOT).with_suffix("").parts)
+        argv = ["-m", module, *sys.argv[1:]]
+    except ValueError:
+        module, argv = script.name, sys.argv
     record = {
-        "script": Path(sys.argv[0]).name,
+        "script": module,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": shlex.join([sys.executable, *argv]),
         "cwd": os.getcwd(),
         "parameters": params,
         "environment": environment(device),
