@@ -14,16 +14,16 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from data.coco_json import box_table, categories_in_label_order, image_table, load_coco
 from core.errors import UserError, first_line
+from data.coco_json import box_table, categories_in_label_order, image_table, load_coco
 from data.views import ViewRecord, ViewSpec, build_view_input, plan_view, transform_boxes
 
 
@@ -134,7 +134,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def subset(self, indices) -> "CocoDetection":
+    def subset(self, indices) -> CocoDetection:
         """The same dataset restricted to these image indices (in this order); the annotation file
         and its sha256 stay those of the whole dataset."""
         part = copy.copy(self)

@@ -5,8 +5,9 @@ and the epoch only, so batches are the same whatever the number of loader worker
 resumed in the middle of an epoch replays exactly the batches it had not yet seen. Batches hold
 images of one group where possible: one orientation (landscape or portrait), as mmdetection groups
 them, so padding stays small; or one padded canvas, so no image is padded at all and a student sees
-each view exactly as the cached teacher saw it (GroupNorm statistics include the padding). Under torchrun, global batches of world_size x batch_size are formed first and
-rank r takes the r-th slice of each, so N processes see what one process with the global batch sees.
+each view exactly as the cached teacher saw it (GroupNorm statistics include the padding). Under
+torchrun, global batches of world_size x batch_size are formed first and rank r takes the r-th slice
+of each, so N processes see what one process with the global batch sees.
 """
 
 from __future__ import annotations

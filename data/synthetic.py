@@ -140,7 +140,8 @@ def _validated(num_train, num_val, image_size, seed, num_classes, crowd_prob, ob
         raise UserError(f"unknown synthetic options {unknown}; expected some of {sorted(OBJECTS)}")
     as_python = {k: _plain(v) for k, v in objects.items()}
     cfg = SyntheticConfig(num_train=_plain(num_train), num_val=_plain(num_val), image_size=_plain(image_size),
-                          seed=_plain(seed), num_classes=_plain(num_classes), crowd_prob=_plain(crowd_prob), **as_python)
+                          seed=_plain(seed), num_classes=_plain(num_classes), crowd_prob=_plain(crowd_prob),
+                          **as_python)
     params = {k: getattr(cfg, k) for k in DEFAULT_SYNTHETIC}
     # Object options are recorded only when they differ from the defaults, so datasets made before
     # they existed keep their parameters (and the default dataset stays the default).

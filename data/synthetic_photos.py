@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ def photo_folder() -> Path:
     return folder
 
 
-@lru_cache(maxsize=None)
+@cache
 def photo(name: str) -> np.ndarray:
     """A photograph as float32 RGBA [H, W, 4] in 0..255 (alpha 255 where it has none); the LFW
     faces as [200, 25, 25, 4]."""
@@ -160,7 +160,7 @@ def _paint_window(rng, canvas, name: str, shown: list, annotate: int | None, siz
         shown.append([ann, alpha.copy(), x - margin, y - margin, float(alpha.sum())])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _silhouette(name: str) -> np.ndarray:
     """A photograph of a figure on white (the horse, the logo) with its figure as alpha, cut to the
     figure's extent so the silhouette touches all four sides of the box."""

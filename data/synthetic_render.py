@@ -9,8 +9,20 @@ import math
 import numpy as np
 
 from data.synthetic_shapes import (
-    SHAPES, blob_inside, composite, gaussian_blur, make_background, object_colour, overlap,
-    random_colour, rasterise, sample_shape_params, segment_coverage, shape_alpha, shape_inside)
+    SHAPES,
+    blob_inside,
+    composite,
+    gaussian_blur,
+    make_background,
+    object_colour,
+    overlap,
+    random_colour,
+    rasterise,
+    sample_shape_params,
+    segment_coverage,
+    shape_alpha,
+    shape_inside,
+)
 
 SPLITS = {"train": 0, "val": 1}  # the split's code is part of every image's seed
 MIN_SIDE = 6.0  # px; a thinner object would be little more than its own blurred edges

@@ -46,7 +46,8 @@ class ViewSpec:
         return f"{base}@{self.img_scale[0]}x{self.img_scale[1]}"
 
 
-def parse_views(views: str, img_scale: tuple[int, int], extra_scales: tuple[tuple[int, int], ...] = ()) -> list[ViewSpec]:
+def parse_views(views: str, img_scale: tuple[int, int],
+                extra_scales: tuple[tuple[int, int], ...] = ()) -> list[ViewSpec]:
     """'orig,hflip' (+ extra scales) -> the ordered list of view specs, one per (scale, flip)."""
     kinds = [v.strip() for v in views.split(",") if v.strip()]
     unknown = [k for k in kinds if k not in ("orig", "hflip")]

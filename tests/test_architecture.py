@@ -107,3 +107,14 @@ def test_files_stay_short():
         if (n := len(p.read_text().splitlines())) > MAX_LINES
     }
     assert long == {}, f"split these (one concept per file, at most ~{MAX_LINES} lines): {long}"
+
+
+def test_no_project_source_is_ignored_by_git():
+    """A .py file the .gitignore hides never reaches a clone, so CI fails where this checkout passes."""
+    if not (ROOT / ".git").exists():
+        pytest.fail("the tests run from a git checkout (CI clones the repository)")
+    tops = (*PACKAGES, *(f"{name}.py" for name in CLI), "tests", "benchmarks")
+    sources = [str(p.relative_to(ROOT)) for p in _python_files(*tops)]
+    proc = subprocess.run(["git", "check-ignore", "--no-index", *sources], cwd=ROOT, capture_output=True, text=True)
+    ignored = proc.stdout.split()
+    assert not ignored, f"ignored by .gitignore, so missing from a clone: {ignored}"
