@@ -21,15 +21,18 @@ def test_distill_methods_plans_one_dump_per_dataset_and_picks_the_best_combinati
     assert "--pixels" in by_name["photos/data"].argv  # real pixels
     for name in datasets:  # every distilled student of a dataset reads its one dense dump
         students = [j for j in jobs if j.name.startswith(f"{name}/") and j.argv[0] == "train-student"
-                    and not j.name.endswith("-compact")]
+                    and "-compact" not in j.name]
         assert students and {j.after for j in students} == {(f"{name}/cache",)}
         plain_methods = [j for j in students if j.name.split("/")[1].rsplit("-s", 1)[0] in ("ld", "bckd")]
         assert len(plain_methods) == 6 and not any(a.endswith("-weight") for j in plain_methods for a in j.argv)
     bckd = by_name["synth/bckd-s2"].argv
     assert bckd[bckd.index("--recipe") + 1] == "bckd" and bckd[bckd.index("--seed") + 1] == "2"
     assert "synth/bckd+ld-s1" not in by_name and "synth/bckd+ld-s0" in by_name  # candidates: seed 0 only
-    assert by_name["synth/ld-s1-compact"].after == ("synth/cache-compact",)
-    assert "ld+bckd" in by_name["synth/cache-compact"].argv and "photos/cache-compact" not in by_name
+    assert by_name["synth/ld-s0-compact"].after == ("synth/cache-compact",) and "synth/ld-s1-compact" not in by_name
+    assert by_name["synth/ld-s2-compact4"].after == ("synth/cache-compact4",)  # top-4: every seed
+    for cache, k in (("cache-compact", "2"), ("cache-compact4", "4")):
+        argv = by_name[f"synth/{cache}"].argv
+        assert "ld+bckd" in argv and argv[argv.index("--cls-topk") + 1] == k and f"photos/{cache}" not in by_name
 
     def finished(name, ap):
         (tmp_path / name).mkdir(parents=True, exist_ok=True)
