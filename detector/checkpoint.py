@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from core.errors import UserError
+from detector.backbones import HEAD_PREFIXES, weights_file
 from detector.config import ModelConfig
 from detector.model import build_detector
 
@@ -115,26 +116,28 @@ def resolve_model_config(ckpt: dict, **flags) -> ModelConfig:
     return stored
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
-    """Strict load with a one-line error listing missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
+def fit_problems(own: dict, state_dict: dict) -> str:
+    """Empty when state_dict has exactly the keys and shapes of `own` (a module's state dict), else one
+    line naming the first few missing, unexpected and mis-shaped keys."""
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     mis_shaped = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
                   if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if missing or unexpected or mis_shaped:
-        parts = []
-        for name, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", mis_shaped),
-        ):
-            if keys:
-                more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-                parts.append(f"{name} {keys[:3]}{more}")
+    parts = []
+    for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mis_shaped)):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            parts.append(f"{name} {keys[:3]}{more}")
+    return "; ".join(parts)
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
+    """Strict load with a one-line error listing missing, unexpected and mis-shaped keys."""
+    problems = fit_problems(model.state_dict(), state_dict)
+    if problems:
         cfg = getattr(model, "config", None)
         arch = f" (depth={cfg.depth}, num_classes={cfg.num_classes}, base_width={cfg.base_width})" if cfg else ""
-        raise UserError(f"{source} does not fit the model{arch}: {'; '.join(parts)}; "
+        raise UserError(f"{source} does not fit the model{arch}: {problems}; "
                         "pass the architecture flags it was trained with")
     model.load_state_dict(state_dict, strict=True)
 
@@ -166,12 +169,25 @@ def file_sha256(path, chunk: int = 1 << 20) -> str:
 
 
 def load_backbone_weights(model: nn.Module, path) -> None:
-    """ImageNet weights into the backbone: a torchvision ResNet state dict (the file torchvision
-    downloads, e.g. resnet50-0676ba61.pth, fetched by the user; nothing is downloaded here), or a
-    detector checkpoint whose `backbone.*` entries are used. The classifier (fc.*) is ignored."""
+    """ImageNet weights into the backbone, from the file its library publishes (fetched by the user;
+    nothing is downloaded here): torchvision's ResNet, MobileNetV2 or ShuffleNetV2 state dict, or
+    timm's EfficientNet-Lite0 one, whose classifier entries are dropped; or a detector checkpoint,
+    whose `backbone.*` entries are used. Anything else that does not fit is a one-line UserError.
+    A BatchNorm's num_batches_tracked may be absent (older files), as torch's own loading allows."""
+    net = getattr(model, "module", model)
+    config = getattr(net, "config", None) or ModelConfig()
     state = read_checkpoint(path)["state_dict"]
     if any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    backbone = getattr(model, "module", model).backbone
-    load_state_dict_strict(backbone, state, source=f"backbone weights {path}")
+    else:
+        state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES[config.backbone])}
+    own = net.backbone.state_dict()
+    for key, value in own.items():
+        if key.endswith(".num_batches_tracked") and key not in state:
+            state[key] = torch.zeros_like(value)
+    problems = fit_problems(own, state)
+    if problems:
+        arch = f"resnet depth {config.depth}" if config.backbone == "resnet" else config.backbone
+        raise UserError(f"backbone weights {path} does not fit the {arch} backbone: {problems}; pass "
+                        f"{weights_file(config)} or a detector checkpoint with this backbone")
+    net.backbone.load_state_dict(state, strict=True)

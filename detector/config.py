@@ -3,7 +3,9 @@
 ModelConfig's defaults are mmdetection's GFL configuration (R-50, 256 channels, 4 stacked convs,
 reg_max 16, P3-P7 at strides 8-128, 80 classes). The small-model options (base_width,
 fpn_channels, head_channels, stacked_convs) shrink the network for CPU work without changing any
-state-dict key name, so small and full-size models share one checkpoint format.
+state-dict key name, so small and full-size models share one checkpoint format. `backbone` picks
+ResNet (depth, base_width) or a light-weight ImageNet backbone (detector/backbones/); a config
+without the field (an older checkpoint's) is a ResNet.
 """
 
 from __future__ import annotations
@@ -15,15 +17,20 @@ from core.domains import Flag, OneOf, Range
 
 RESNET_DEPTHS = (18, 34, 50, 101)
 GFL_STRIDES = (8, 16, 32, 64, 128)
+# Backbone name -> its number of stages after the stem (what frozen_stages counts; detector/backbones/).
+BACKBONE_STAGES = {"resnet": 4, "mobilenet_v2": 4, "shufflenet_v2_x0_5": 3, "shufflenet_v2_x1_0": 3,
+                   "shufflenet_v2_x1_5": 3, "shufflenet_v2_x2_0": 3, "efficientnet_lite0": 4}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    depth: int = param(50, "ResNet depth: 18, 34, 50 or 101", OneOf(*RESNET_DEPTHS))
+    backbone: str = param("resnet", "backbone: resnet (with --depth) or a light-weight one, named as torchvision / "
+                                    "timm name the model", OneOf(*BACKBONE_STAGES))
+    depth: int = param(50, "ResNet depth: 18, 34, 50 or 101 (--backbone resnet only)", OneOf(*RESNET_DEPTHS))
     num_classes: int = param(80, "foreground classes (sigmoid, no background channel)", Range(1, 100_000),
                              shown="the dataset's")
-    base_width: int = param(64, "ResNet stem channels; stages use 1, 2, 4, 8 times this (64 = standard)",
-                            Range(1, 1024))
+    base_width: int = param(64, "ResNet stem channels; stages use 1, 2, 4, 8 times this (64 = standard; "
+                                "--backbone resnet only)", Range(1, 1024))
     fpn_channels: int = param(256, "FPN output channels (= head input channels)", Range(1, 4096))
     head_channels: int = param(256, "channels of the GFL head's cls and reg towers", Range(1, 4096))
     stacked_convs: int = param(4, "convs per head tower", Range(0, 16))
@@ -31,8 +38,8 @@ class ModelConfig:
                                "channels per group)", Range(1, 2048))
     reg_max: int = param(16, "box distributions have reg_max + 1 bins per edge", Range(1, 255))
     strides: tuple[int, ...] = param(GFL_STRIDES, "FPN strides P3-P7", OneOf(GFL_STRIDES), flag=False)
-    frozen_stages: int = param(1, "stem + this many ResNet stages get no gradient (0 when training from scratch)",
-                               Range(0, 4))
+    frozen_stages: int = param(1, "stem + this many backbone stages get no gradient (0 when training from "
+                                  "scratch; ShuffleNetV2 has 3 stages, the others 4)", Range(0, 4))
     norm_eval: bool = param(True, "keep backbone BatchNorm in eval mode (pretrained backbones)", Flag())
 
     def __post_init__(self):
@@ -44,6 +51,12 @@ class ModelConfig:
             # image) has a single value, which GroupNorm cannot normalise while training.
             check([f"head_channels ({self.head_channels}) must be a multiple of gn_groups ({self.gn_groups}) with "
                    "at least 2 channels per group"], "model configuration")
+        if self.backbone != "resnet" and (self.depth, self.base_width) != (50, 64):
+            check([f"depth and base_width are ResNet options (given {self.depth}, {self.base_width}); leave them at "
+                   f"50 and 64 with backbone {self.backbone}"], "model configuration")
+        if self.frozen_stages > BACKBONE_STAGES[self.backbone]:
+            check([f"frozen_stages ({self.frozen_stages}) exceeds the {BACKBONE_STAGES[self.backbone]} stages of "
+                   f"backbone {self.backbone}"], "model configuration")
 
     @property
     def num_levels(self) -> int:
@@ -64,5 +77,5 @@ class ModelConfig:
 
 
 # The fields that describe a trained network (what a checkpoint may not record, e.g. mmdetection's).
-ARCH_FIELDS = ("depth", "base_width", "fpn_channels", "head_channels", "stacked_convs", "gn_groups", "reg_max",
-               "num_classes")
+ARCH_FIELDS = ("backbone", "depth", "base_width", "fpn_channels", "head_channels", "stacked_convs", "gn_groups",
+               "reg_max", "num_classes")
