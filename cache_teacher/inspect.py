@@ -20,6 +20,7 @@ from core.paths import InputFile, OutputPath
 from core.runtime import Device, resolve_device
 from data.config import DataConfig
 from data.views import PIXEL_MEAN, PIXEL_STD
+from detector.config import ModelConfig
 from detector.postprocess import postprocess
 from detector.rows import row_index, row_location, view_maps
 
@@ -82,13 +83,14 @@ def _mb(n: float) -> str:
 
 def format_summary(s: dict) -> str:
     t = s["teacher"]
+    teacher = ModelConfig.from_dict({k: v for k, v in t.items() if k != "checkpoint_sha256"})  # no backbone: ResNet
     rows = [
         ("cache", f"{s['location']} (format v{s['format_version']}, ldcache {s['package_version']}, {s['created']})"),
         ("state", f"{'complete' if s['complete'] else 'INCOMPLETE'}: {s['shards_done']}/{s['num_shards']} shards"),
         (
             "teacher",
-            f"GFL R-{t['depth']} ({t['num_classes']} classes, width {t['base_width']}, fpn {t['fpn_channels']}, "
-            f"head {t['head_channels']}x{t['stacked_convs']}), sha256 {t['checkpoint_sha256'][:12]}",
+            f"GFL {teacher.backbone_name} ({teacher.num_classes} classes, fpn {teacher.fpn_channels}, "
+            f"head {teacher.head_channels}x{teacher.stacked_convs}), sha256 {t['checkpoint_sha256'][:12]}",
         ),
         ("images / views", f"{s['images']:,} / {s['views']:,} ({', '.join(s['view_specs'])})"),
         ("levels", f"strides {s['strides']}, reg_max {s['reg_max']}, {s['rows']:,} rows"),

@@ -1,4 +1,6 @@
-"""Checkpoints: our own format and mmdetection's, both read with torch.load(weights_only=True).
+"""Checkpoints: our own format and mmdetection's, both read with torch.load(weights_only=True), and
+a .safetensors file (a bare state dict, as the Hugging Face hub keeps timm's ImageNet weights), read
+with the optional safetensors package (pip install 'ldcache[backbones]'): the only module that imports it.
 
 Ours: {"format": "ldcache.detector", "format_version": 1, "model_config": {...}, "state_dict": {...},
 plus optional "optimizer", "epoch", "iter", "meta"}. mmdetection's: {"state_dict": {...}, "meta":
@@ -17,8 +19,8 @@ import torch
 from torch import nn
 
 from core.errors import UserError
-from detector.backbones import HEAD_PREFIXES, weights_file
-from detector.config import ModelConfig
+from detector.backbones import HEAD_PREFIXES, backbone_in, weights_file
+from detector.config import BACKBONE_STAGES, ModelConfig
 from detector.model import build_detector
 
 FORMAT = "ldcache.detector"
@@ -44,11 +46,40 @@ def trained_img_scale(ckpt: dict) -> tuple[int, int] | None:
     return tuple(scale) if scale else None
 
 
+def is_safetensors(path: Path) -> bool:
+    """By its name, or by its start (a renamed file): an 8-byte little-endian header length, then the
+    JSON header's "{"; torch's files start with a zip's "PK" or a pickle's 0x80."""
+    if path.suffix == ".safetensors":
+        return True
+    try:
+        with open(path, "rb") as f:
+            start = f.read(9)
+    except OSError:
+        return False  # torch.load's error says what is wrong with it
+    return len(start) == 9 and start[8:] == b"{" and 2 <= int.from_bytes(start[:8], "little") < path.stat().st_size
+
+
+def read_safetensors(path: Path, map_location="cpu") -> dict:
+    try:
+        from safetensors.torch import load_file  # the optional backbones extra
+    except ImportError:
+        raise UserError(f"{path} is a .safetensors file, which needs the safetensors package: "
+                        "pip install 'ldcache[backbones]'") from None
+    try:
+        return {"state_dict": load_file(str(path), device=str(map_location))}
+    except Exception as err:
+        detail = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)[:200]
+        raise UserError(f"checkpoint {path} is not a readable safetensors file ({detail}); check the file") from None
+
+
 def read_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint file safely -> dict with at least "state_dict"."""
+    """Load a checkpoint file safely -> dict with at least "state_dict" (a .safetensors file gives
+    only that)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt/.pth file")
+    if is_safetensors(path):
+        return read_safetensors(path, map_location)
     try:
         raw = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
@@ -76,18 +107,20 @@ def stored_model_config(ckpt: dict) -> ModelConfig | None:
 
 
 def infer_model_config(state_dict: dict, **overrides) -> ModelConfig:
-    """Read the architecture off a GFL state dict (depth, widths, tower depth, reg_max, classes).
-    GroupNorm groups cannot be seen in the weights; they default to 32 unless overridden."""
+    """Read the architecture off a GFL state dict (backbone, ResNet depth and width, head widths, tower
+    depth, reg_max, classes). GroupNorm groups cannot be seen in the weights; they default to 32
+    unless overridden. A --backbone given wins over the keys (strict loading then checks it)."""
     sd = state_dict
+    backbone = overrides.get("backbone") or backbone_in(sd)
+    if backbone is None and any(k.startswith("backbone.") for k in sd):
+        first = next(k for k in sd if k.startswith("backbone."))
+        raise UserError(f"the checkpoint records no architecture and its backbone ({first}, ...) is none ldcache "
+                        f"builds ({', '.join(BACKBONE_STAGES)}); pass a GFL checkpoint with one of those backbones")
     try:
-        layer3_blocks = {k.split(".")[2] for k in sd if k.startswith("backbone.layer3.")}
-        bottleneck = "backbone.layer1.0.conv3.weight" in sd
-        depth = {(6, False): 34, (2, False): 18, (6, True): 50, (23, True): 101}[(len(layer3_blocks), bottleneck)]
         stacked = len({k.split(".")[2] for k in sd if k.startswith("bbox_head.cls_convs.")})
         config = dict(
-            depth=depth,
+            backbone=backbone or "resnet",  # no backbone.* keys at all: the KeyErrors below say so
             num_classes=sd["bbox_head.gfl_cls.weight"].shape[0],
-            base_width=sd["backbone.conv1.weight"].shape[0],
             fpn_channels=sd["neck.lateral_convs.0.conv.weight"].shape[0],
             head_channels=sd["bbox_head.cls_convs.0.conv.weight"].shape[0]
             if stacked
@@ -95,6 +128,12 @@ def infer_model_config(state_dict: dict, **overrides) -> ModelConfig:
             stacked_convs=stacked,
             reg_max=sd["bbox_head.gfl_reg.weight"].shape[0] // 4 - 1,
         )
+        if config["backbone"] == "resnet":
+            layer3_blocks = {k.split(".")[2] for k in sd if k.startswith("backbone.layer3.")}
+            bottleneck = "backbone.layer1.0.conv3.weight" in sd
+            config["depth"] = {(6, False): 34, (2, False): 18, (6, True): 50, (23, True): 101}[
+                (len(layer3_blocks), bottleneck)]
+            config["base_width"] = sd["backbone.conv1.weight"].shape[0]
     except (KeyError, IndexError) as err:
         raise UserError(f"the checkpoint is not a GFL detector (missing or unexpected {err}); "
                         "pass a GFL checkpoint from ldcache or mmdetection") from None
@@ -136,7 +175,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "ch
     problems = fit_problems(model.state_dict(), state_dict)
     if problems:
         cfg = getattr(model, "config", None)
-        arch = f" (depth={cfg.depth}, num_classes={cfg.num_classes}, base_width={cfg.base_width})" if cfg else ""
+        arch = f" ({cfg.backbone_name}, {cfg.num_classes} classes)" if cfg else ""
         raise UserError(f"{source} does not fit the model{arch}: {problems}; "
                         "pass the architecture flags it was trained with")
     model.load_state_dict(state_dict, strict=True)
@@ -187,7 +226,6 @@ def load_backbone_weights(model: nn.Module, path) -> None:
             state[key] = torch.zeros_like(value)
     problems = fit_problems(own, state)
     if problems:
-        arch = f"resnet depth {config.depth}" if config.backbone == "resnet" else config.backbone
-        raise UserError(f"backbone weights {path} does not fit the {arch} backbone: {problems}; pass "
+        raise UserError(f"backbone weights {path} does not fit the {config.backbone_name} backbone: {problems}; pass "
                         f"{weights_file(config)} or a detector checkpoint with this backbone")
     net.backbone.load_state_dict(state, strict=True)

@@ -59,6 +59,14 @@ class ModelConfig:
                    f"backbone {self.backbone}"], "model configuration")
 
     @property
+    def backbone_name(self) -> str:
+        """The backbone as messages print it: "R-50", "R-18 x0.25 width" (a ResNet of base_width 16),
+        or the light-weight backbone's own name ("mobilenet_v2", "shufflenet_v2_x1_0", ...)."""
+        if self.backbone != "resnet":
+            return self.backbone
+        return f"R-{self.depth}" + (f" x{self.base_width / 64:g} width" if self.base_width != 64 else "")
+
+    @property
     def num_levels(self) -> int:
         return len(self.strides)
 

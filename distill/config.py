@@ -45,8 +45,11 @@ class TrainConfig:
     group_by: str = param("orientation", "batch images of one orientation (mmdet) or of one padded canvas "
                                          "(students see views exactly as the cached teacher did)",
                           OneOf("orientation", "canvas"))
-    backbone_weights: str | None = param(None, "torchvision ResNet ImageNet weights (.pth) to start the "
-                                               "backbone from (COCO recipes)", InputFile("weights file"))
+    backbone_weights: str | None = param(None, "ImageNet weights to start the backbone from, the file its library "
+                                               "publishes: torchvision's for resnet, mobilenet_v2 and shufflenet_v2_*, "
+                                               "timm's for efficientnet_lite0 (.pth, or .safetensors with pip install "
+                                               "'ldcache[backbones]'); or a detector checkpoint (its backbone.*)",
+                                         InputFile("weights file"))
     tensorboard: bool = param(True, "also write every scalar of metrics.jsonl to RUN/tensorboard/ (needs the "
                                     "tensorboard package: pip install 'ldcache[tensorboard]')", Flag())
 

@@ -64,6 +64,13 @@ def resolved_config(data, model_cfg, train, loss, dataset, extra) -> dict:
     }
 
 
+def default_config() -> dict:
+    """Every setting's default, nested as in config.json: what a key a saved config.json lacks
+    compares as on --resume (the run predates that field, so it ran with its default)."""
+    return {"data": config_to_dict(DataConfig()), "model": ModelConfig().to_dict(),
+            "train": config_to_dict(TrainConfig()), "loss": config_to_dict(LossConfig())}
+
+
 @dataclass
 class Position:
     """Where a run is: saved in every checkpoint, restored on resume."""
@@ -167,7 +174,7 @@ def build_training(data, model_cfg, train, loss, out: Path, resume, extra_config
     config = resolved_config(data, model_cfg, train, loss, dataset, extra_config)
     config["world_size"] = dist_info.world_size  # the global batch is batch_size x world_size
     paths = RunPaths(out)
-    resuming = run_on_main(lambda: prepare_run_dir(paths, config, resume), dist_info)
+    resuming = run_on_main(lambda: prepare_run_dir(paths, config, resume, default_config()), dist_info)
 
     torch.manual_seed(train.seed)
     model = build_detector(model_cfg)

@@ -50,21 +50,26 @@ class RunPaths:
         return self.root / "tensorboard"
 
 
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ, except the RESUMABLE_CHANGES."""
+def config_differences(old: dict, new: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, except the RESUMABLE_CHANGES. A key the saved config (`old`)
+    lacks compares as its value in `defaults` (same nesting): a run folder written before a field
+    existed ran with what is now that field's default."""
+    defaults = defaults or {}
     diffs = []
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
+        default = defaults.get(key)
+        a, b = old.get(key, default), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += config_differences(a, b, f"{prefix}{key}.")
+            diffs += config_differences(a, b, default if isinstance(default, dict) else {}, f"{prefix}{key}.")
         elif a != b and key not in RESUMABLE_CHANGES:
             diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return diffs
 
 
-def prepare_run_dir(paths: RunPaths, config: dict, resume: bool) -> bool:
-    """Refuse to overwrite a run; on resume check the configuration. Writes config.json and
-    returns whether there is a checkpoint to resume from."""
+def prepare_run_dir(paths: RunPaths, config: dict, resume: bool, defaults: dict | None = None) -> bool:
+    """Refuse to overwrite a run; on resume check the configuration (a key the saved one lacks
+    compares as its value in `defaults`). Writes config.json and returns whether there is a
+    checkpoint to resume from."""
     if paths.last.exists() and not resume:
         raise UserError(
             f"{paths.root} already holds a training run; pass --resume to continue it or choose another --out"
@@ -72,7 +77,7 @@ def prepare_run_dir(paths: RunPaths, config: dict, resume: bool) -> bool:
     resuming = resume and paths.last.exists()
     if resuming:
         old = json.loads(paths.config.read_text()) if paths.config.exists() else {}
-        diffs = config_differences(old, config)
+        diffs = config_differences(old, config, defaults)
         if diffs:
             raise UserError(f"cannot resume {paths.root}: its configuration differs ({'; '.join(diffs[:4])}); "
                             "use the original options or another --out")

@@ -160,7 +160,7 @@ def run_demo(workdir: Path, quick: bool = False, device: str = "auto", workers: 
 
 def _describe(model: dict) -> str:
     head = f"{model['head_channels']}x{model['stacked_convs']}"
-    return f"R-{model['depth']} x{model['base_width'] / 64:g} width, head {head}"
+    return f"{ModelConfig(**model).backbone_name}, head {head}"
 
 
 def _row(ev: dict) -> dict:

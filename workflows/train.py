@@ -28,6 +28,6 @@ def run_training(fields: dict, out: Path, resume: bool, teacher: TeacherSource |
     dataset = build_train_dataset(data, GFL_STRIDES)
     if "num_classes" not in fields["model"]:
         model_cfg = replace(model_cfg, num_classes=dataset.num_classes)
-    echo(f"training {what} R-{model_cfg.depth} ({model_cfg.num_classes} classes) on {data.ann} ({len(dataset)} images) "
-         f"-> {out}")
+    echo(f"training {what} {model_cfg.backbone_name} ({model_cfg.num_classes} classes) on {data.ann} "
+         f"({len(dataset)} images) -> {out}")
     return run_train(data, model_cfg, train_cfg, loss_cfg, out, resume=resume, dataset=dataset, teacher=teacher)

@@ -40,6 +40,25 @@ def build_backbone(config: ModelConfig) -> nn.Module:
     raise ValueError(f"no backbone {name!r}; expected one of {list(BACKBONE_STAGES)}")  # ModelConfig checks first
 
 
+def backbone_in(state_dict: dict) -> str | None:
+    """Which of our backbones a detector state dict's backbone.* entries are (None: none of them), by
+    each library's layout: ResNet's layer1-4, MobileNetV2's features.*, EfficientNet's conv_stem and
+    blocks.*, ShuffleNetV2's stage2-4 (its width from the channels of stage2, the only difference
+    between x0.5 and x2.0 besides the channels that follow). ResNet's depth is the caller's to read."""
+    if "backbone.layer1.0.conv1.weight" in state_dict:
+        return "resnet"
+    if "backbone.features.0.0.weight" in state_dict:
+        return "mobilenet_v2"
+    if "backbone.conv_stem.weight" in state_dict and "backbone.blocks.0.0.conv_dw.weight" in state_dict:
+        return "efficientnet_lite0"
+    first_block = state_dict.get("backbone.stage2.0.branch2.0.weight")  # [stage2 channels / 2, C_stem, 1, 1]
+    if first_block is not None:
+        stage2_channels = 2 * first_block.shape[0]
+        return next((name for name, (_, channels) in shufflenet_v2.WIDTHS.items() if channels[1] == stage2_channels),
+                    None)
+    return None
+
+
 def weights_file(config: ModelConfig) -> str:
     """The ImageNet file --backbone-weights expects for this backbone (for error messages)."""
     name = config.backbone
@@ -49,4 +68,5 @@ def weights_file(config: ModelConfig) -> str:
         return "torchvision's mobilenet_v2 state dict (mobilenet_v2-b0353104.pth or -7ebf99e0.pth)"
     if name in TV_SHUFFLENET_FILES:
         return f"torchvision's {name} state dict ({TV_SHUFFLENET_FILES[name]})"
-    return "timm's efficientnet_lite0 state dict (efficientnet_lite0_ra-37913777.pth)"
+    return ("timm's efficientnet_lite0 state dict (efficientnet_lite0_ra-37913777.pth, or the model.safetensors "
+            "of timm/efficientnet_lite0.ra_in1k)")

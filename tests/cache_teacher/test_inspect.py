@@ -4,9 +4,10 @@ import pytest
 import zarr
 from PIL import Image
 
-from cache_teacher.inspect import summarize
+from cache_teacher.inspect import format_summary, summarize
 from cache_teacher.reader import CacheReader
 from cache_teacher.verify import verify
+from detector.config import ModelConfig
 from tests.cli_runner import assert_user_error, run_cli
 
 
@@ -81,3 +82,13 @@ def test_dump_with_a_corrupt_image_keeps_what_was_written(tiny_coco, tiny_teache
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     assert CacheReader(tmp_path / "c").complete
+
+
+def test_the_summary_names_the_teacher_backbone(tiny_cache):
+    s = summarize(CacheReader(tiny_cache))
+    assert "GFL R-18 x0.125 width (5 classes" in format_summary(s)  # tiny_teacher: depth 18, base_width 8
+    mobile = {**ModelConfig(num_classes=5, backbone="mobilenet_v2").to_dict(), "checkpoint_sha256": "0" * 64}
+    teacher_line = next(line for line in format_summary({**s, "teacher": mobile}).splitlines() if "GFL" in line)
+    assert "GFL mobilenet_v2 (5 classes" in teacher_line and "R-" not in teacher_line
+    older = {k: v for k, v in s["teacher"].items() if k != "backbone"}  # a cache dumped before --backbone
+    assert "GFL R-18 x0.125 width" in format_summary({**s, "teacher": older})

@@ -194,7 +194,7 @@ def test_a_file_without_batch_counters_loads(tmp_path):
      ("shape mismatches ['stage2.0.branch1.2.weight (58, 24, 1, 1) vs (24, 24, 1, 1)'",
       "shufflenetv2_x0.5-f707e7126e.pth")),
     ("mobilenet_v2", "efficientnet_lite0", ("efficientnet_lite0 backbone", "efficientnet_lite0_ra-37913777.pth")),
-    ("efficientnet_lite0", "resnet", ("resnet depth 18 backbone", "resnet18-*.pth")),
+    ("efficientnet_lite0", "resnet", ("R-18 x0.125 width backbone", "resnet18-*.pth")),
 ])
 def test_a_file_of_another_architecture_is_refused_in_one_line(tmp_path, file_of, model_of, fragments):
     path = tmp_path / f"{file_of}.pth"
@@ -211,3 +211,16 @@ def test_an_unknown_backbone_is_a_usage_error(tmp_path):
     proc = run_cli("train-detector", "--backbone", "nope", "--out", tmp_path / "run")
     assert_user_error(proc, "--backbone", "nope")
     assert not (tmp_path / "run").exists()
+    # Valid names the other options exclude: one line too, before any data is generated.
+    for flags, fragment in ((["--backbone", "mobilenet_v2", "--depth", "18"], "are ResNet options"),
+                            (["--backbone", "shufflenet_v2_x1_0", "--frozen-stages", "4"], "exceeds the 3 stages")):
+        proc = run_cli("train-detector", *flags, "--out", tmp_path / "run", env_home=tmp_path / "home")
+        assert_user_error(proc, fragment)
+        assert not (tmp_path / "run").exists() and not (tmp_path / "home").exists()
+
+
+def test_backbone_name_is_what_messages_print():
+    assert ModelConfig().backbone_name == "R-50"
+    assert ModelConfig(depth=18, base_width=16).backbone_name == "R-18 x0.25 width"  # a quarter of ResNet's 64
+    assert ModelConfig(backbone="shufflenet_v2_x1_0").backbone_name == "shufflenet_v2_x1_0"  # no depth for it
+    assert [config_of(name).backbone_name for name in LIGHT] == list(LIGHT)

@@ -86,6 +86,16 @@ def test_resume_continues_exactly_where_it_stopped(tiny_coco, tmp_path):
     assert all(torch.allclose(w1[k].float(), w2[k].float(), atol=1e-6) for k in w1)
 
 
+def test_a_run_saved_before_the_backbone_field_resumes(tiny_coco, tmp_path):
+    _train(tiny_coco, tmp_path / "run", max_iters=1)
+    config_path = tmp_path / "run" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["model"]["backbone"]  # what a run folder made before --backbone holds
+    config_path.write_text(json.dumps(config))
+    _train(tiny_coco, tmp_path / "run", resume=True, max_iters=2)  # the missing key is the default, resnet
+    assert [r["iter"] for r in _losses(tmp_path / "run")] == [1, 2]
+
+
 def test_existing_run_is_not_overwritten(tiny_coco, tmp_path):
     _train(tiny_coco, tmp_path / "run", max_iters=1)
     before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
