@@ -35,6 +35,8 @@ from detector.config import ARCH_FIELDS, ModelConfig
 from detector.inference import EvalConfig
 from distill.config import LossConfig, TrainConfig
 from workflows.demo import DemoConfig
+from workflows.export import ExportConfig
+from workflows.predict import ImageInput, PredictConfig
 from workflows.sweep import SweepConfig
 
 app = typer.Typer(
@@ -63,6 +65,7 @@ ARCH = Group("model", ModelConfig, only=ARCH_FIELDS, shown="the checkpoint's")
 EVALUATE, DUMP = (Group("evaluate", EvalConfig), EVALUATE_DATA, ARCH), (Group("dump", DumpConfig), DUMP_DATA, ARCH)
 DEMO, SWEEP = (Group("demo", DemoConfig),), (Group("sweep", SweepConfig),)
 INSPECT = (Group("inspect", InspectConfig), INSPECT_DATA)
+PREDICT, EXPORT = (Group("predict", PredictConfig), ARCH), (Group("export", ExportConfig), ARCH)
 Out = Annotated[Path, Opt(OutputPath("dir"), "run folder: config.json, metrics.jsonl, checkpoints/, eval.json")]
 Resume = Annotated[bool, Opt(Flag(), "continue the run in --out from its last checkpoint")]
 STORE = Text("a cache folder or fsspec URL", metavar="STORE")
@@ -128,6 +131,37 @@ def evaluate_cmd(*, fields, config):
         typer.echo(format_metrics_table(result["metrics"]))
         typer.echo(f"{result['detections']} detections on {result['images']} images -> {result['out']}; "
                    f"metrics -> {result['metrics_path']}")
+
+
+@command(app, "predict", *PREDICT)
+def predict_cmd(checkpoint: Annotated[str, Opt(InputFile("checkpoint or exported file"), "our or an mmdetection GFL "
+                                               "checkpoint, or a file from ldcache export", positional=True)],
+                inputs: Annotated[list[str], Opt(ImageInput(), "image files or folders (searched recursively)",
+                                                 positional=True)], *, fields, config):
+    """Detections on image files and folders: OUT/detections.json (COCO results with file and class names),
+    OUT/images.json, and with --draw one picture per image."""
+    from workflows.predict import run_predict
+
+    result = run_predict(checkpoint, inputs, build_config(PredictConfig, {**fields["predict"], "arch": fields["model"]},
+                                                          "predict"))
+    for note in result["notes"]:
+        typer.echo(note, err=True)
+    typer.echo(f"{result['detections']} detections on {result['images']} images -> {result['out']}/detections.json")
+    if result["skipped"]:
+        typer.echo(f"skipped {len(result['skipped'])} unreadable image(s), listed in {result['out']}/skipped.txt: "
+                   + ", ".join(str(path) for path, _ in result["skipped"]))
+
+
+@command(app, "export", *EXPORT)
+def export_cmd(checkpoint: Annotated[str, Opt(InputFile("checkpoint file"), "our or an mmdetection GFL checkpoint",
+                                              positional=True)], *, fields, config):
+    """One ONNX or TorchScript file with decoding and NMS inside (boxes, scores, labels [N, K]), and FILE.json
+    beside it with the input transform, the classes and the thresholds."""
+    from workflows.export import run_export
+
+    result = run_export(checkpoint, build_config(ExportConfig, {**fields["export"], "arch": fields["model"]}, "export"))
+    typer.echo(f"wrote {result['out']} ({result['format']}; max difference from the PyTorch model on a test batch "
+               f"{result['max_diff']:.2g}) and {result['sidecar']}")
 
 
 @command(app, "dump-teacher", *DUMP)

@@ -3,7 +3,8 @@ run_evaluate).
 
 Images are batched only with others of the same padded canvas, because GroupNorm in the head
 normalises over the whole canvas: a batch of equal canvases gives every image exactly the result
-it would get alone (mmdetection tests one image at a time)."""
+it would get alone (mmdetection tests one image at a time). An exported detector (`ldcache
+export`, detector/exported.py) is evaluated the same way; its decoding and NMS run in the file."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from data.config import DataConfig
 from data.views import ViewRecord, ViewSpec
 from detector.checkpoint import load_state_dict_strict, read_checkpoint, resolve_model_config, trained_img_scale
 from detector.evaluation import coco_evaluate, detections_to_coco, save_results
+from detector.exported import ExportedDetector, exported_meta
 from detector.model import build_detector
 from detector.postprocess import PostprocessConfig, postprocess
 
@@ -57,15 +59,17 @@ def predict_dataset(model: torch.nn.Module, dataset: CocoDetection, device: torc
                     workers: int = 0, amp: str = "auto", cfg: PostprocessConfig = PostprocessConfig(),
                     progress: bool = True, share: tuple[int, int] = (0, 1)) -> list[dict]:
     """Detections of view 0 of the images of this share (rank, world size: every world-size-th
-    image from rank on) as COCO result dicts in original image pixels, sorted by image id."""
-    model.eval()
+    image from rank on) as COCO result dicts in original image pixels, sorted by image id. model:
+    a GFL module, or an ExportedDetector (which applies its own thresholds, not cfg's)."""
+    exported = isinstance(model, ExportedDetector)
+    if not exported:
+        model.eval()
     rank, world = share
     indices = list(range(rank, len(dataset), world))
     records = [dataset.view_record(i, 0) for i in indices]
     batches = [[(indices[i], 0) for i in b] for b in canvas_batches(records, batch_size)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                                          pin_memory=device.type == "cuda")
-    config = model.config
 
     def outputs():
         for batch in loader:
@@ -74,7 +78,20 @@ def predict_dataset(model: torch.nn.Module, dataset: CocoDetection, device: torc
             bar.update(len(batch.records))
 
     with progress_bar(total=len(indices), desc="evaluate", unit="img", disable=not progress, leave=False) as bar:
-        return coco_detections(outputs(), config.strides, config.reg_max, dataset.label_to_cat_id, cfg).get("model", [])
+        if exported:
+            return exported_detections(model, loader, bar.update, dataset.label_to_cat_id)
+        return coco_detections(outputs(), model.config.strides, model.config.reg_max, dataset.label_to_cat_id,
+                               cfg).get("model", [])
+
+
+def exported_detections(model: ExportedDetector, loader, advance, label_to_cat_id) -> list[dict]:
+    """predict_dataset's COCO results from an exported detector, sorted by image id."""
+    results = []
+    for batch in loader:
+        for record, det in zip(batch.records, model.detect(batch.images, batch.records)):
+            results.extend(detections_to_coco(record.image_id, det.boxes, det.scores, det.labels, label_to_cat_id))
+        advance(len(batch.records))
+    return sorted(results, key=lambda d: d["image_id"])
 
 
 def evaluate_model(model, dataset: CocoDetection, device, batch_size: int = 1, workers: int = 0, amp: str = "auto",
@@ -93,8 +110,8 @@ def evaluate_model(model, dataset: CocoDetection, device, batch_size: int = 1, w
 
 @dataclass(frozen=True)
 class EvalConfig:
-    checkpoint: str = param(None, "our checkpoint or an mmdetection GFL checkpoint", InputFile("checkpoint file"),
-                            shown="required")
+    checkpoint: str = param(None, "our checkpoint, an mmdetection GFL checkpoint, or a file from ldcache export",
+                            InputFile("checkpoint file"), shown="required")
     out: str = param("results.json", "COCO results json to write; the metrics go beside it as OUT.metrics.json",
                      OutputPath("file"))
     data: DataConfig = param(help="the images (the [data] table / data flags)", domain=Nested(DataConfig),
@@ -115,22 +132,35 @@ class EvalConfig:
 
 
 def run_evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
-    """COCO AP of a checkpoint on a dataset: writes cfg.out (results) and OUT.metrics.json. Under
-    torchrun every rank predicts its share of the images; rank 0 scores and writes.
-    -> {"metrics", "detections", "images", "out", "metrics_path"}."""
-    ckpt = read_checkpoint(cfg.checkpoint)
-    model_cfg = resolve_model_config(ckpt, **cfg.arch)
-    data = cfg.data.resolve("val", scale=trained_img_scale(ckpt))  # no data: the synthetic val split
+    """COCO AP of a checkpoint (or an exported file) on a dataset: writes cfg.out (results) and
+    OUT.metrics.json. Under torchrun every rank predicts its share of the images; rank 0 scores
+    and writes. -> {"metrics", "detections", "images", "out", "metrics_path"}."""
+    meta = exported_meta(cfg.checkpoint)  # an exported file carries its architecture, transform and thresholds
+    if meta is not None:
+        if cfg.arch:
+            raise UserError(f"{cfg.checkpoint} is an exported file, which records its architecture; drop the "
+                            f"architecture flags ({', '.join('--' + k.replace('_', '-') for k in cfg.arch)})")
+        strides, num_classes, model_dict = tuple(meta["strides"]), meta["num_classes"], meta["model"]
+        trained = None if meta["transform"]["img_scale_from"] == "default" else tuple(meta["transform"]["img_scale"])
+    else:
+        ckpt = read_checkpoint(cfg.checkpoint)
+        model_cfg = resolve_model_config(ckpt, **cfg.arch)
+        strides, num_classes, model_dict = model_cfg.strides, model_cfg.num_classes, model_cfg.to_dict()
+        trained = trained_img_scale(ckpt)
+    data = cfg.data.resolve("val", scale=trained)  # no data: the synthetic val split
     images, ann, scale = data.images, data.ann, data.img_scale
-    dataset = CocoDetection(images, ann, views=[ViewSpec(False, tuple(scale))], strides=model_cfg.strides, train=False)
-    if dataset.num_classes != model_cfg.num_classes:
-        raise UserError(f"the checkpoint predicts {model_cfg.num_classes} classes but {ann} has {dataset.num_classes}; "
+    dataset = CocoDetection(images, ann, views=[ViewSpec(False, tuple(scale))], strides=strides, train=False)
+    if dataset.num_classes != num_classes:
+        raise UserError(f"the checkpoint predicts {num_classes} classes but {ann} has {dataset.num_classes}; "
                         "evaluate on the dataset it was trained for")
     dist_info = distributed.init_from_env(cfg.device)  # torchrun: every rank evaluates its share
     device = resolve_device(cfg.device, dist_info.local_rank if dist_info.enabled else None)
-    model = build_detector(model_cfg)
-    load_state_dict_strict(model, ckpt["state_dict"], source=f"checkpoint {cfg.checkpoint}")
-    model.to(device)
+    if meta is not None:
+        model = ExportedDetector(cfg.checkpoint, device)
+    else:
+        model = build_detector(model_cfg)
+        load_state_dict_strict(model, ckpt["state_dict"], source=f"checkpoint {cfg.checkpoint}")
+        model.to(device)
     metrics, results = evaluate_model(model, dataset, device, cfg.batch_size, cfg.workers, cfg.amp,
                                       progress and dist_info.is_main)
     if results is None:  # another rank's share went to rank 0, which writes the results
@@ -139,6 +169,7 @@ def run_evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     save_results(out, results)
     metrics_path = out.with_suffix(".metrics.json")
     metrics_path.write_text(json.dumps({"metrics": metrics, "checkpoint": str(cfg.checkpoint), "ann": str(ann),
-                                        "img_scale": list(scale), "model": model_cfg.to_dict()}, indent=2) + "\n")
+                                        "img_scale": list(scale), "model": model_dict,
+                                        **({"exported": meta["format"]} if meta else {})}, indent=2) + "\n")
     return {"metrics": metrics, "detections": len(results), "images": len(dataset), "out": out,
             "metrics_path": metrics_path}

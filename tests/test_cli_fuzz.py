@@ -31,7 +31,9 @@ from tests.conftest import TINY_MODEL_FLAGS
 # A fixed, reproducible budget: the whole file runs in well under a minute on 2 cores.
 FUZZ = settings(max_examples=6, derandomize=True, database=None, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-POSITIONAL = {"make-synthetic": "out", "inspect-cache": "store", "plot": "runs"}
+# Each command's positional arguments, in order.
+POSITIONAL = {"make-synthetic": ("out",), "inspect-cache": ("store",), "plot": ("runs",),
+              "predict": ("checkpoint", "inputs"), "export": ("checkpoint",)}
 
 
 # ---- running a command as a user does, in-process ------------------------------------------------
@@ -76,8 +78,13 @@ def world(tiny_coco, tiny_teacher, tiny_cache, tmp_path_factory):
         "demo": ["--workdir", "demo", "--quick", "--workers", "0"],
         "sweep": ["--cache", tiny_cache, "--grid", "ld_weight=0.5", "--out", "sweep"],
         "plot": ["--out", "p.png"],
+        "predict": ["--img-scale", "64,64", "--workers", "0", "--out", "pred"],
+        "export": ["--format", "torchscript", "--out", "model.pt"],
     }
-    positional = {"make-synthetic": "synthetic", "inspect-cache": str(tiny_cache), "plot": str(run_dir)}
+    positional = {"make-synthetic": {"out": "synthetic"}, "inspect-cache": {"store": str(tiny_cache)},
+                  "plot": {"runs": str(run_dir)},
+                  "predict": {"checkpoint": str(tiny_teacher["path"]), "inputs": str(tiny_coco["val_images"])},
+                  "export": {"checkpoint": str(tiny_teacher["path"])}}
     return {"base": base, "positional": positional, "home": home,
             "watched": [Path(tiny_coco["root"]), Path(tiny_cache), run_dir, Path(tiny_teacher["path"]).parent]}
 
@@ -93,10 +100,10 @@ def assert_refused(world, command: str, name: str, value, must_name: tuple[str, 
         (scratch / "a-folder").mkdir()
         value = value(scratch) if callable(value) else value
         argv = [command]
-        if command in POSITIONAL:
-            argv.append(value if name == POSITIONAL[command] else world["positional"][command])
+        for positional in POSITIONAL.get(command, ()):
+            argv.append(value if name == positional else world["positional"][command][positional])
         argv += world["base"][command]
-        if name != POSITIONAL.get(command):
+        if name not in POSITIONAL.get(command, ()):
             argv += [value] if str(value).startswith("--") else [flags[0], value]
         old = os.environ.get("LDCACHE_HOME")
         os.environ["LDCACHE_HOME"] = str(world["home"])
