@@ -68,6 +68,7 @@ def plan(args) -> list[tuple[str, list[str]]]:
         ("scaleout", [*cpu, *teacher]),
         ("vs_mmdetection", ["--threads", "2", "--rounds", "5", "--mmdet-python", args.mmdet_python]),  # 640x640, b 2
         ("step_phases", ["--label", "cpu"]),  # where a 640x640 step's time goes, plain and from the cache
+        ("deploy_latency", []),  # students as deployed: eager, TorchScript, ONNX Runtime at 320 and 640 px
         ("coco_geometry", []),  # 64 views at 1333,800 with a full-width R-101: the longest (~30 min)
     ]
 

@@ -214,6 +214,22 @@ def test_step_phases_times_every_phase_of_both_variants(tmp_path):
         assert sum(r[variant] for k, r in rows.items() if k not in ("step", "rest")) <= rows["step"][variant] * 1.001
 
 
+def test_deploy_latency_times_the_three_runtimes_on_the_same_exported_model(tmp_path):
+    out = tmp_path / "deploy.json"
+    cmd = [sys.executable, "-m", "benchmarks.suite.deploy_latency", "--backbones", "shufflenet_v2_x1_0",
+           "--heads", "light", "--sizes", "64,96", "--reps", "1", "--warmup", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["backbone"], r["size"]) for r in rows] == [("shufflenet_v2_x1_0", 64), ("shufflenet_v2_x1_0", 96)]
+    for r in rows:
+        assert min(r["network_ms"], r["eager_ms"], r["torchscript_ms"], r["onnxruntime_ms"]) > 0
+        assert r["detections"] > 0  # NMS had candidates to work on
+    assert rows[0]["backbone_params_m"] == pytest.approx(0.776, abs=0.01)  # torchvision's x1.0 without conv5, fc
+    assert rows[1]["gflops"] == pytest.approx(rows[0]["gflops"] * 96**2 / 64**2, rel=0.05)  # FLOPs follow the area
+    assert "| shufflenet_v2_x1_0 | light | 64 |" in proc.stdout  # the table, for run_all's summary
+
+
 def test_vs_mmdetection_worker_builds_one_variant_and_answers_time_and_profile():
     """Our side of vs_mmdetection: a worker that builds variants on command, times their steps and
     profiles them (mmdetection's side needs its own venv and is not run here)."""
