@@ -15,7 +15,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[test,tensorboard]'
+	# the project and its extras under a constraint that holds torch at the installed version: a
+	# package that wants another torch fails to resolve instead of replacing it
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/torch-pin.txt -e '.[test,tensorboard]'
 	touch $@
 
 demo: setup
