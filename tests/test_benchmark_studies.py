@@ -79,3 +79,37 @@ def test_compact_fidelity_compares_every_term_with_the_dense_cache(tiny_coco, ti
     assert exact["err ld"] == 0 and exact["err kd"] == 0 and exact["err bckd_cls"] == 0
     assert 0 < exact["err bckd_box"] < 0.01
     assert rows["ld+bckd k=1 fp16"]["err bckd_cls"] > 0 and rows["ld+bckd k=1 uint8"]["err ld"] > 0
+
+
+def test_small_students_share_the_teachers_and_dumps_of_distill_methods(tmp_path):
+    from benchmarks.studies import distill_methods as dm
+    from benchmarks.studies import small_students as ss
+
+    jobs = ss.plan(tmp_path, ["synth", "large8"], seeds=3)
+    theirs = {j.name: j for j in dm.plan(tmp_path, ["synth", "large8"], seeds=3, best=None)}
+    for j in jobs:
+        if j.argv[0] in ("make-synthetic", "dump-teacher") or j.name.endswith("/teacher"):
+            assert theirs[j.name] == j  # the same run in the same folder: done once for both studies
+    students = [j for j in jobs if "-s" in j.name]
+    assert len(students) == 2 * 2 * 3 * 3  # datasets x backbones x (plain, ld, bckd) x seeds
+    by_name = {j.name: j for j in students}
+    plain, ld = by_name["large8/mobilenet_v2-plain-s1"], by_name["large8/mobilenet_v2-ld-s1"]
+    assert plain.argv[0] == "train-detector" and plain.after == ("large8/data",)
+    assert ld.argv[:3] == ["train-student", "--cache", str(tmp_path / "large8" / "cache.zarr")]
+    assert ld.after == ("large8/cache",) and ld.argv[ld.argv.index("--seed") + 1] == "1"
+    assert "synthetic-mobilenet-student.toml" in " ".join(ld.argv)
+    assert "synthetic-shufflenet-student.toml" in " ".join(by_name["synth/shufflenet_v2_x1_0-bckd-s2"].argv)
+    assert not any(a.endswith("-weight") for j in students for a in j.argv)  # the recipes' own weights
+
+    def finished(name, ap):
+        (tmp_path / name).mkdir(parents=True, exist_ok=True)
+        (tmp_path / name / "eval.json").write_text(json.dumps({"metrics": {"AP": ap}}))
+
+    finished("synth/teacher", 0.30)
+    for s, (p, b) in enumerate([(0.10, 0.20), (0.12, 0.22)]):
+        finished(f"synth/shufflenet_v2_x1_0-plain-s{s}", p)
+        finished(f"synth/shufflenet_v2_x1_0-bckd-s{s}", b)
+    result = ss.report(tmp_path, jobs, ["synth", "large8"], 3)
+    cell = result["datasets"]["synth"]["shufflenet_v2_x1_0"]
+    assert cell["gap_closed"]["bckd"] == pytest.approx((21 - 11) / (30 - 11))
+    assert cell["gap_closed"]["ld"] is None and result["datasets"]["large8"]["teacher"] is None

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import common
+from benchmarks.harness.command_queue import Job
 
 CONFIGS = common.REPO_ROOT / "configs"
 TEACHER, STUDENT = CONFIGS / "synthetic-teacher.toml", CONFIGS / "synthetic-student.toml"
@@ -30,6 +31,25 @@ TEACHER_FLAGS = ["--config", str(TEACHER), "--epochs", "30", "--fpn-channels", "
                  "--stacked-convs", "3", "--warmup-iters", "50", "--workers", "1"]
 STUDENT_FLAGS = ["--config", str(STUDENT), "--epochs", "16", "--warmup-iters", "50", "--workers", "1"]
 SPARSE_U8 = ["--store-regions", "main+vlr", "--min-vlr-gamma", "0.25", "--box-dtype", "uint8"]
+
+
+def teacher_jobs(work: Path, name: str, make_flags: list[str], caches: dict[str, list[str]]):
+    """One dataset's shared jobs: make it, train its teacher, dump each cache (name -> dump flags)
+    into WORK/NAME/CACHE.zarr. -> (jobs, the data flags every run of it takes). Studies that plan
+    the same names in one work folder share these runs (a finished run is never redone)."""
+    root, d = work / name, work / "data" / name
+    data = ["--images", str(d / "train"), "--ann", str(d / "annotations" / "instances_train.json"),
+            "--val-images", str(d / "val"), "--val-ann", str(d / "annotations" / "instances_val.json"),
+            "--img-scale", "160,160"]
+    teacher = root / "teacher"
+    jobs = [Job(f"{name}/data", ["make-synthetic", str(d), *SIZE, *make_flags], d),
+            Job(f"{name}/teacher", ["train-detector", *TEACHER_FLAGS, *data, "--out", str(teacher)], teacher,
+                (f"{name}/data",))]
+    for cache, flags in caches.items():
+        jobs.append(Job(f"{name}/{cache}", ["dump-teacher", "--teacher", str(teacher / "checkpoints" / "last.pt"),
+                                            *data[:4], *flags, "--out", str(root / f"{cache}.zarr")],
+                        root / f"{cache}.zarr", (f"{name}/teacher",)))
+    return jobs, data
 
 
 def study_args(description: str, name: str, datasets: dict) -> argparse.ArgumentParser:

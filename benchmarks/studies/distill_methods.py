@@ -28,7 +28,7 @@ from pathlib import Path
 
 from benchmarks.harness import common, study
 from benchmarks.harness.command_queue import Job, needed, run
-from benchmarks.harness.study import SIZE, STUDENT_FLAGS, TEACHER_FLAGS, ap, seed_stats
+from benchmarks.harness.study import STUDENT_FLAGS, ap, seed_stats
 
 DATASETS = {**study.DATASETS,
             "photos": ["--pixels", "photos", "--num-classes", "12", "--num-train", "1000", "--num-val", "200"]}
@@ -46,19 +46,10 @@ COMPACT_SEEDS = {"cache-compact": 1, "cache-compact4": SEEDS}  # top-2: seed 0 o
 def plan(work: Path, datasets: list[str], seeds: int, best: str | None) -> list[Job]:
     jobs: list[Job] = []
     for name in datasets:
-        root, d = work / name, work / "data" / name
-        jobs.append(Job(f"{name}/data", ["make-synthetic", str(d), *SIZE, *DATASETS[name]], d))
-        data = ["--images", str(d / "train"), "--ann", str(d / "annotations" / "instances_train.json"),
-                "--val-images", str(d / "val"), "--val-ann", str(d / "annotations" / "instances_val.json"),
-                "--img-scale", "160,160"]
-        teacher = root / "teacher"
-        jobs.append(Job(f"{name}/teacher", ["train-detector", *TEACHER_FLAGS, *data, "--out", str(teacher)], teacher,
-                        (f"{name}/data",)))
+        root = work / name
         caches = {"cache": []} | (COMPACT if name == "synth" else {})
-        for cache, flags in caches.items():
-            jobs.append(Job(f"{name}/{cache}", ["dump-teacher", "--teacher", str(teacher / "checkpoints" / "last.pt"),
-                                                *data[:4], *flags, "--out", str(root / f"{cache}.zarr")],
-                            root / f"{cache}.zarr", (f"{name}/teacher",)))
+        shared, data = study.teacher_jobs(work, name, DATASETS[name], caches)
+        jobs += shared
         for s in range(seeds):
             seed = ["--seed", str(s)] if s else []
             out = root / f"plain-s{s}"
