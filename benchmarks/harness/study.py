@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -100,3 +101,25 @@ def seed_stats(work: Path, run_pattern: str, seeds: int) -> dict:
         "mean": statistics.mean(aps) if aps else None,
         "sd": statistics.stdev(aps) if len(aps) > 1 else None,
     }
+
+
+def parse_study(doc: str, name: str, datasets: dict, seeds: int) -> tuple[argparse.Namespace, Path, list[str]]:
+    """The options of a study over datasets and seeds, parsed: (args, work folder, chosen datasets)."""
+    p = study_args(doc.split("\n\n")[0], name, datasets)
+    p.add_argument("--seeds", type=int, default=seeds)
+    args = p.parse_args()
+    return args, Path(args.workdir), chosen_datasets(p, args, datasets)
+
+
+def finish_report(out: dict, jobs: list[Job], text: list[str]) -> dict:
+    """A study's report, completed with the command of every run and the table's text."""
+    out["commands"] = {j.name: "ldcache " + " ".join(j.argv) for j in jobs}
+    out["table"] = "\n".join(text)
+    return out
+
+
+def publish(args, result: dict) -> None:
+    """Print the study's table and write its JSON (args.out) with every run's command."""
+    print(result["table"])
+    common.write_results(args.out, args, [], common.resolve_device("cpu"), **result)
+    print(f"\nwrote {args.out}", file=sys.stderr)

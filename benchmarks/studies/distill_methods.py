@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 from pathlib import Path
 
-from benchmarks.harness import common, study
+from benchmarks.harness import study
 from benchmarks.harness.command_queue import Job, needed, run
 from benchmarks.harness.study import STUDENT_FLAGS, ap, seed_stats
 
@@ -122,16 +121,11 @@ def report(work: Path, jobs: list[Job], datasets: list[str], seeds: int, best: s
         if "cache" in sizes:
             text.append("\nsynth caches on disk: " + ", ".join(
                 f"{c} {b / 2**20:.1f} MiB ({b / sizes['cache']:.3f}x)" for c, b in sizes.items()))
-    out["commands"] = {j.name: "ldcache " + " ".join(j.argv) for j in jobs}
-    out["table"] = "\n".join(text)
-    return out
+    return study.finish_report(out, jobs, text)
 
 
 def main() -> None:
-    p = study.study_args(__doc__.split("\n\n")[0], "distill_methods", DATASETS)
-    p.add_argument("--seeds", type=int, default=SEEDS)
-    args = p.parse_args()
-    work, datasets = Path(args.workdir), study.chosen_datasets(p, args, DATASETS)
+    args, work, datasets = study.parse_study(__doc__, "distill_methods", DATASETS, SEEDS)
     if not args.report_only:
         with study.progress_log(work) as log:
             # Phase 1: every method with every seed, and the candidates with seed 0; phase 2: the
@@ -144,9 +138,7 @@ def main() -> None:
     best, gains = choose_combo(work, datasets)
     jobs = plan(work, datasets, args.seeds, best)
     result = report(work, jobs, datasets, args.seeds, best, gains)
-    print(result["table"])
-    common.write_results(args.out, args, [], common.resolve_device("cpu"), **result)
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    study.publish(args, result)
 
 
 if __name__ == "__main__":

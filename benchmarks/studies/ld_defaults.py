@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
-from benchmarks.harness import common
+from benchmarks.harness import study
 from benchmarks.harness.command_queue import Job, needed, run
 from benchmarks.harness.study import (
     DATASETS,
@@ -222,9 +221,7 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
                      f"{sizes['cache-sparse-u8.zarr'] / 2**20:.1f} MiB "
                      f"({sizes['cache-sparse-u8.zarr'] / sizes['cache.zarr']:.3f}x)"]
     out["cache_bytes"] = sizes
-    out["commands"] = {j.name: "ldcache " + " ".join(j.argv) for j in jobs}
-    out["table"] = "\n".join(text)
-    return out
+    return study.finish_report(out, jobs, text)
 
 
 def main() -> None:
@@ -238,9 +235,7 @@ def main() -> None:
         with progress_log(work) as log:
             run(needed(jobs, args.only), args.parallel, log, args.threads)
     result = report(work, jobs, args.seeds, batches)
-    print(result["table"])
-    common.write_results(args.out, args, [], common.resolve_device("cpu"), **result)
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    study.publish(args, result)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,9 @@ seeds and the share of the teacher-to-plain gap each method closes.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from benchmarks.harness import common, study
+from benchmarks.harness import study
 from benchmarks.harness.command_queue import Job, needed, run
 from benchmarks.harness.study import CONFIGS, ap, seed_stats
 
@@ -70,24 +69,17 @@ def report(work: Path, jobs: list[Job], datasets: list[str], seeds: int) -> dict
             out["datasets"].setdefault(name, {"teacher": teacher})[backbone] = {"runs": cells, "gap_closed": gap}
             text.append(f"| {name} | {f(teacher)} | {backbone} | " + " | ".join(ms(cells[m]) for m in METHODS)
                         + f" | {pct(gap['ld'])} | {pct(gap['bckd'])} |")
-    out["commands"] = {j.name: "ldcache " + " ".join(j.argv) for j in jobs}
-    out["table"] = "\n".join(text)
-    return out
+    return study.finish_report(out, jobs, text)
 
 
 def main() -> None:
-    p = study.study_args(__doc__.split("\n\n")[0], "small_students", DATASETS)
-    p.add_argument("--seeds", type=int, default=SEEDS)
-    args = p.parse_args()
-    work, datasets = Path(args.workdir), study.chosen_datasets(p, args, DATASETS)
+    args, work, datasets = study.parse_study(__doc__, "small_students", DATASETS, SEEDS)
     jobs = plan(work, datasets, args.seeds)
     if not args.report_only:
         with study.progress_log(work) as log:
             run(needed(jobs, args.only), args.parallel, log, args.threads)
     result = report(work, jobs, datasets, args.seeds)
-    print(result["table"])
-    common.write_results(args.out, args, [], common.resolve_device("cpu"), **result)
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    study.publish(args, result)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from detector.backbones.freezing import freeze, hold_statistics
+from detector.backbones.freezing import StagedBackbone, outputs_at
 
 HEAD_PREFIXES = ("conv_head.", "bn2.", "classifier.")  # timm's classifier: dropped when loading its file
 # (blocks, kernel, stride, expansion, channels) of blocks.0-6: timm's arch_def for efficientnet_lite0
@@ -71,10 +71,9 @@ class InvertedResidual(nn.Module):
         return out + x if self.has_skip else out
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite0(StagedBackbone):
     def __init__(self, frozen_stages: int = 1, norm_eval: bool = True):
-        super().__init__()
-        self.frozen_stages, self.norm_eval = frozen_stages, norm_eval
+        super().__init__(frozen_stages, norm_eval)
         self.conv_stem = conv(3, 32, 3, stride=2)
         self.bn1 = nn.BatchNorm2d(32)
         self.act = nn.ReLU6(inplace=True)
@@ -96,24 +95,12 @@ class EfficientNetLite0(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        freeze(self.stage_groups(), frozen_stages)
+        self.freeze_stages()
 
     def stage_groups(self) -> list[nn.Module]:
         """[stem, stage 1, ..., stage 4] (the module docstring says which blocks each holds)."""
         stem = nn.ModuleList([self.conv_stem, self.bn1, self.blocks[0]])
         return [stem] + [self.blocks[a:b] for a, b in zip(STAGE_ENDS[:-1], STAGE_ENDS[1:])]
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode:
-            hold_statistics(self, self.stage_groups(), self.frozen_stages, self.norm_eval)
-        return self
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.act(self.bn1(self.conv_stem(x)))
-        outs = []
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in OUT_INDICES:
-                outs.append(x)
-        return outs  # C3, C4, C5: strides 8, 16, 32
+        return outputs_at(self.act(self.bn1(self.conv_stem(x))), self.blocks, OUT_INDICES)  # C3-C5: strides 8-32

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from detector.backbones.freezing import freeze, hold_statistics
+from detector.backbones.freezing import StagedBackbone, outputs_at
 
 HEAD_PREFIXES = ("features.18.", "classifier.")  # torchvision's classifier: dropped when loading its file
 # (expansion t, channels c, blocks n, stride s) per group: torchvision's inverted_residual_setting
@@ -51,10 +51,9 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(StagedBackbone):
     def __init__(self, frozen_stages: int = 1, norm_eval: bool = True):
-        super().__init__()
-        self.frozen_stages, self.norm_eval = frozen_stages, norm_eval
+        super().__init__(frozen_stages, norm_eval)
         features: list[nn.Module] = [ConvBNReLU6(3, 32, stride=2)]
         in_channels = 32
         for t, c, n, s in SETTING:
@@ -69,22 +68,11 @@ class MobileNetV2(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        freeze(self.stage_groups(), frozen_stages)
+        self.freeze_stages()
 
     def stage_groups(self) -> list[nn.Module]:
         """[stem, stage 1, ..., stage 4] (the module docstring says which features each holds)."""
         return [self.features[a:b] for a, b in zip((0, *STAGE_ENDS[:-1]), STAGE_ENDS)]
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode:
-            hold_statistics(self, self.stage_groups(), self.frozen_stages, self.norm_eval)
-        return self
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outs = []
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i in OUT_INDICES:
-                outs.append(x)
-        return outs  # C3, C4, C5: strides 8, 16, 32
+        return outputs_at(x, self.features, OUT_INDICES)  # C3, C4, C5: strides 8, 16, 32

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from detector.backbones.freezing import freeze, hold_statistics
+from detector.backbones.freezing import StagedBackbone
 
 HEAD_PREFIXES = ("conv5.", "fc.")  # torchvision's classifier: dropped when loading its file
 # name -> (blocks of stage2-4, channels of conv1 and stage2-4): torchvision's stages_repeats / stages_out_channels
@@ -63,10 +63,9 @@ class InvertedResidual(nn.Module):
         return channel_shuffle(out, 2)
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(StagedBackbone):
     def __init__(self, name: str = "shufflenet_v2_x1_0", frozen_stages: int = 1, norm_eval: bool = True):
-        super().__init__()
-        self.frozen_stages, self.norm_eval = frozen_stages, norm_eval
+        super().__init__(frozen_stages, norm_eval)
         repeats, channels = WIDTHS[name]
         self.conv1 = nn.Sequential(
             nn.Conv2d(3, channels[0], 3, 2, 1, bias=False), nn.BatchNorm2d(channels[0]), nn.ReLU(inplace=True)
@@ -78,17 +77,11 @@ class ShuffleNetV2(nn.Module):
             self.add_module(f"stage{i + 2}", nn.Sequential(*blocks))
             in_channels = out
         self.out_channels = list(channels[1:])
-        freeze(self.stage_groups(), frozen_stages)
+        self.freeze_stages()
 
     def stage_groups(self) -> list[nn.Module]:
         """[stem (conv1), stage2, stage3, stage4]."""
         return [self.conv1, self.stage2, self.stage3, self.stage4]
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode:
-            hold_statistics(self, self.stage_groups(), self.frozen_stages, self.norm_eval)
-        return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         c3 = self.stage2(self.maxpool(self.conv1(x)))
