@@ -1,4 +1,4 @@
-"""Drawing one image of a synthetic dataset with REAL pixels (make-synthetic --objects photos):
+"""Drawing one image of a synthetic dataset with REAL pixels (make-synthetic --pixels photos):
 objects cut from the photographs scikit-image ships in its wheel (skimage/data: nothing is
 downloaded), composited with exact amodal boxes onto backgrounds cut from its texture photographs.
 

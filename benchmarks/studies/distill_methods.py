@@ -1,7 +1,7 @@
 """LD against BCKD from ONE teacher dump per dataset: plain, LD (--recipe paper), BCKD (--recipe
 bckd) and the best combination of the two, each over seeds, with no weight flags.
 
-    .venv/bin/python -m benchmarks.studies.distill_methods                  # everything: ~4 hours on 2 CPU cores
+    .venv/bin/python -m benchmarks.studies.distill_methods                  # everything: ~5 hours on 2 CPU cores
     .venv/bin/python -m benchmarks.studies.distill_methods --report-only    # the tables from the runs so far
 
 Every run is an `ldcache` command as a user types it (all in the JSON), in its own folder under
