@@ -72,6 +72,19 @@ def recorded_class_names(ckpt: dict, num_classes: int) -> list[str] | None:
     return None
 
 
+def recorded_category_ids(ckpt: dict, num_classes: int) -> list[int] | None:
+    """The dataset's category id of each label, as one of our training runs recorded it, if any."""
+    ids = ckpt.get("run_config", {}).get("dataset", {}).get("category_ids")
+    if isinstance(ids, list) and len(ids) == num_classes and all(isinstance(i, int) for i in ids):
+        return ids
+    return None
+
+
+def category_ids_or_default(ids: list[int] | None, num_classes: int) -> list[int]:
+    """The recorded category ids, or label + 1 (what a dataset numbered from 1 without gaps has)."""
+    return list(ids) if ids else list(range(1, num_classes + 1))
+
+
 def class_names_or_ids(names: list[str] | None, num_classes: int) -> list[str]:
     return list(names) if names else [f"class_{i}" for i in range(num_classes)]
 
@@ -123,6 +136,7 @@ class ExportedDetector:
         self.num_classes = int(meta["num_classes"])
         self.img_scale = tuple(meta["transform"]["img_scale"])
         self.class_names = class_names_or_ids(meta.get("class_names"), self.num_classes)
+        self.category_ids = category_ids_or_default(meta.get("category_ids"), self.num_classes)
         self.run = open_runner(path, meta["format"], device)
 
     def detect(self, images: torch.Tensor, records: list[ViewRecord], score_thr: float = 0.0) -> list[Detections]:

@@ -59,7 +59,8 @@ def resolved_config(data, model_cfg, train, loss, dataset, extra) -> dict:
         "model": model_cfg.to_dict(),
         "train": config_to_dict(train),
         "loss": config_to_dict(loss),
-        "dataset": {"num_images": len(dataset), "ann_sha256": dataset.ann_sha256, "class_names": dataset.class_names},
+        "dataset": {"num_images": len(dataset), "ann_sha256": dataset.ann_sha256, "class_names": dataset.class_names,
+                    "category_ids": [int(c) for c in dataset.cat_ids]},
         **(extra or {}),
     }
 

@@ -17,8 +17,9 @@ from core.errors import UserError
 from detector.checkpoint import read_checkpoint
 
 # Settings that may differ when a run is resumed: they change how, not what, is trained.
+# category_ids: derived from the annotation file, whose sha256 is compared (recorded since 0.3)
 RESUMABLE_CHANGES = {"max_iters", "workers", "device", "amp", "log_every", "checkpoint_every", "eval_batch_size",
-                     "eval_every", "tensorboard"}
+                     "eval_every", "tensorboard", "category_ids"}
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from detector.exported import (
     SIDECAR_VERSION,
     exported_meta,
     open_runner,
+    recorded_category_ids,
     recorded_class_names,
     sidecar_path,
 )
@@ -197,6 +198,7 @@ def run_export(checkpoint: str, cfg: ExportConfig) -> dict:
                       "to_rgb": True, "mean": list(PIXEL_MEAN), "std": list(PIXEL_STD), "pad_divisor": SIZE_DIVISOR,
                       "pad_value": 0.0},
         "num_classes": model_cfg.num_classes, "class_names": recorded_class_names(ckpt, model_cfg.num_classes),
+        "category_ids": recorded_category_ids(ckpt, model_cfg.num_classes),
         "max_dets": cfg.max_dets, "score_thr": cfg.score_thr, "iou_thr": cfg.iou_thr, "nms_pre": module.nms_pre,
         "strides": list(model_cfg.strides), "reg_max": model_cfg.reg_max, "raw": cfg.raw, "model": model_cfg.to_dict(),
         "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "torch": torch.__version__,

@@ -25,7 +25,14 @@ from core.runtime import AMP_MODES, Device, autocast_for, progress_bar, resolve_
 from data.views import DEFAULT_IMG_SCALE, Scale, ViewSpec, build_view_input, plan_view
 from detector.checkpoint import load_state_dict_strict, read_checkpoint, resolve_model_config, trained_img_scale
 from detector.evaluation import detections_to_coco
-from detector.exported import ExportedDetector, class_names_or_ids, exported_meta, recorded_class_names
+from detector.exported import (
+    ExportedDetector,
+    category_ids_or_default,
+    class_names_or_ids,
+    exported_meta,
+    recorded_category_ids,
+    recorded_class_names,
+)
 from detector.inference import canvas_batches
 from detector.model import build_detector
 from detector.postprocess import Detections, PostprocessConfig, postprocess
@@ -126,6 +133,8 @@ class CheckpointDetector:
         self.model.to(device).eval()
         self.device, self.amp, self.config = device, amp, config
         self.class_names = class_names_or_ids(recorded_class_names(ckpt, config.num_classes), config.num_classes)
+        self.category_ids = category_ids_or_default(recorded_category_ids(ckpt, config.num_classes),
+                                                    config.num_classes)
 
     @torch.no_grad()
     def detect(self, images: torch.Tensor, records: list, score_thr: float) -> list[Detections]:
@@ -147,12 +156,13 @@ def open_detector(path: str, cfg: PredictConfig, device: torch.device):
     return detector, detector.config.strides, trained_img_scale(ckpt)
 
 
-def result_entries(image_id: int, file_name: str, det: Detections, names: list[str]) -> list[dict]:
-    """One image's detections -> COCO results (xywh in original pixels; category_id = label + 1,
-    since a checkpoint records no category ids) with the file and class names added."""
-    results = detections_to_coco(image_id, det.boxes, det.scores, det.labels, list(range(1, len(names) + 1)))
+def result_entries(image_id: int, file_name: str, det: Detections, names: list[str], category_ids: list[int]):
+    """One image's detections -> COCO results (xywh in original pixels; category_id the dataset's
+    id of the label, as the training run recorded it, else label + 1) with the file and class names."""
+    results = detections_to_coco(image_id, det.boxes, det.scores, det.labels, category_ids)
+    name_of = dict(zip(category_ids, names))
     return [{"image_id": image_id, "file_name": file_name, "category_id": r["category_id"],
-             "category_name": names[r["category_id"] - 1], "bbox": r["bbox"], "score": r["score"]} for r in results]
+             "category_name": name_of[r["category_id"]], "bbox": r["bbox"], "score": r["score"]} for r in results]
 
 
 def draw_picture(src: Path, dst: Path, det: Detections, names: list[str], thr: float) -> None:
@@ -209,7 +219,7 @@ def run_predict(checkpoint: str, inputs: list[str], cfg: PredictConfig, progress
             skipped.update(unreadable)
             found = detector.detect(images, [records[i] for i in indices], cfg.score_thr) if indices else []
             for i, det in zip(indices, found):
-                detections[i] = result_entries(i + 1, str(paths[i]), det, names)
+                detections[i] = result_entries(i + 1, str(paths[i]), det, names, detector.category_ids)
                 if cfg.draw:
                     draw_picture(paths[i], out / "draw" / f"{i + 1:06d}_{paths[i].stem}.jpg", det, names, cfg.draw_thr)
             bar.update(len(indices) + len(unreadable))
@@ -221,6 +231,7 @@ def run_predict(checkpoint: str, inputs: list[str], cfg: PredictConfig, progress
     (out / "skipped.txt").write_text("".join(f"{paths[i]}\t{skipped[i]}\n" for i in sorted(skipped)))
     (out / "config.json").write_text(json.dumps({"checkpoint": str(checkpoint), "inputs": list(inputs),
                                                  **config_to_dict(cfg), "img_scale": list(scale),
-                                                 "class_names": names}, indent=2) + "\n")
+                                                 "class_names": names, "category_ids": detector.category_ids},
+                                                indent=2) + "\n")
     return {"out": out, "images": len(listed), "detections": sum(len(detections[i]) for i in listed),
             "skipped": [(paths[i], skipped[i]) for i in sorted(skipped)], "notes": notes}

@@ -83,6 +83,23 @@ def test_predict_with_the_onnx_export_gives_the_checkpoint_detections(lively, ti
     assert read(tmp_path / "onnx")["config"]["img_scale"] == [100, 100]
 
 
+def test_results_carry_the_dataset_category_ids_a_training_run_recorded(tiny_coco, tmp_path):
+    """COCO's ids have gaps (1..90 for 80 classes): a results file must use the dataset's id of each
+    label, which training records beside the class names; export passes it on in the sidecar."""
+    model, config = lively_detector()
+    ids = [3, 8, 13, 21, 90]
+    ckpt = tmp_path / "ids.pt"
+    save_checkpoint(ckpt, model, config, run_config={"dataset": {"class_names": CLASS_NAMES, "category_ids": ids}})
+    run_predict(str(ckpt), [str(tiny_coco["val_images"])],
+                PredictConfig(out=str(tmp_path / "pred"), img_scale=(100, 100), workers=0), progress=False)
+    dets = read(tmp_path / "pred")["detections"]
+    assert len({d["category_id"] for d in dets}) > 1 and {d["category_id"] for d in dets} <= set(ids)
+    assert all(d["category_name"] == CLASS_NAMES[ids.index(d["category_id"])] for d in dets)
+    proc = run_cli("export", ckpt, "--format", "torchscript", "--out", tmp_path / "ids.pt.ts", "--img-scale", SCALE)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "ids.pt.ts.json").read_text())["category_ids"] == ids
+
+
 def test_score_threshold_and_the_checkpoint_scale(tiny_coco, tmp_path):
     model, config = lively_detector()
     ckpt = tmp_path / "scaled.pt"
