@@ -63,13 +63,23 @@ def postprocess(cls_logits_per_level: list[torch.Tensor], box_logits_per_level: 
     return results
 
 
+PER_CLASS_FROM = 500  # boxes; below it one NMS over all classes costs less than a loop over them
+
+
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_thr: float) -> torch.Tensor:
-    """Class-aware greedy NMS; returns kept indices in decreasing score order. Boxes of different
-    classes are moved apart so they never overlap, then one NMS runs over all of them."""
+    """Class-aware greedy NMS; returns kept indices in decreasing score order (ties: index order).
+    Boxes of different classes are moved apart so they never overlap (mmdetection's offsets, so the
+    IoUs are the same floats); above PER_CLASS_FROM boxes each class is then suppressed on its own,
+    which gives the same boxes at a fraction of the O(n^2) overlap work of one NMS over all."""
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    offsets = labels.to(boxes.dtype) * (boxes.max() + 1)
-    return nms(boxes + offsets[:, None], scores, iou_thr)
+    shifted = boxes + (labels.to(boxes.dtype) * (boxes.max() + 1))[:, None]
+    classes = labels.unique()
+    if boxes.shape[0] <= PER_CLASS_FROM or len(classes) == 1:
+        return nms(shifted, scores, iou_thr)
+    members = [(labels == c).nonzero()[:, 0] for c in classes]
+    kept = torch.cat([idx[nms(shifted[idx], scores[idx], iou_thr)] for idx in members]).sort().values
+    return kept[scores[kept].argsort(descending=True, stable=True)]
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_thr: float, block: int = 1024) -> torch.Tensor:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from data.views import ViewSpec, level_sizes, plan_view
@@ -28,3 +29,21 @@ def test_a_confident_location_decodes_to_its_box_in_original_pixels():
     # view box (32, 16, 96, 80) at scale 2 -> original (16, 8, 48, 40)
     assert torch.allclose(det.boxes[0], torch.tensor([16.0, 8.0, 48.0, 40.0]), atol=1e-3)
     assert float(det.scores[0]) == torch.sigmoid(torch.tensor(5.0)).item()
+
+
+@pytest.mark.parametrize("n, classes", [(1500, 6), (3000, 80), (800, 1)])
+def test_class_by_class_nms_keeps_exactly_what_one_nms_over_offset_boxes_keeps(n, classes):
+    """Above PER_CLASS_FROM boxes batched_nms suppresses each class on its own: the same boxes in
+    the same order as the one NMS over class-offset boxes (mmdetection's way), ties included."""
+    from detector import postprocess as pp
+
+    g = torch.Generator().manual_seed(n + classes)
+    centres = torch.rand(30, 2, generator=g) * 500  # clusters of boxes, as around objects
+    xy = centres[torch.randint(0, 30, (n,), generator=g)] + torch.randn(n, 2, generator=g) * 10
+    boxes = torch.cat([xy, xy + 40 + torch.rand(n, 2, generator=g) * 40], 1)
+    scores = (torch.rand(n, generator=g) * 20).round() / 20  # many ties
+    labels = torch.randint(0, classes, (n,), generator=g)
+    assert n > pp.PER_CLASS_FROM or classes == 1
+    one = pp.nms(boxes + (labels.float() * (boxes.max() + 1))[:, None], scores, 0.6)
+    kept = batched_nms(boxes, scores, labels, 0.6)
+    assert torch.equal(kept, one) and 0 < len(kept) < n
