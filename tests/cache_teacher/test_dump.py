@@ -66,18 +66,25 @@ def test_writer_to_reader_round_trip_is_exact_for_fp32(tiny_coco, tiny_teacher, 
         assert torch.equal(cache.read_view(v).box, torch.from_numpy(raw["box"][off:off + n]))
 
 
-def test_plain_zarr_reads_a_view_as_the_docs_show(tiny_coco, tiny_teacher, tmp_path):
-    run_dump(_cfg(tiny_coco, tiny_teacher["path"], tmp_path / "c"), progress=False)
-    # docs/cache-format.md, "Reading without ldcache":
-    root = zarr.open_group(str(tmp_path / "c"), mode="r")
-    meta = root.attrs["ldcache"]
-    v = int(root["dataset/lookup"][3, 1])  # image index 3, view spec 1 (hflip)
-    off, n = int(root["views/row_offset"][v]), int(root["views/num_rows"][v])
-    box = root["box"][off:off + n].astype(np.float32)  # [n, 68]
-    level_hw = root["views/level_hw"][v]
+def docs_reading_snippet() -> str:
+    """The Python block under docs/cache-format.md's "Reading without ldcache", as a user copies it."""
+    text = (Path(__file__).parents[2] / "docs" / "cache-format.md").read_text()
+    section = text.split("## Reading without ldcache", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("box_dtype", ["float16", "uint8"])
+def test_plain_zarr_reads_a_view_as_the_docs_show(tiny_coco, tiny_teacher, tmp_path, box_dtype):
+    run_dump(_cfg(tiny_coco, tiny_teacher["path"], tmp_path / "c", box_dtype=box_dtype), progress=False)
+    snippet = docs_reading_snippet()
+    assert '"runs/teacher-cache.zarr"' in snippet
+    scope: dict = {}
+    exec(snippet.replace('"runs/teacher-cache.zarr"', repr(str(tmp_path / "c"))), scope)  # noqa: S102
+    v, box, level_hw, meta = scope["v"], scope["box"], scope["level_hw"], scope["meta"]
+    assert bool(zarr.open_group(str(tmp_path / "c"), mode="r")["views/flip"][v]) and meta["views"]["specs"][1]["flip"]
     assert box.shape == (int((level_hw[:, 0] * level_hw[:, 1]).sum()), 4 * (meta["reg_max"] + 1))
-    assert bool(root["views/flip"][v]) and meta["views"]["specs"][1]["flip"]
     assert np.array_equal(box, CacheReader(tmp_path / "c").read_view(v).box.numpy())
+    assert scope["p3"].shape == (*level_hw[0], 4, meta["reg_max"] + 1)
 
 
 def test_identity_refusal_and_overwrite(tiny_coco, tiny_teacher, tmp_path):
