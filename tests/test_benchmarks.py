@@ -67,7 +67,7 @@ def test_coco_geometry_measures_every_mode(tmp_path):
     assert size["sparse 0.25 uint8"] < size["sparse 0.25 fp16"] < size["sparse 0 fp16"] < size["dense fp16"]
     assert size["dense uint8"] < size["dense fp16"]
     assert all(r["kl_mean"] < 1e-3 for r in record["rows"])  # every mode stores faithful distributions
-    assert set(record["dumps"]) == {"dense fp16", "sparse 0.25 uint8", "ld+bckd k=2 fp16"}
+    assert set(record["dumps"]) == {"dense fp16", "sparse 0.25 uint8", "ld+bckd k=4 fp16"}
     # ld+bckd: the sparse mode's box rows (without their 80 class logits) plus 10 + 3k bytes at every location
     assert size["ld+bckd k=1 fp16"] < size["ld+bckd k=2 fp16"] < size["ld+bckd k=4 fp16"] < size["dense fp16"]
     assert size["ld+bckd k=2 uint8"] < size["ld+bckd k=2 fp16"]
