@@ -26,9 +26,13 @@ def _torchrun(*args, nproc=2):
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
 
 
-def test_distributed_dump_is_byte_identical(tiny_coco, tiny_teacher, tmp_path):
+# dense, and the compact ld+bckd layout, whose region rows live in shards of their own beside the dense ones
+# (smaller shards for the smaller rows, so both layouts are cut into several)
+@pytest.mark.parametrize("regions", [["--shard-mb", "0.05"], ["--store-regions", "ld+bckd", "--shard-mb", "0.02"]],
+                         ids=["dense", "ld+bckd"])
+def test_distributed_dump_is_byte_identical(tiny_coco, tiny_teacher, tmp_path, regions):
     args = ["dump-teacher", "--teacher", tiny_teacher["path"], "--images", tiny_coco["images"], "--ann",
-            tiny_coco["ann"], "--img-scale", "96,96", "--workers", "0", "--shard-mb", "0.05", "--batch-size", "2"]
+            tiny_coco["ann"], "--img-scale", "96,96", "--workers", "0", "--batch-size", "2", *regions]
     single = _single(*args, "--out", tmp_path / "single")
     assert single.returncode == 0, single.stderr
     proc = _torchrun(*args, "--out", tmp_path / "multi")
@@ -36,6 +40,7 @@ def test_distributed_dump_is_byte_identical(tiny_coco, tiny_teacher, tmp_path):
     assert store_array_files(tmp_path / "multi") == store_array_files(tmp_path / "single")
     meta = json.loads((tmp_path / "multi" / "zarr.json").read_text())["attributes"]["ldcache"]
     assert meta["complete"]  # rank 0 finalised after both ranks finished
+    assert meta["layout"]["num_shards"] >= 3  # each rank wrote shards of its own
     # Each rank wrote whole shards of its own: resuming the finished dump has nothing to do.
     again = _torchrun(*args, "--out", tmp_path / "multi")
     assert again.returncode == 0 and "already complete" in again.stdout
