@@ -27,6 +27,16 @@ from data.coco_json import box_table, categories_in_label_order, image_table, lo
 from data.views import ViewRecord, ViewSpec, build_view_input, plan_view, transform_boxes
 
 
+def rgb_pixels(image: Image.Image) -> np.ndarray:
+    """An opened image's pixels as uint8 [H, W, 3] RGB. 16-bit grey (a 16-bit PNG opens as I;16 or I)
+    keeps its high byte, as OpenCV (mmdetection's reader) does: PIL's convert("RGB") would clip
+    every value above 255 to white."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        grey = (np.asarray(image).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.array(image.convert("RGB"))
+
+
 @dataclass
 class Sample:
     """One view of one image, ready for the network."""
@@ -210,7 +220,7 @@ class CocoDetection(torch.utils.data.Dataset):
         path = self.image_path(index)
         try:
             with Image.open(path) as image:
-                rgb = np.array(image.convert("RGB"))  # [H, W, 3] uint8
+                rgb = rgb_pixels(image)  # [H, W, 3] uint8
         except FileNotFoundError as error:
             raise UserError(
                 f"image file {path} not found, but {self.ann_file} references it "

@@ -142,6 +142,10 @@ class ExportedDetector:
     def detect(self, images: torch.Tensor, records: list[ViewRecord], score_thr: float = 0.0) -> list[Detections]:
         image_hw = torch.tensor([r.resized_hw for r in records], dtype=torch.long)  # [N, 2] before padding
         boxes, scores, labels = self.run(images, image_hw)[:3]  # [N, K, 4], [N, K], [N, K]
+        if labels.numel() and int(labels.max()) >= self.num_classes:  # the JSON of another export
+            raise UserError(f"{self.path} gives class index {int(labels.max())} but {sidecar_path(self.path).name} "
+                            f"lists {self.num_classes} classes, so it describes another export; keep the JSON "
+                            "written with this file (or export the checkpoint again)")
         results = []
         for i, record in enumerate(records):
             found = (labels[i] >= 0) & (scores[i] > score_thr)  # unused slots: label -1, score 0

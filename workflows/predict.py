@@ -13,7 +13,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -22,6 +21,7 @@ from core.domains import Flag, OneOf, Range, Table, Text, quote
 from core.errors import UserError, first_line
 from core.paths import OutputPath
 from core.runtime import AMP_MODES, Device, autocast_for, progress_bar, resolve_device
+from data.coco import rgb_pixels
 from data.views import DEFAULT_IMG_SCALE, Scale, ViewSpec, build_view_input, plan_view
 from detector.checkpoint import load_state_dict_strict, read_checkpoint, resolve_model_config, trained_img_scale
 from detector.evaluation import detections_to_coco
@@ -77,15 +77,19 @@ class PredictConfig:
         validate_fields(self, "predict configuration")
 
 
-def find_images(inputs: list[str]) -> list[Path]:
+def find_images(inputs: list[str], skip: Path | None = None) -> list[Path]:
     """Image files and folders -> the image files, each folder's sorted and searched recursively,
-    in the order given, each once. A missing path, a file of another kind or an empty folder is a
-    UserError."""
+    in the order given, each once. A folder search leaves out what is under skip (an earlier run's
+    OUT/draw pictures, when OUT lies inside an input folder) unless that folder is itself in skip.
+    A missing path, a file of another kind or an empty folder is a UserError."""
     found: dict[Path, Path] = {}
+    skip = skip.expanduser().resolve() if skip is not None else None
     for text in inputs:
         path = Path(text).expanduser()
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            own = skip is not None and not path.resolve().is_relative_to(skip)
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                           and not (own and p.resolve().is_relative_to(skip)))
             if not files:
                 raise UserError(f"folder {text} holds no images ({', '.join(IMAGE_SUFFIXES)}); pass a folder of images")
         elif path.is_file():
@@ -110,7 +114,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         try:
             with Image.open(self.paths[index]) as image:
-                rgb = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()  # [3, H, W]
+                rgb = torch.from_numpy(rgb_pixels(image)).permute(2, 0, 1).contiguous()  # [3, H, W]
             return index, build_view_input(rgb, self.records[index]), None
         except READ_ERRORS as err:
             return index, None, first_line(err)
@@ -168,7 +172,7 @@ def result_entries(image_id: int, file_name: str, det: Detections, names: list[s
 def draw_picture(src: Path, dst: Path, det: Detections, names: list[str], thr: float) -> None:
     """The image with its boxes above thr, each labelled with its class name and score."""
     with Image.open(src) as image:
-        picture = image.convert("RGB")
+        picture = Image.fromarray(rgb_pixels(image))
     pen, font = ImageDraw.Draw(picture), ImageFont.load_default()
     width = max(1, round(min(picture.size) / 300))
     for box, score, label in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist()):
@@ -184,10 +188,33 @@ def draw_picture(src: Path, dst: Path, det: Detections, names: list[str], thr: f
     picture.save(dst)
 
 
+def check_out(out: Path) -> None:
+    """OUT may hold an earlier predict's results (they are replaced), never another command's
+    config.json (a training run's, which --resume reads): a UserError before anything is written."""
+    config = out / "config.json"
+    if not config.is_file():
+        return
+    try:
+        earlier = json.loads(config.read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if not (isinstance(earlier, dict) and {"checkpoint", "inputs", "draw_thr"} <= earlier.keys()):
+        raise UserError(f"--out {out} holds a config.json that predict did not write (a training run's?); "
+                        "pass another --out, such as a folder inside it")
+
+
+def picture_name(image_id: int, path: Path) -> str:
+    """draw/ID_NAME.jpg, NAME cut to fit a file system's 255-byte names."""
+    stem = path.stem.encode()[:200].decode(errors="ignore")
+    return f"{image_id:06d}_{stem}.jpg"
+
+
 def run_predict(checkpoint: str, inputs: list[str], cfg: PredictConfig, progress: bool = True) -> dict:
     """Write cfg.out/{detections,images,config}.json, skipped.txt and (draw) draw/.
     -> {"out", "images", "detections", "skipped": [(path, why)], "notes"}."""
-    paths = find_images(inputs)
+    out = Path(cfg.out)
+    check_out(out)
+    paths = find_images(inputs, skip=out / "draw")
     device = resolve_device(cfg.device)
     detector, strides, asked = open_detector(checkpoint, cfg, device)
     scale = tuple(cfg.img_scale or asked or DEFAULT_IMG_SCALE)
@@ -209,7 +236,6 @@ def run_predict(checkpoint: str, inputs: list[str], cfg: PredictConfig, progress
     dataset = ImageFiles(paths, [records.get(i) for i in range(len(paths))])
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers,
                                          collate_fn=collate_images)
-    out = Path(cfg.out)
     (out / "draw" if cfg.draw else out).mkdir(parents=True, exist_ok=True)
     names = detector.class_names
     detections: dict[int, list[dict]] = {}
@@ -221,7 +247,7 @@ def run_predict(checkpoint: str, inputs: list[str], cfg: PredictConfig, progress
             for i, det in zip(indices, found):
                 detections[i] = result_entries(i + 1, str(paths[i]), det, names, detector.category_ids)
                 if cfg.draw:
-                    draw_picture(paths[i], out / "draw" / f"{i + 1:06d}_{paths[i].stem}.jpg", det, names, cfg.draw_thr)
+                    draw_picture(paths[i], out / "draw" / picture_name(i + 1, paths[i]), det, names, cfg.draw_thr)
             bar.update(len(indices) + len(unreadable))
     listed = [i for i in range(len(paths)) if i not in skipped]
     (out / "detections.json").write_text(json.dumps([d for i in listed for d in detections[i]]) + "\n")

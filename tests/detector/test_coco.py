@@ -217,3 +217,16 @@ def test_dataloader_workers_match_single_process(coco_dir):
         assert torch.equal(single.images, multi.images)  # the view transform is deterministic
         assert all(torch.equal(x, y) for x, y in zip(single.boxes, multi.boxes))
         assert single.records == multi.records and single.indices == multi.indices
+
+
+def test_a_16_bit_grey_image_trains_as_its_high_byte_in_three_channels(coco_dir):
+    """PIL's convert("RGB") clips a 16-bit grey PNG's values above 255 to white; the dataset keeps
+    each value's high byte, as OpenCV (mmdetection's reader) does, in all three channels."""
+    image_dir, ann_file = coco_dir
+    rng = np.random.default_rng(1)
+    grey, low = rng.integers(0, 256, (2, 48, 64), dtype=np.uint8)  # a.png is 64x48
+    Image.fromarray(grey.astype(np.uint16) * 256 + low).save(image_dir / "a.png")  # high byte: grey
+    with Image.open(image_dir / "a.png") as image:
+        assert image.mode.startswith("I")
+    pixels = CocoDetection(image_dir, ann_file, views=[SMALL_ORIG]).load_image(0)
+    assert pixels.dtype == torch.uint8 and torch.equal(pixels, torch.from_numpy(grey).expand(3, -1, -1))

@@ -175,3 +175,67 @@ def test_the_tensor_layout_of_an_exported_batch_is_what_the_sidecar_says(lively)
     assert boxes.shape == (2, detector.meta["max_dets"], 4) and labels.dtype == torch.int64
     empty = labels == padding["label"]
     assert (scores[empty] == padding["score"]).all() and (scores[~empty] > detector.meta["score_thr"]).all()
+
+
+def test_a_16_bit_grey_png_is_read_as_its_8_bit_image_not_white(tmp_path):
+    """A 16-bit PNG opens as I;16; PIL's convert("RGB") clips every value above 255 to white."""
+    from data.views import ViewSpec, plan_view
+    from workflows.predict import ImageFiles
+
+    grey = np.random.default_rng(0).integers(0, 256, (40, 56), dtype=np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "g8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "g16.png")  # v * 257: high byte v
+    with Image.open(tmp_path / "g16.png") as image:
+        assert image.mode.startswith("I")
+    record = plan_view(1, grey.shape, ViewSpec(False, (64, 64)), (8, 16, 32, 64, 128))
+    files = ImageFiles([tmp_path / "g8.png", tmp_path / "g16.png"], [record, record])
+    (_, eight, why8), (_, sixteen, why16) = files[0], files[1]
+    assert why8 is None and why16 is None and torch.equal(eight, sixteen)
+
+
+def test_a_rerun_into_an_out_inside_the_input_folder_does_not_take_its_own_pictures(lively, tiny_coco, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(sorted(tiny_coco["val_images"].glob("*.png"))[0], folder / "a.png")
+    cfg = PredictConfig(out=str(folder / "pred"), img_scale=(100, 100), draw=True, workers=0)
+    for _ in range(2):
+        assert run_predict(str(lively["ckpt"]), [str(folder)], cfg, progress=False)["images"] == 1
+    assert [im["file_name"] for im in read(folder / "pred")["images"]] == [str(folder / "a.png")]
+    assert [p.name for p in (folder / "pred" / "draw").iterdir()] == ["000001_a.jpg"]
+    # The pictures themselves, asked for by their folder, are still inputs.
+    got = run_predict(str(lively["ckpt"]), [str(folder / "pred" / "draw")],
+                      PredictConfig(out=str(tmp_path / "again"), img_scale=(100, 100), workers=0), progress=False)
+    assert got["images"] == 1
+
+
+def test_an_out_holding_another_commands_config_is_refused_and_kept(lively, tiny_coco, tmp_path):
+    run = tmp_path / "run"  # a training run's folder: its config.json is what --resume reads
+    run.mkdir()
+    (run / "config.json").write_text('{"data": {}, "model": {}}\n')
+    proc = run_cli("predict", lively["ckpt"], tiny_coco["val_images"], "--out", run, "--workers", "0")
+    assert_user_error(proc, f"--out {run} holds a config.json that predict did not write")
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+    assert (run / "config.json").read_text() == '{"data": {}, "model": {}}\n'
+
+
+def test_an_image_with_a_long_file_name_gets_its_picture(lively, tiny_coco, tmp_path):
+    """draw/ID_NAME.jpg adds 11 bytes to the name: a 250-byte name would be too long to write."""
+    folder = tmp_path / "long"
+    folder.mkdir()
+    name = "x" * 246 + ".png"
+    shutil.copy(sorted(tiny_coco["val_images"].glob("*.png"))[0], folder / name)
+    got = run_predict(str(lively["ckpt"]), [str(folder)],
+                      PredictConfig(out=str(tmp_path / "pred"), img_scale=(100, 100), draw=True, workers=0),
+                      progress=False)
+    assert got["images"] == 1
+    assert [p.name for p in (tmp_path / "pred" / "draw").iterdir()] == ["000001_" + "x" * 200 + ".jpg"]
+
+
+def test_a_sidecar_of_another_export_is_one_line(lively, tiny_coco, tmp_path):
+    """FILE.json describing fewer classes than FILE gives (copied from another export)."""
+    shutil.copy(lively["onnx"], tmp_path / "m.onnx")
+    meta = json.loads((lively["onnx"].parent / "lively.onnx.json").read_text())
+    (tmp_path / "m.onnx.json").write_text(json.dumps({**meta, "num_classes": 2, "class_names": None,
+                                                      "category_ids": None}))
+    proc = run_cli("predict", tmp_path / "m.onnx", tiny_coco["val_images"], "--out", tmp_path / "out", "--workers", "0")
+    assert_user_error(proc, "m.onnx.json lists 2 classes", "describes another export")
