@@ -64,7 +64,7 @@ class DumpPlan:
 
 def plan_dump(dataset: CocoDetection, teacher_cfg: ModelConfig, *, box_dtype: str = "float16",
               cls_dtype: str | None = "float16", shard_mb: float = 64.0, store_regions: str = "dense",
-              min_vlr_gamma: float = 0.25, vlr_iou: str = "official", cls_topk: int = 2, workers: int = 0,
+              min_vlr_gamma: float = 0.25, vlr_iou: str = "official", cls_topk: int = 4, workers: int = 0,
               progress: bool = False) -> DumpPlan:
     """The layout of a cache of this dataset and teacher: shards sized from the bytes of a row
     (box and class logits; a location index in a main+vlr cache; edges and top-k classes in an
