@@ -106,7 +106,9 @@ def distillation_losses(cls_rows: torch.Tensor, box_rows: torch.Tensor, teacher_
     """Unweighted Main LD, VLR LD and Main KD (a term whose weight is 0 is not computed), each
     normalised as cfg says (distill.config: image / official / positive / mean; coco / official)."""
     bins = reg_max + 1
-    zero = box_rows.sum() * 0  # keeps every term a graph node, even when empty
+    # keeps every term a graph node, even when empty; summed in float32: an fp16 (AMP) sum of every
+    # box logit overflows to inf, and inf * 0 is NaN
+    zero = box_rows.sum(dtype=torch.float32) * 0
     pos = assign.pos
     out = {"loss_ld": zero, "loss_ld_vlr": zero, "loss_kd": zero}
     num_classes = num_classes or cls_rows.shape[1]
@@ -162,7 +164,7 @@ def bckd_losses(cls_rows: torch.Tensor, box_rows: torch.Tensor, teacher_rows, as
     if edges is None:
         edges = integral(_needed(teacher_rows[0], "BCKD", holes).float(), reg_max)  # [N, 4]
     teacher_cls = _needed(teacher_cls, "BCKD", holes)
-    zero = box_rows.sum() * 0
+    zero = box_rows.sum(dtype=torch.float32) * 0  # not NaN under fp16 AMP (distillation_losses)
     out = {"loss_bckd_cls": zero, "loss_bckd_box": zero}
     if cfg.bckd_cls_weight > 0:
         out["loss_bckd_cls"] = bckd_cls_loss(cls_rows, teacher_cls).sum() / gfl.num_pos

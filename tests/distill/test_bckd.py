@@ -161,3 +161,22 @@ def test_cache_and_online_teacher_give_the_same_bckd_losses(tiny_coco, tiny_teac
         live, cached = float(from_live[key].detach()), float(from_cache[key].detach())
         assert live > 0
         assert cached == pytest.approx(live, rel=2e-3), key  # the cache's fp16 rounding
+
+
+def test_fp16_student_outputs_give_finite_losses_whose_values_are_the_float32_ones():
+    """Under --amp fp16 the head's maps are fp16: a sum of all their box logits overflows fp16
+    (inf, and inf x 0 is NaN), so no term may be built on one (the zero of a term that is off)."""
+    level_hw, boxes, labels, s_cls, s_box, t_cls, t_box = _batch()
+    s_box = s_box + 8.0  # a trained head's logits: their sum is beyond fp16's 65504
+    assert torch.isinf(s_box.half().sum())
+    for cfg in (BCKD, LossConfig(recipe="paper", bckd_cls_weight=1.0), LossConfig(recipe="paper")):
+        full = _losses(cfg, level_hw, boxes, labels, s_cls, s_box, t_cls, t_box)
+        cls_maps = [m.half().requires_grad_() for m in _as_maps(s_cls, level_hw)]
+        box_maps = [m.half().requires_grad_() for m in _as_maps(s_box, level_hw)]
+        half = compute_losses(cls_maps, box_maps, level_hw, boxes, labels, cfg, 3, 16, STRIDES,
+                              teacher_rows=(t_box, t_cls))
+        for key, value in half.items():
+            assert torch.isfinite(value), (cfg.recipe, key)
+            assert float(value.detach()) == pytest.approx(float(full[key].detach()), rel=1e-2, abs=1e-4), key
+        half["loss"].backward()
+        assert all(torch.isfinite(m.grad).all() for m in cls_maps + box_maps)
