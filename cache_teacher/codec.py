@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from detector.distributions import integral
 
@@ -78,9 +79,13 @@ def encode_topk(cls_rows: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     values, index = cls_rows.topk(k, dim=1)  # [n, k]
     rest = num_classes - k
     if rest:
-        mass = torch.sigmoid(cls_rows).sum(dim=1) - torch.sigmoid(values).sum(dim=1)
-        mean = (mass / rest).clamp(1e-6, 1 - 1e-6)
-        floor = torch.log(mean) - torch.log1p(-mean)  # logit of the mean probability of the rest
+        # The logit of the mean probability of the rest, log(sum p) - log(sum (1 - p)) over the left-out
+        # classes, in log space: exact at any logit (a probability clamped away from 0 and 1 would put
+        # the floor above the top k where every logit is far below 0, or below them far above 0).
+        kept = torch.zeros_like(cls_rows, dtype=torch.bool).scatter_(1, index, True)
+        log_p = F.logsigmoid(cls_rows).masked_fill(kept, -float("inf"))
+        log_not_p = F.logsigmoid(-cls_rows).masked_fill(kept, -float("inf"))
+        floor = torch.logsumexp(log_p, dim=1) - torch.logsumexp(log_not_p, dim=1)
     else:
         floor = torch.zeros(n, device=cls_rows.device)
     index_dtype = torch.uint8 if num_classes <= 256 else torch.int16

@@ -125,3 +125,26 @@ def test_verify_reports_the_compact_caches_fidelity(caches, tiny_teacher):
     f = r["fidelity"]
     assert r["ok"] and f["edges_max_abs_err"] <= FP16_EDGE and f["kl_t10_mean"] < 1e-5
     assert f["cls_max_abs_err"] is None and 0 < f["cls_max_prob_err"] < 0.5
+
+
+def test_the_floor_is_the_logit_of_the_rests_mean_probability_at_any_logit():
+    """Confident background (every logit far below 0) and the opposite: the floor is still the logit
+    of the left-out classes' mean probability, so it stays at or below the k-th largest logit."""
+    logits = torch.tensor([[-16.0, -17.0, -18.0, -19.0, -20.0, -21.0],
+                           [-30.0, -25.0, -40.0, -22.0, -35.0, -28.0],
+                           [-6.0, -8.0, -10.0, -12.0, -14.0, -16.0],
+                           [15.0, 15.0, 15.0, 15.0, 14.5, 14.0]])
+    stored = encode_topk(logits, 2)
+    top = logits.topk(2, dim=1)
+    rest = torch.ones_like(logits, dtype=torch.bool).scatter_(1, top.indices, False)
+    p = logits.double().sigmoid()
+    # logit(mean p) = log(sum p) - log(sum (1 - p)) over the rest, in float64 from log-probabilities
+    log_p = torch.nn.functional.logsigmoid(logits.double()).masked_fill(~rest, -float("inf"))
+    log_q = torch.nn.functional.logsigmoid(-logits.double()).masked_fill(~rest, -float("inf"))
+    expected = torch.logsumexp(log_p, 1) - torch.logsumexp(log_q, 1)
+    assert torch.allclose(stored["floor"].double(), expected, atol=2e-2)  # fp16 spacing at |logit| < 32
+    assert (stored["floor"].float() <= top.values[:, -1]).all()
+    back = decode_topk(stored["topk"], stored["index"], stored["floor"], 6).double()
+    mean_rest = (p * rest).sum(1) / rest.sum(1)
+    assert torch.allclose(back.sigmoid()[rest].reshape(4, 4)[:, 0] / mean_rest, torch.ones(4, dtype=torch.float64),
+                          atol=2e-2)  # the mass of the rest, relative: kept at every scale
