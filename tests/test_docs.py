@@ -147,3 +147,38 @@ def test_relative_links_point_at_files(doc):
     links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text())
     missing = [link for link in links if "://" not in link and not (doc.parent / link).exists()]
     assert not missing, f"{doc.name} links to missing files: {missing}"
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors of a markdown file's headings (fenced code skipped)."""
+    anchors, fenced = set(), False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (m := re.match(r"#{1,6} (.+)", line)):
+            anchors.add(re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-"))
+    return anchors
+
+
+def link_problems(doc: Path) -> list[str]:
+    """Links whose target whitespace cut in two, and links to headings a markdown file lacks."""
+    text = doc.read_text()
+    problems = [f"cut link: {cut!r}" for cut in re.findall(r"\]\([^)\s]*\s", text)]
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", text):
+        path = doc if not target else doc.parent / target
+        if path.suffix == ".md" and path.exists() and anchor not in heading_anchors(path.read_text()):
+            problems.append(f"no heading: {target}#{anchor}")
+    return problems
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_links_are_whole_and_their_anchors_exist(doc):
+    assert not link_problems(doc)
+
+
+def test_the_link_check_sees_a_cut_link_and_a_missing_heading(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# A page: its title\n\n```bash\n# not a heading\n```\n\n[ok](#a-page-its-title) "
+                    "[gone](#not-a-heading) [cut](page.md#a-page-\nits-title)\n")
+    assert heading_anchors(page.read_text()) == {"a-page-its-title"}
+    assert link_problems(page) == ["cut link: '](page.md#a-page-\\n'", "no heading: #not-a-heading"]
