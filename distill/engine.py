@@ -28,10 +28,20 @@ from detector.config import ModelConfig
 from detector.evaluation import format_metrics_table, save_results
 from detector.inference import evaluate_model
 from detector.model import build_detector
-from distill.config import LossConfig, TrainConfig, config_to_dict
+from distill.config import LossConfig, TrainConfig
 from distill.criterion import build_criterion
 from distill.policy import resolve_loss_policy
-from distill.run_dir import MetricsLog, RunPaths, prepare_run_dir, tensorboard_available, truncate_metrics
+from distill.run_dir import (
+    MetricsLog,
+    RunPaths,
+    default_config,
+    evaluated_at,
+    prepare_run_dir,
+    resolved_config,
+    tensorboard_available,
+    truncate_metrics,
+    write_atomically,
+)
 from distill.step import Learner, train_step
 from distill.teachers import TeacherSource
 
@@ -50,26 +60,6 @@ def build_optimizer(cfg: TrainConfig, params, world_size: int = 1) -> torch.opti
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def resolved_config(data, model_cfg, train, loss, dataset, extra) -> dict:
-    """What config.json holds: every setting, the dataset's identity, and the teacher source."""
-    return {
-        "data": config_to_dict(data),
-        "model": model_cfg.to_dict(),
-        "train": config_to_dict(train),
-        "loss": config_to_dict(loss),
-        "dataset": {"num_images": len(dataset), "ann_sha256": dataset.ann_sha256, "class_names": dataset.class_names,
-                    "category_ids": [int(c) for c in dataset.cat_ids]},
-        **(extra or {}),
-    }
-
-
-def default_config() -> dict:
-    """Every setting's default, nested as in config.json: what a key a saved config.json lacks
-    compares as on --resume (the run predates that field, so it ran with its default)."""
-    return {"data": config_to_dict(DataConfig()), "model": ModelConfig().to_dict(),
-            "train": config_to_dict(TrainConfig()), "loss": config_to_dict(LossConfig())}
 
 
 @dataclass
@@ -104,7 +94,8 @@ class Training:
         epoch, b = (pos.epoch + 1, 0) if pos.batch_in_epoch >= self.per_epoch else (pos.epoch, pos.batch_in_epoch)
         if self.dist.is_main:  # one writer; every rank holds the same weights
             save_checkpoint(self.paths.last, self.model, self.model.config,
-                            optimizer=self.learner.optimizer.state_dict(), epoch=epoch, batch_in_epoch=b,
+                            optimizer=self.learner.optimizer.state_dict(), scaler=self.learner.scaler.state_dict(),
+                            epoch=epoch, batch_in_epoch=b,
                             iter=pos.iteration, train_seconds=pos.train_seconds, run_config=self.config)
 
     def evaluate(self, progress: bool) -> tuple[dict, list[dict]]:
@@ -135,11 +126,19 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, loss
     log = MetricsLog(run.paths.metrics, dist_info.is_main, run.paths.tensorboard if tensorboard else None,
                      purge_step=pos.iteration + 1 if run.resuming else None)
     try:
+        if run.resuming and evaluation_due(run, pos):  # killed during the evaluation after its checkpoint
+            barrier()  # every rank reads what rank 0 truncated, and decides alike
+            if not evaluated_at(run.paths.metrics, pos.iteration):
+                periodic_evaluation(run, pos, log)
         train_epochs(run, pos, log, bar)
         barrier()
         metrics = final_evaluation(run, pos, progress, log) if run.val_dataset is not None else None
     except KeyboardInterrupt:
         run.save(pos)
+        raise
+    except UserError:
+        if run.paths.last.exists():  # an unreadable image mid-run: keep the steps since the checkpoint for --resume
+            run.save(pos)
         raise
     finally:
         bar.close()
@@ -155,6 +154,14 @@ def build_training(data, model_cfg, train, loss, out: Path, resume, extra_config
         raise UserError(f"the model has {model_cfg.num_classes} classes but {data.ann} has {dataset.num_classes}; "
                         "pass --num-classes to match or use the matching annotation file")
     val_dataset = build_val_dataset(data, model_cfg.strides)
+    if val_dataset is not None and dataset.cat_ids != val_dataset.cat_ids and (
+            dataset.class_names != val_dataset.class_names):
+        # a label is an index into the sorted categories: other categories would score each class as another
+        only_val = sorted(set(val_dataset.cat_ids) - set(dataset.cat_ids))
+        only_train = sorted(set(dataset.cat_ids) - set(val_dataset.cat_ids))
+        raise UserError(f"the validation annotations {data.val_ann} do not list the categories of the training "
+                        f"annotations {data.ann} (category ids only in validation: {only_val[:10]}, only in "
+                        f"training: {only_train[:10]}); pass the validation split of the same dataset")
     for ds in (dataset, val_dataset):
         if ds is not None:
             ds.check_files()
@@ -211,9 +218,12 @@ def restore(run: Training) -> Position:
     ckpt = read_checkpoint(paths.last)
     load_state_dict_strict(run.model, ckpt["state_dict"], source=f"checkpoint {paths.last}")
     run.learner.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler") and run.learner.scaler.is_enabled():  # fp16 on CUDA: the loss scale it had reached
+        run.learner.scaler.load_state_dict(ckpt["scaler"])
     pos = Position(ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["iter"], ckpt.get("train_seconds", 0.0))
-    if main:
-        truncate_metrics(paths.metrics, pos.iteration)
+    if main:  # a finished run evaluates again (final_evaluation): its earlier record goes
+        finished = pos.iteration >= run.total_iters or pos.epoch >= run.train.epochs
+        truncate_metrics(paths.metrics, pos.iteration, redo_evaluation=finished and run.val_dataset is not None)
     return pos
 
 
@@ -254,11 +264,21 @@ def train_epochs(run: Training, pos: Position, log: MetricsLog, bar) -> None:
         if pos.batch_in_epoch >= run.per_epoch:
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
         run.save(pos)
-        if (run.val_dataset is not None and t.eval_every and pos.batch_in_epoch == 0
-                and pos.epoch % t.eval_every == 0 and pos.iteration < run.total_iters):
-            metrics, _ = run.evaluate(progress=False)  # every rank its share; rank 0 the metrics
-            if metrics is not None:
-                log.write({"iter": pos.iteration, "epoch": pos.epoch, **metrics})
+        if evaluation_due(run, pos):
+            periodic_evaluation(run, pos, log)
+
+
+def evaluation_due(run: Training, pos: Position) -> bool:
+    """--eval-every: an AP curve point at this epoch's end (the last one is the final evaluation)."""
+    t = run.train
+    return bool(run.val_dataset is not None and t.eval_every and pos.batch_in_epoch == 0 and pos.epoch > 0
+                and pos.epoch % t.eval_every == 0 and pos.iteration < run.total_iters)
+
+
+def periodic_evaluation(run: Training, pos: Position, log: MetricsLog) -> None:
+    metrics, _ = run.evaluate(progress=False)  # every rank its share; rank 0 the metrics
+    if metrics is not None:
+        log.write({"iter": pos.iteration, "epoch": pos.epoch, **metrics})
 
 
 def final_evaluation(run: Training, pos: Position, progress: bool, log: MetricsLog) -> dict | None:
@@ -269,8 +289,10 @@ def final_evaluation(run: Training, pos: Position, progress: bool, log: MetricsL
     paths = run.paths
     save_results(paths.results, results)
     log.write({"iter": pos.iteration, "epoch": pos.iteration / max(run.per_epoch, 1), **metrics})
-    paths.eval.write_text(json.dumps({"metrics": metrics, "iter": pos.iteration, "train_seconds": pos.train_seconds,
-                                      "checkpoint": str(paths.last)}, indent=2) + "\n")
+    # atomically: a sweep or the demo takes an eval.json for a finished run, and reads it
+    write_atomically(paths.eval, json.dumps({"metrics": metrics, "iter": pos.iteration,
+                                             "train_seconds": pos.train_seconds, "checkpoint": str(paths.last)},
+                                            indent=2) + "\n")
     if progress:
         print(format_metrics_table(metrics))
     return metrics

@@ -13,13 +13,19 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.config import config_to_dict
 from core.errors import UserError
+from data.config import DataConfig
 from detector.checkpoint import read_checkpoint
+from detector.config import ModelConfig
+from distill.config import LossConfig, TrainConfig
 
 # Settings that may differ when a run is resumed: they change how, not what, is trained.
 # category_ids: derived from the annotation file, whose sha256 is compared (recorded since 0.3)
+# images, ann, val_images, val_ann: where the data lies (a dataset that moved); what it is, the training
+# annotations' sha256, image count and classes ("dataset"), is compared
 RESUMABLE_CHANGES = {"max_iters", "workers", "device", "amp", "log_every", "checkpoint_every", "eval_batch_size",
-                     "eval_every", "tensorboard", "category_ids"}
+                     "eval_every", "tensorboard", "category_ids", "images", "ann", "val_images", "val_ann"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,26 @@ class RunPaths:
     @property
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
+
+
+def resolved_config(data, model_cfg, train, loss, dataset, extra) -> dict:
+    """What config.json holds: every setting, the dataset's identity, and the teacher source."""
+    return {
+        "data": config_to_dict(data),
+        "model": model_cfg.to_dict(),
+        "train": config_to_dict(train),
+        "loss": config_to_dict(loss),
+        "dataset": {"num_images": len(dataset), "ann_sha256": dataset.ann_sha256, "class_names": dataset.class_names,
+                    "category_ids": [int(c) for c in dataset.cat_ids]},
+        **(extra or {}),
+    }
+
+
+def default_config() -> dict:
+    """Every setting's default, nested as in config.json: what a key a saved config.json lacks
+    compares as on --resume (the run predates that field, so it ran with its default)."""
+    return {"data": config_to_dict(DataConfig()), "model": ModelConfig().to_dict(),
+            "train": config_to_dict(TrainConfig()), "loss": config_to_dict(LossConfig())}
 
 
 def config_differences(old: dict, new: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
@@ -84,16 +110,49 @@ def prepare_run_dir(paths: RunPaths, config: dict, resume: bool, defaults: dict 
                             "use the original options or another --out")
         read_checkpoint(paths.last)  # a damaged checkpoint is refused here, before any rank starts
     paths.root.mkdir(parents=True, exist_ok=True)
-    paths.config.write_text(json.dumps(config, indent=2) + "\n")
+    write_atomically(paths.config, json.dumps(config, indent=2) + "\n")
     return resuming
 
 
-def truncate_metrics(path: Path, last_iter: int) -> None:
-    """Drop records beyond the resumed position so a resumed run does not log steps twice."""
+def write_atomically(path: Path, text: str) -> None:
+    """A kill mid-write leaves the previous file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def truncate_metrics(path: Path, last_iter: int, redo_evaluation: bool = False) -> None:
+    """Drop records beyond the resumed position so a resumed run does not log steps twice, and with
+    redo_evaluation the evaluation at last_iter (a finished run evaluates again). A record cut short
+    by a kill mid-write is dropped too. Rewritten atomically: a kill here loses nothing."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["iter"] <= last_iter]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("iter"), int) or record["iter"] > last_iter:
+            continue
+        if redo_evaluation and record["iter"] == last_iter and "AP" in record:
+            continue
+        kept.append(line)
+    write_atomically(path, "".join(line + "\n" for line in kept))
+
+
+def evaluated_at(path: Path, iteration: int) -> bool:
+    """Does metrics.jsonl hold an evaluation at this step?"""
+    if not path.exists():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("iter") == iteration and "AP" in record:
+            return True
+    return False
 
 
 class MetricsLog:

@@ -19,6 +19,7 @@ from cache_teacher.targets import CachedTeacher
 from cache_teacher.verify import dataset_of_cache, teacher_ap
 from core.config import param, validate_fields
 from core.domains import Flag, Range
+from core.errors import UserError
 from core.paths import OutputPath
 from core.runtime import Device
 from data.builders import build_train_dataset
@@ -92,7 +93,9 @@ def _train(name: str, workdir: Path, plan: DemoPlan, data: DataConfig, model: di
 def run_demo(workdir: Path, quick: bool = False, device: str = "auto", workers: int = 2, echo=print) -> dict:
     plan = PLANS["quick" if quick else "full"]
     workdir = Path(workdir)
+    _check_plan(workdir, plan)
     workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "plan.json").write_text(json.dumps(plan.__dict__, indent=2) + "\n")
     started = time.perf_counter()
     steps = 7
 
@@ -156,6 +159,25 @@ def run_demo(workdir: Path, quick: bool = False, device: str = "auto", workers: 
     (workdir / "demo.md").write_text(table + "\n")
     (workdir / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
     return {**report, "table": table}
+
+
+def _check_plan(workdir: Path, plan: DemoPlan) -> None:
+    """Every step reuses what the work folder holds: the demo of another plan (--quick or not) would
+    reuse its data, teacher and students and print them under this plan's names."""
+    def as_json(p: DemoPlan) -> dict:
+        return json.loads(json.dumps(p.__dict__))
+
+    for name, key in (("plan.json", None), ("demo.json", "plan")):  # demo.json: a demo from before plan.json
+        path = workdir / name
+        if path.is_file():
+            recorded = json.loads(path.read_text())
+            recorded = recorded.get(key) if key else recorded
+            if recorded is not None and recorded != as_json(plan):
+                other = ("the --quick demo" if recorded == as_json(PLANS["quick"]) else
+                         "the full demo" if recorded == as_json(PLANS["full"]) else "another demo")
+                raise UserError(f"{workdir} holds the artefacts of {other}, which this one would reuse as its own; "
+                                f"pass another --workdir or delete {workdir}")
+            return
 
 
 def _describe(model: dict) -> str:

@@ -4,11 +4,14 @@ needs nothing else."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from cache_teacher.reader import CacheReader
 from cache_teacher.targets import CachedTeacher
 from core.errors import UserError
+from data.synthetic import synthetic_default_path
 from distill.teachers import OnlineTeacher, TeacherSource
 
 
@@ -36,4 +39,9 @@ def data_hints(source: TeacherSource | None) -> dict:
     source_hint = cache.meta.source
     if source_hint.get("images") and source_hint.get("ann"):
         hints["dataset"] = (source_hint["images"], source_hint["ann"])
+        # a dataset that moved is an error naming --images/--ann, never the synthetic data in its place
+        # (generated, then refused by the cache), unless the dump read the synthetic data (regenerated the same)
+        ann = Path(source_hint["ann"])
+        hints["fallback"] = (ann.name == "instances_train.json"
+                             and ann.parent.parent.name == synthetic_default_path().name)
     return hints

@@ -112,11 +112,13 @@ def parse_axis(item: str) -> list[tuple[str, str]]:
     # img_scale values contain commas themselves: give them as 1333x800
     axis = [(key, v.strip().replace("x", ",") if key == "img_scale" else v.strip())
             for v in values.split(",") if v.strip()]
+    unique: dict = {}  # a value given twice (0.25,0.25 or 0.25,.25) is one point, not two runs of one folder
     for _, text in axis:
         problem = grid_value_problem(allowed[key], text)
         if problem:
             raise UserError(f"--grid {key}={text}: {problem}")
-    return axis
+        unique.setdefault(repr(domain_of(allowed[key]).parse(text)), (key, text))
+    return list(unique.values())
 
 
 def parse_grid(items: list[str]) -> list[dict[str, str]]:
@@ -178,10 +180,21 @@ def point_command(train_student: list[str], overrides: dict, run_dir: Path, slot
     return cmd, env
 
 
+POINT_RECORD = "sweep_point.json"  # the train-student options a finished point ran with
+
+
+def _point_options(cmd: list[str]) -> list[str]:
+    """What a point trains with: its train-student options (not the Python or torchrun that ran them)."""
+    return cmd[cmd.index("train-student") + 1:] if "train-student" in cmd else cmd
+
+
 def _run_point(cmd: list[str], env: dict, overrides: dict, run_dir: Path) -> PointResult:
-    eval_file = run_dir / "eval.json"
+    """A point finished with these options is skipped; one finished with others is resumed, so
+    train-student continues it (a larger --max-iters), evaluates it again, or refuses the options."""
+    eval_file, record = run_dir / "eval.json", run_dir / POINT_RECORD
     name = run_dir.name
-    if eval_file.exists():
+    finished_with = json.loads(record.read_text())["options"] if record.exists() else None
+    if eval_file.exists() and finished_with in (None, _point_options(cmd)):  # None: a sweep that kept no record
         ev = json.loads(eval_file.read_text())
         return PointResult(name, overrides, "skipped", ev["metrics"], ev.get("train_seconds"), str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +202,7 @@ def _run_point(cmd: list[str], env: dict, overrides: dict, run_dir: Path) -> Poi
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0 or not eval_file.exists():
         return PointResult(name, overrides, "failed", None, None, str(run_dir))
+    record.write_text(json.dumps({"options": _point_options(cmd)}) + "\n")
     ev = json.loads(eval_file.read_text())
     return PointResult(name, overrides, "done", ev["metrics"], ev.get("train_seconds"), str(run_dir))
 

@@ -157,3 +157,115 @@ def test_a_resumed_run_logs_each_step_once_to_tensorboard_and_none_without_it(ti
     assert steps == [1, 2, 3, 4, 5, 6]
     _train(tiny_coco, tmp_path / "plain", max_iters=2, tensorboard=False)
     assert not (tmp_path / "plain" / "tensorboard").exists()
+
+
+def test_a_val_set_whose_categories_differ_is_refused_before_training(tiny_coco, tmp_path):
+    """Labels are indices into the training annotations' categories: a validation file listing other
+    ids would have every class scored as another one. Refused before the run folder exists."""
+    val = json.loads(tiny_coco["val_ann"].read_text())
+    val["categories"] = [{"id": 0, "name": "zebra"}, *val["categories"]]  # one more id, sorting first
+    other = tmp_path / "val.json"
+    other.write_text(json.dumps(val))
+    data = DataConfig(images=str(tiny_coco["images"]), ann=str(tiny_coco["ann"]), img_scale=(96, 96),
+                      val_images=str(tiny_coco["val_images"]), val_ann=str(other))
+    with pytest.raises(UserError, match=r"validation annotations .* only in validation: \[0\]"):
+        run_train(data, ModelConfig(num_classes=5, **TINY_MODEL), TrainConfig(max_iters=1, batch_size=4, workers=0),
+                  LossConfig(), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_finished_run_logs_its_evaluation_once(tiny_coco, tmp_path):
+    _train(tiny_coco, tmp_path / "run", val=True, eval_every=1)
+    _train(tiny_coco, tmp_path / "run", val=True, eval_every=1, resume=True)  # nothing left to train: evaluates
+    lines = _losses(tmp_path / "run")
+    assert [r["iter"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["iter"] for r in lines if "AP" in r] == [3, 6]  # the curve's point and one final evaluation
+
+
+def test_a_record_cut_short_by_a_kill_does_not_stop_the_resume(tiny_coco, tmp_path):
+    _train(tiny_coco, tmp_path / "run", max_iters=3)
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"iter": 4, "epo')  # killed while writing the record of step 4 (after the checkpoint of step 3)
+    _train(tiny_coco, tmp_path / "run", resume=True)
+    assert [r["iter"] for r in _losses(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_unreadable_image_mid_run_keeps_the_steps_since_the_checkpoint(tiny_coco, tmp_path, monkeypatch):
+    from data.coco import CocoDetection
+
+    _train(tiny_coco, tmp_path / "straight")
+    _train(tiny_coco, tmp_path / "run", max_iters=3)  # epoch 1, checkpointed at its end
+    real_load, calls = CocoDetection.load_image, []
+
+    def load_image(self, index):
+        calls.append(index)
+        if len(calls) > 4:  # the second batch of epoch 2: one step after the checkpoint
+            raise UserError("image file x.png cannot be read; replace it")
+        return real_load(self, index)
+
+    monkeypatch.setattr(CocoDetection, "load_image", load_image)
+    with pytest.raises(UserError, match="cannot be read"):
+        _train(tiny_coco, tmp_path / "run", resume=True)
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["iter"] == 4
+    monkeypatch.setattr(CocoDetection, "load_image", real_load)  # the image replaced: the run goes on
+    _train(tiny_coco, tmp_path / "run", resume=True)
+    split, straight = _losses(tmp_path / "run"), _losses(tmp_path / "straight")
+    assert [r["iter"] for r in split] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in split] == pytest.approx([r["loss"] for r in straight], rel=1e-6)
+
+
+def test_a_run_killed_during_an_evaluation_evaluates_on_resume(tiny_coco, tmp_path, monkeypatch):
+    """The epoch's checkpoint is written before its --eval-every evaluation: a run stopped during that
+    evaluation resumes after it, and the AP curve would lack the point."""
+    import distill.engine
+
+    real = distill.engine.evaluate_model
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill.engine, "evaluate_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_coco, tmp_path / "run", val=True, eval_every=1)
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["iter"] == 3
+    monkeypatch.setattr(distill.engine, "evaluate_model", real)
+    _train(tiny_coco, tmp_path / "run", val=True, eval_every=1, resume=True)
+    lines = _losses(tmp_path / "run")
+    assert [(r["iter"], r["epoch"]) for r in lines if "AP" in r] == [(3, 1), (6, 2)]
+    _train(tiny_coco, tmp_path / "run", val=True, eval_every=1, resume=True)  # finished: only the final one again
+    assert [r["iter"] for r in _losses(tmp_path / "run") if "AP" in r] == [3, 6]
+
+
+def test_a_resumed_run_keeps_its_loss_scale(tiny_coco, tmp_path, monkeypatch):
+    """fp16 on CUDA trains under a GradScaler whose scale grows during the run: a resumed run starts
+    from the scale it had reached, not the initial one (which skips steps until it has backed off).
+    A CPU scaler stands in for CUDA's here."""
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: real("cpu", init_scale=4.0,
+                                                                              growth_interval=1))
+    _train(tiny_coco, tmp_path / "run", max_iters=3)
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["scaler"]["scale"] == 32.0
+    _train(tiny_coco, tmp_path / "run", resume=True)
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["scaler"]["scale"] == 256.0
+
+
+def test_a_kill_while_eval_json_is_written_leaves_no_half_file(tiny_coco, tmp_path, monkeypatch):
+    """eval.json marks a finished run (a sweep skips the point, the demo the step, and both read it):
+    a kill mid-write must not leave half of one, which would be read as finished and fail to parse."""
+    from pathlib import Path
+
+    real = Path.write_text
+
+    def killed(self, text, *args, **kwargs):
+        if self.name.startswith("eval.json"):
+            real(self, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_coco, tmp_path / "run", val=True, max_iters=1)
+    assert not (tmp_path / "run" / "eval.json").exists()
+    monkeypatch.setattr(Path, "write_text", real)
+    _train(tiny_coco, tmp_path / "run", val=True, max_iters=1, resume=True)
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["iter"] == 1

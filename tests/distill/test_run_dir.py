@@ -36,3 +36,16 @@ def test_a_run_folder_from_before_a_field_existed_resumes(tmp_path):
     paths.config.write_text(json.dumps(saved))
     with pytest.raises(UserError, match="model.backbone: None -> 'resnet'"):
         prepare_run_dir(paths, config, resume=True)
+
+
+def test_a_dataset_that_moved_resumes_but_other_data_does_not():
+    """Where the data lies may change on --resume; what it is (the dataset's identity) may not."""
+    from distill.run_dir import config_differences
+
+    old = {"data": {"images": "/a/train", "ann": "/a/train.json", "val_images": "/a/val", "val_ann": "/a/val.json",
+                    "subset_fraction": 1.0}, "dataset": {"num_images": 10, "ann_sha256": "x"}}
+    moved = {"data": {"images": "/b/train", "ann": "/b/train.json", "val_images": "/b/val", "val_ann": "/b/val.json",
+                      "subset_fraction": 1.0}, "dataset": {"num_images": 10, "ann_sha256": "x"}}
+    assert config_differences(old, moved) == []
+    other = {**moved, "dataset": {"num_images": 10, "ann_sha256": "y"}}
+    assert config_differences(old, other) == ["dataset.ann_sha256: 'x' -> 'y'"]

@@ -196,3 +196,22 @@ def test_train_student_views_alone_trains_at_the_caches_scale(tiny_coco, tiny_ca
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
     assert data["views"] == "hflip" and data["img_scale"] == [96, 96]  # the cache's, not 1333,800
+
+
+def test_a_cache_whose_dataset_moved_asks_for_it_never_trains_on_the_synthetic_data(tiny_coco, tiny_teacher,
+                                                                                      tmp_path):
+    """train-student --cache C without data flags reads the dataset the dump read; once it has moved,
+    one line asks for --images/--ann (the synthetic data in its place would be generated, 1000 images,
+    and then refused by the cache as another dataset)."""
+    from tests.conftest import dump_tiny_cache
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_coco["root"], data)
+    tiny = {"images": data / "train", "ann": data / "annotations" / "instances_train.json"}
+    cache = dump_tiny_cache(tiny, tiny_teacher["path"], tmp_path / "cache.zarr", shard_mb=1.0)
+    data.rename(tmp_path / "moved")
+    home = tmp_path / "home"  # where the synthetic data would be generated
+    proc = run_cli("train-student", "--cache", cache, "--out", tmp_path / "run", *TINY_MODEL_FLAGS, "--workers", "0",
+                   "--max-iters", "1", env_home=home)
+    assert_user_error(proc, "pass --images and --ann")
+    assert not (tmp_path / "run").exists() and not home.exists()

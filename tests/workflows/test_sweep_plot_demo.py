@@ -175,3 +175,40 @@ def test_device_slots_from_the_options():
         assert SweepConfig(cache="C", devices="auto").device_slots() is None  # no GPU: as without --devices
     with pytest.raises(UserError, match="needs at least 4 devices"):
         SweepConfig(cache="C", devices="0,1", gpus_per_job=4).device_slots()
+
+
+def test_a_value_given_twice_is_one_point():
+    """Two points of one value would be two train-student runs of one folder at once (--jobs 2)."""
+    points = parse_grid(["ld_weight=0.25,0.25,.25,0.5", "weight_sum_clamp=true,on"])
+    assert points == [{"ld_weight": "0.25", "weight_sum_clamp": "true"},
+                      {"ld_weight": "0.5", "weight_sum_clamp": "true"}]
+
+
+def test_a_sweep_run_again_with_other_options_does_not_report_the_old_results(tmp_path):
+    """A finished point is skipped only when it finished with the options given now; otherwise
+    train-student --resume decides (continue, evaluate again, or refuse the change)."""
+    from workflows.sweep import run_sweep
+
+    fake = [sys.executable, str(ROOT / "tests" / "workflows" / "fake_train_student.py"), "train-student",
+            "--cache", "C"]
+    grid = parse_grid(["ld_weight=0.1,0.2"])
+    first = run_sweep("C", grid, [*fake, "--max-iters", "1"], tmp_path / "sweep")
+    assert [r.status for r in first] == ["done", "done"]
+    assert [r.status for r in run_sweep("C", grid, [*fake, "--max-iters", "1"], tmp_path / "sweep")] == ["skipped"] * 2
+    assert [r.status for r in run_sweep("C", grid, fake, tmp_path / "sweep")] == ["done", "done"]  # ran again
+    (tmp_path / "sweep" / "ld_weight=0.1" / "sweep_point.json").unlink()  # a sweep folder from before the record
+    assert run_sweep("C", grid, fake, tmp_path / "sweep")[0].status == "skipped"
+
+
+def test_the_demo_refuses_a_work_folder_of_the_other_plan(tmp_path):
+    """`ldcache demo --quick` then `ldcache demo` (both runs/demo by default) would reuse the quick
+    demo's data, teacher and students and print them as the full demo's."""
+    from tests.cli_runner import assert_user_error
+    from workflows.demo import PLANS
+
+    workdir = tmp_path / "demo"
+    workdir.mkdir()
+    (workdir / "demo.json").write_text(json.dumps({"plan": PLANS["quick"].__dict__}))  # a finished quick demo
+    before = sorted(p.name for p in workdir.iterdir())
+    assert_user_error(run_cli("demo", "--workdir", workdir, "--workers", "0"), "the --quick demo", "--workdir")
+    assert sorted(p.name for p in workdir.iterdir()) == before  # nothing written
