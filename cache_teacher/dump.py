@@ -25,7 +25,7 @@ from cache_teacher.dump_config import DumpConfig, package_version, resolve_dump
 from cache_teacher.layout import Layout
 from cache_teacher.plan import plan_dump, shard_batches, view_keys
 from cache_teacher.reader import is_url, open_group
-from cache_teacher.writer import CacheWriter
+from cache_teacher.writer import CacheWriter, what_is_at
 from core.distributed import barrier, init_from_env, run_on_main
 from core.errors import UserError
 from core.runtime import autocast_for, progress_bar, resolve_device
@@ -44,7 +44,14 @@ def _open_store(cfg: DumpConfig, meta: schema.CacheMetadata, layout: Layout, dat
         if not existing and not list(group.keys()):
             group = None  # an empty group (a dump killed as it began): nothing to lose
     except UserError:
-        group = None  # nothing there yet
+        group = None  # nothing there yet, or something that is not a Zarr group
+        found = what_is_at(cfg.out, cfg.storage_options)  # creating the store would delete it
+        if found == "other":
+            raise UserError(f"{cfg.out} exists and holds files that are not a Zarr store; --overwrite replaces only "
+                            "a Zarr store: choose another --out (a new folder)") from None
+        if found == "zarr" and not cfg.overwrite:
+            raise UserError(f"{cfg.out} exists and is not an ldcache cache (a Zarr store that is not a readable "
+                            "group); choose another --out or pass --overwrite") from None
     if group is not None:
         diffs = None
         if schema.is_cache_document(existing):
@@ -183,7 +190,8 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
         opened["writer"] = _open_store(cfg, meta, layout, dataset, len(specs))
 
     run_on_main(open_on_main, dist_info)  # a refusal on rank 0 stops every rank
-    writer = opened.get("writer") or CacheWriter.resume(cfg.out, cfg.storage_options)
+    # The other ranks join the store rank 0 opened (and cleaned): rank 0 may already be writing a shard.
+    writer = opened.get("writer") or CacheWriter.resume(cfg.out, cfg.storage_options, clean=False)
     done = writer.shards_done()
     todo = [s for s in range(layout.num_shards) if not done[s] and s % dist_info.world_size == dist_info.rank]
     batches = shard_batches(layout, todo, cfg.batch_size)
@@ -243,15 +251,26 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
         thread.join()
         bar.close()
     if errors:
-        raise errors[0]
+        raise _write_error(errors[0], cfg.out)
     seconds = time.perf_counter() - start
     barrier()  # every rank's shards are stored
-    if dist_info.is_main and writer.shards_done().all():
-        writer.finalize()
+    if dist_info.is_main and not writer.meta.complete and writer.shards_done().all():
+        try:  # (a complete cache is not written again: it may be read-only)
+            writer.finalize()
+        except OSError as err:
+            raise _write_error(err, cfg.out) from None
     barrier()
     return {"views": num_views, "seconds": seconds, "shards_written": len(todo), "num_shards": layout.num_shards,
             "complete": writer.meta.complete, "bytes_written": assembler.bytes_written,
             "already_complete": not todo and writer.meta.complete}
+
+
+def _write_error(err: BaseException, out: str) -> BaseException:
+    """A failed store write (read-only location, disk full, ...) as the user's error to fix."""
+    if isinstance(err, OSError):
+        return UserError(f"cannot write {out} ({err.strerror or err}); make it writable or free space, then run the "
+                         "same command again to resume (the shards already written are kept)")
+    return err
 
 
 def format_dump_result(result: dict, out: str) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from cache_teacher.reader import CacheReader
-from cache_teacher.verify import dataset_of_cache, format_verify, verify
+from cache_teacher.verify import dataset_of_cache, format_verify, sample_of_view, verify, written_views
 from core.config import param, validate_fields
 from core.domains import Flag, JsonObject, Nested, Range
 from core.errors import UserError
@@ -22,7 +22,7 @@ from data.config import DataConfig
 from data.views import PIXEL_MEAN, PIXEL_STD
 from detector.config import ModelConfig
 from detector.postprocess import postprocess
-from detector.rows import row_index, row_location, view_maps
+from detector.rows import row_location, view_maps
 
 PICTURE_MIN_SCORE = 0.25
 PICTURE_MAX_DETECTIONS = 12
@@ -118,18 +118,22 @@ def format_summary(s: dict) -> str:
 
 def render_png(cache: CacheReader, view: int, out: Path, images=None, ann=None, temperature: float = 1.0) -> Path:
     """The view with its GT boxes, the teacher's top detections decoded from the cache, and the four
-    edge distributions of the top detection's location."""
+    edge distributions of the top-scoring location among those whose box logits are stored."""
     from cache_teacher.picture import render_view
 
     if not 0 <= view < len(cache.records):
         raise UserError(f"--view {view} is out of range: the cache holds views 0..{len(cache.records) - 1}")
+    if not written_views(cache)[view]:
+        raise UserError(f"--view {view} is not written yet (the cache is incomplete); re-run the same dump-teacher "
+                        "command to finish it, or pick a view of a written shard")
     dataset = dataset_of_cache(cache, images, ann)
     record = cache.records[view]
-    sample = dataset[(int(cache.view_table["image_index"][view]), int(cache.view_table["spec_index"][view]))]
+    sample = sample_of_view(cache, dataset, view)
     h, w = record.resized_hw
     mean, std = torch.tensor(PIXEL_MEAN)[:, None, None], torch.tensor(PIXEL_STD)[:, None, None]
     image = (sample.image[:, :h, :w] * std + mean).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-    cached = cache.read_view(view).without_holes()  # a sparse cache shows only what it stores
+    stored = cache.read_view(view)
+    cached = stored.without_holes()  # a sparse cache shows only what it stores
     box_maps = [m[None] for m in view_maps(cached.box, record.level_hw)]
     strides, reg_max = cache.meta.strides, cache.meta.reg_max
     frame = dataclasses.replace(record, orig_hw=record.resized_hw, flip=False)  # decode in the view's own pixels
@@ -140,9 +144,13 @@ def render_png(cache: CacheReader, view: int, out: Path, images=None, ann=None, 
         det = postprocess(cls_maps, box_maps, [frame], strides, reg_max)[0]
         keep = (det.scores >= PICTURE_MIN_SCORE).nonzero().squeeze(1)[:PICTURE_MAX_DETECTIONS]  # a readable picture
         det_boxes, det_scores, det_labels = det.boxes[keep].numpy(), det.scores[keep].numpy(), det.labels[keep].numpy()
-        row = int(cached.cls.sigmoid().amax(dim=1).argmax())
+        score = cached.cls.sigmoid().amax(dim=1)
     else:  # no class logits: show the location closest to the centre of the largest GT box
-        row = _row_near_largest_gt(record, sample.boxes, strides)
+        score = _closeness_to_largest_gt(record, sample.boxes, strides)
+    if stored.location is not None:  # only stored rows hold the teacher's distributions (ld+bckd: edges elsewhere)
+        rows_stored = stored.location.long()
+        score = torch.full_like(score, -float("inf")).index_copy(0, rows_stored, score[rows_stored])
+    row = int(score.argmax())
     edge_logits = cached.box[row].reshape(4, reg_max + 1).numpy()
     edge_box = _decode_row(record, row, cached.box[row], strides, reg_max)
     names = dataset.class_names
@@ -160,18 +168,23 @@ def _decode_row(record, row: int, box_logits: torch.Tensor, strides, reg_max: in
     return np.array([cx - float(dist[0]), cy - float(dist[1]), cx + float(dist[2]), cy + float(dist[3])])
 
 
-def _row_near_largest_gt(record, gt_boxes: torch.Tensor, strides) -> int:
+def _closeness_to_largest_gt(record, gt_boxes: torch.Tensor, strides) -> torch.Tensor:
+    """[num_rows] the higher, the closer a location is to the centre of the largest GT box, on the
+    first level whose anchors (8 x stride) fit the box (other levels after it)."""
+    scores = []
     if len(gt_boxes) == 0:
-        return 0
+        return -torch.arange(record.num_rows, dtype=torch.float32)  # the first row
     areas = (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])
     box = gt_boxes[int(areas.argmax())]
     cx, cy = float(box[0] + box[2]) / 2, float(box[1] + box[3]) / 2
     side = float(max(box[2] - box[0], box[3] - box[1]))
+    fits = next((level for level, s in enumerate(strides) if side <= 8 * s * 2), len(strides) - 1)
     for level, ((h, w), s) in enumerate(zip(record.level_hw, strides)):
-        if side <= 8 * s * 2 or s == strides[-1]:  # the first level whose anchors (8 x stride) fit the box
-            return row_index(record.level_hw, level, min(h - 1, round(cy / s)), min(w - 1, round(cx / s)))
-    return 0
-
+        y, x = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                              indexing="ij")
+        distance = ((x * s - cx) ** 2 + (y * s - cy) ** 2).sqrt().reshape(-1) / s  # in this level's strides
+        scores.append(-distance - 1e6 * (level != fits))
+    return torch.cat(scores)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from cache_teacher.reader import CacheReader
 from core.errors import UserError
 from data.coco import CocoDetection
 from data.config import DataConfig
-from detector.checkpoint import file_sha256, load_model
+from detector.checkpoint import file_sha256, load_model, read_checkpoint, stored_model_config
 from detector.distributions import integral
 from detector.evaluation import coco_evaluate
 from detector.inference import coco_detections
@@ -29,6 +29,32 @@ def dataset_of_cache(cache: CacheReader, images=None, ann=None) -> CocoDetection
     hint = (source["images"], source["ann"]) if source.get("images") and source.get("ann") else None
     data = DataConfig(images=images, ann=ann).resolve(dataset=hint, fallback=False)
     return CocoDetection(data.images, data.ann, views=cache.specs, strides=cache.meta.strides, train=True)
+
+
+def written_views(cache: CacheReader) -> np.ndarray:
+    """[V] bool: is the view's shard written (its rows hold the teacher's logits, not fill)?"""
+    if cache.complete:
+        return np.ones(len(cache.records), dtype=bool)
+    return cache.shards_done()[cache.row_offset // cache.meta.layout.rows_per_shard]
+
+
+def sample_of_view(cache: CacheReader, dataset: CocoDetection, v: int, positions: dict | None = None,
+                   annotations: bool = True):
+    """The dataset's sample of cached view v (its image found by id; positions: image id -> dataset
+    index, for many calls), or a UserError when the dataset given is not the one the cache was
+    dumped from: the image is missing, has another size, or (annotations) other boxes or file name."""
+    record = cache.records[v]
+    if positions is None:
+        positions = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
+    index = positions.get(record.image_id)
+    image = None if index is None else cache.index_of_image.get(record.image_id)
+    same = index is not None and dataset.view_record(index, int(cache.view_table["spec_index"][v])) == record and (
+        not annotations or cache.image_digests is None
+        or bytes(cache.image_digests[image]) == dataset.image_digest(index))
+    if not same:
+        raise UserError(f"image {record.image_id} of cached view {v} {'is not in' if index is None else 'differs in'} "
+                        f"{dataset.ann_file}; pass the --images and --ann the cache was dumped from")
+    return dataset[(index, int(cache.view_table["spec_index"][v]))]
 
 
 def verify(cache: CacheReader, teacher: str | None = None, images=None, ann=None, num_views: int = 8, seed: int = 0,
@@ -61,7 +87,7 @@ def verify(cache: CacheReader, teacher: str | None = None, images=None, ann=None
                 raise
             result["dataset_matches"] = None  # the dump's dataset is no longer where it was
             problems.append(f"dataset not checked ({err})")
-    if dataset is not None and result.get("dataset_matches") and ap_images > 0 and cache.has_cls:
+    if dataset is not None and result.get("dataset_matches") and ap_images > 0 and cache.has_cls and result["complete"]:
         result["teacher_ap"] = teacher_ap(cache, dataset, ap_images, seed)
     if teacher is not None:
         sha = file_sha256(teacher)
@@ -82,15 +108,27 @@ def fidelity(cache: CacheReader, teacher: str, dataset: CocoDetection, num_views
     """KL(T=10) of stored box distributions against the teacher's fresh fp32 forward on N random
     views, each alone on its own canvas (the cache's definition of a view's maps)."""
     dev = torch.device(device)
-    model, config = load_model(teacher, {}, dev, role="teacher checkpoint")
+    # A checkpoint without a recorded architecture (mmdetection's) was dumped with the architecture
+    # flags; the GroupNorm groups are the one the weights cannot show: the cache recorded them.
+    bare = stored_model_config(read_checkpoint(teacher)) is None
+    arch = {"gn_groups": cache.meta.teacher_config["gn_groups"]} if bare and "gn_groups" in cache.meta.teacher_config \
+        else {}
+    model, config = load_model(teacher, arch, dev, role="teacher checkpoint")
+    differ = [f"{name} {mine} (the cache: {theirs})" for name, mine, theirs in (
+        ("classes", config.num_classes, cache.meta.num_classes), ("reg_max", config.reg_max, cache.meta.reg_max),
+        ("strides", list(config.strides), list(cache.meta.strides))) if mine != theirs]
+    if differ:
+        raise UserError(f"--teacher {teacher} has {', '.join(differ)}: it cannot have made this cache; pass the "
+                        "teacher the cache was dumped with")
     gen = np.random.default_rng(seed)
-    chosen = gen.choice(len(cache.records), size=min(num_views, len(cache.records)), replace=False)
+    positions = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
+    written = np.nonzero(written_views(cache))[0]  # an incomplete cache: the views of its written shards
+    chosen = written[gen.choice(len(written), size=min(num_views, len(written)), replace=False)]
     kls, cls_err, prob_err, edge_err = [], 0.0, 0.0, 0.0
     two = cache.meta.regions.two_spaces  # ld+bckd: class logits (top-k + floor) and edges at every location
     for v in chosen:
         cached = cache.read_view(int(v))
-        image_index, spec_index = int(cache.view_table["image_index"][v]), int(cache.view_table["spec_index"][v])
-        sample = dataset[(image_index, spec_index)]
+        sample = sample_of_view(cache, dataset, int(v), positions, annotations=False)  # the pixels only
         cls_maps, box_maps = model(sample.image[None].to(dev))
         rows = cached.location.long() if cached.location is not None else slice(None)  # sparse: stored rows only
         all_box = flatten_rows(box_maps, [cached.record.level_hw]).float().cpu()

@@ -73,8 +73,6 @@ class CacheWriter:
             create(schema.CLS_FLOOR, None, "float16", dense)
         elif meta.has_cls:
             create(schema.CLS, meta.num_classes, meta.cls_dtype, dense)
-        # One chunk per flag: ranks of a distributed dump never write the same object.
-        group.create_array(schema.PROGRESS, shape=(layout.num_shards,), chunks=(1,), dtype="uint8", fill_value=0)
         views = group.create_group("views")
         for name, values in view_table(layout).items():
             views.create_array(name, data=np.ascontiguousarray(values))
@@ -83,12 +81,19 @@ class CacheWriter:
         dataset.create_array("lookup", data=layout.lookup(len(image_ids), num_specs))
         if image_digests is not None:
             dataset.create_array("image_digests", data=np.ascontiguousarray(image_digests, dtype=np.uint8))
+        # Last: a store without progress was killed while being created (resume() creates it again),
+        # so a resumed store always has its whole view table. One chunk per flag: ranks of a
+        # distributed dump never write the same object.
+        group.create_array(schema.PROGRESS, shape=(layout.num_shards,), chunks=(1,), dtype="uint8", fill_value=0)
         return cls(group, meta)
 
     @classmethod
-    def resume(cls, url: str, storage_options: dict | None = None) -> CacheWriter | None:
-        """The writer of an existing cache, or None if its creation never finished."""
-        _remove_partial_writes(url)
+    def resume(cls, url: str, storage_options: dict | None = None, clean: bool = True) -> CacheWriter | None:
+        """The writer of an existing cache, or None if its creation never finished. clean: remove
+        the leftovers of killed writes (only while no other writer is running: rank 0 before the
+        others start, never a rank that joins a store rank 0 may already be writing to)."""
+        if clean:
+            _remove_partial_writes(url)
         group = open_group(url, mode="r+", storage_options=storage_options)
         meta = schema.CacheMetadata.from_json(dict(group.attrs.get(schema.ATTRS_KEY, {})), url)
         try:
@@ -130,4 +135,31 @@ def _remove_partial_writes(url: str) -> None:
         return
     root = Path(str(url).removeprefix("file://"))
     for leftover in root.rglob("*.partial"):
-        leftover.unlink(missing_ok=True)
+        try:
+            leftover.unlink(missing_ok=True)
+        except OSError:  # a read-only store: harmless, and a shard write says so if one is needed
+            pass
+
+
+def what_is_at(out: str, storage_options: dict | None) -> str | None:
+    """What a new store at `out` would replace (it clears its location first): None (nothing, or an
+    empty folder), "zarr" (a Zarr store: its root metadata document) or "other" (other files).
+    A killed local write's `*.partial` leftover is the store's own, not another file."""
+    roots = ("zarr.json", ".zgroup", ".zarray")  # Zarr v3, or v2
+    if not is_url(out) or out.startswith("file://"):
+        path = Path(out.removeprefix("file://"))
+        if any((path / name).is_file() for name in roots):
+            return "zarr"
+        if path.is_dir():
+            return "other" if any(not p.name.endswith(".partial") for p in path.iterdir()) else None
+        return "other" if path.exists() else None
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(out, **(storage_options or {}))
+        root = root.rstrip("/")
+        if any(fs.exists(f"{root}/{name}") for name in roots):
+            return "zarr"
+        return "other" if fs.ls(root, detail=False) else None
+    except OSError:  # nothing there (or nothing this user may list)
+        return None

@@ -113,3 +113,14 @@ def test_dump_inspect_train_and_resume_on_s3(s3, tiny_coco, tiny_teacher, tmp_pa
 def test_missing_bucket_object_is_a_clear_error(s3):
     code, _, err = _run("inspect-cache", "s3://ldcache-test/nothing.zarr", "--storage-options", s3["options"])
     assert code == 2 and "no cache at" in err and "Traceback" not in err
+
+
+def test_a_prefix_of_other_objects_is_never_replaced(s3, tiny_coco, tiny_teacher):
+    fs = s3["fs"]
+    fs.pipe("ldcache-test/results/notes.txt", b"precious")  # not a Zarr store: a new store would clear it
+    for extra in ([], ["--overwrite"]):
+        code, _, err = _run(*_dump_args(tiny_coco, tiny_teacher["path"], "s3://ldcache-test/results", s3["options"]),
+                            *extra)
+        assert code == 2 and "holds files that are not a Zarr store" in err and "Traceback" not in err, err[-2000:]
+    fs.invalidate_cache()
+    assert fs.cat("ldcache-test/results/notes.txt") == b"precious"

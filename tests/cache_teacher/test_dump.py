@@ -198,3 +198,93 @@ def test_reader_in_forked_loader_workers(tiny_coco, tiny_teacher, tmp_path):
     loader = torch.utils.data.DataLoader(Views(), batch_size=None, num_workers=2)
     got = list(loader)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_a_folder_of_other_files_is_never_replaced(tiny_coco, tiny_teacher, tmp_path):
+    folder = tmp_path / "results"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("precious")
+    for overwrite in (False, True):  # --overwrite replaces a Zarr store, never a folder of other files
+        with pytest.raises(UserError, match="holds files that are not a Zarr store.*another --out"):
+            run_dump(_cfg(tiny_coco, tiny_teacher["path"], folder, overwrite=overwrite), progress=False)
+    assert (folder / "notes.txt").read_text() == "precious" and (folder / "sub").is_dir()
+    array = tmp_path / "array.zarr"  # a Zarr store that is no group: refused, replaced only with --overwrite
+    zarr.create_array(str(array), shape=(3,), dtype="int32")
+    with pytest.raises(UserError, match="not an ldcache cache.*--overwrite"):
+        run_dump(_cfg(tiny_coco, tiny_teacher["path"], array), progress=False)
+    assert zarr.open_array(str(array), mode="r").shape == (3,)
+    run_dump(_cfg(tiny_coco, tiny_teacher["path"], array, overwrite=True), progress=False)
+    assert CacheReader(array).complete
+
+
+class _Killed(BaseException):
+    pass
+
+
+def test_a_dump_killed_while_writing_the_view_table_is_created_again(tiny_coco, tiny_teacher, tmp_path, monkeypatch):
+    import cache_teacher.writer as writer
+
+    table = writer.view_table
+
+    def killed_half_way(layout):
+        items = list(table(layout).items())
+
+        class Table(dict):
+            def items(self):
+                yield from items[:3]
+                raise _Killed  # SIGKILL after three arrays of the view table were stored
+
+        return Table(items)
+
+    out = tmp_path / "c"
+    monkeypatch.setattr(writer, "view_table", killed_half_way)
+    with pytest.raises(_Killed):
+        run_dump(_cfg(tiny_coco, tiny_teacher["path"], out), progress=False)
+    monkeypatch.setattr(writer, "view_table", table)
+    run_dump(_cfg(tiny_coco, tiny_teacher["path"], out), progress=False)  # the same command again
+    run_dump(_cfg(tiny_coco, tiny_teacher["path"], tmp_path / "reference"), progress=False)
+    cache = CacheReader(out)  # the whole view table is there
+    assert cache.complete and len(cache.records) == 20
+    assert store_array_files(out) == store_array_files(tmp_path / "reference")
+
+
+def test_a_read_only_store_is_not_written_and_a_failed_write_is_one_line(tiny_coco, tiny_teacher, tmp_path,
+                                                                       monkeypatch):
+    out = tmp_path / "c"
+    run_dump(_cfg(tiny_coco, tiny_teacher["path"], out), progress=False)
+    before = store_array_files(out)
+
+    async def refused(self, key, value):
+        raise PermissionError(13, "Permission denied", str(self.root / key))
+
+    with monkeypatch.context() as patch:  # a read-only location (a shared cache): every store write is refused
+        patch.setattr(zarr.storage.LocalStore, "set", refused)
+        result = run_dump(_cfg(tiny_coco, tiny_teacher["path"], out), progress=False)
+    assert result["already_complete"] and CacheReader(out).complete  # a complete cache needs no write
+    group = zarr.open_group(str(out), mode="r+")
+    group["progress"][1] = 0
+    group.attrs["ldcache"] = {**group.attrs["ldcache"], "complete": False}
+    with monkeypatch.context() as patch:
+        patch.setattr(zarr.storage.LocalStore, "set", refused)
+        with pytest.raises(UserError, match="cannot write .*Permission denied.*run the same command again"):
+            run_dump(_cfg(tiny_coco, tiny_teacher["path"], out), progress=False)
+    others = lambda files: {k: v for k, v in files.items() if k != "progress/c/1"}  # noqa: E731
+    assert others(store_array_files(out)) == others(before)  # nothing else was touched
+    run_dump(_cfg(tiny_coco, tiny_teacher["path"], out), progress=False)  # writable again: it resumes
+    assert CacheReader(out).complete and store_array_files(out) == before
+
+
+def test_a_rank_joining_the_store_leaves_the_writes_of_rank_0_alone(tiny_coco, tiny_teacher, tmp_path, monkeypatch):
+    """Under torchrun the other ranks open the store after rank 0 created or resumed it, while rank 0
+    may already be writing a shard (zarr writes `<key>.<id>.partial`, then renames it)."""
+    import cache_teacher.dump as dump
+    from core.distributed import DistInfo
+
+    out = tmp_path / "c"
+    run_dump(_cfg(tiny_coco, tiny_teacher["path"], out), progress=False)
+    in_flight = out / "box" / "c" / "0" / "0.1f2e3d.partial"  # rank 0's shard 0, being written
+    in_flight.write_bytes(b"rows")
+    monkeypatch.setattr(dump, "init_from_env", lambda device: DistInfo(rank=1, world_size=2))
+    monkeypatch.setattr(dump, "run_on_main", lambda fn, info: None)  # rank 0 opened the store
+    run_dump(_cfg(tiny_coco, tiny_teacher["path"], out), progress=False)
+    assert in_flight.read_bytes() == b"rows"

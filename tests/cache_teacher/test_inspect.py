@@ -92,3 +92,68 @@ def test_the_summary_names_the_teacher_backbone(tiny_cache):
     assert "GFL mobilenet_v2 (5 classes" in teacher_line and "R-" not in teacher_line
     older = {k: v for k, v in s["teacher"].items() if k != "backbone"}  # a cache dumped before --backbone
     assert "GFL R-18 x0.125 width" in format_summary({**s, "teacher": older})
+
+
+def test_the_picture_of_a_compact_cache_shows_stored_box_logits(tiny_coco, tiny_teacher, tmp_path, monkeypatch):
+    """An ld+bckd cache has box logits at its region rows only (elsewhere a two-bin stand-in for the
+    stored edges): the picture's distributions must be the teacher's, so a stored row's."""
+    import cache_teacher.picture as picture
+    from cache_teacher.inspect import render_png
+    from tests.conftest import dump_tiny_cache
+
+    cache = CacheReader(dump_tiny_cache(tiny_coco, tiny_teacher["path"], tmp_path / "c.zarr", img_scale=(160, 160),
+                                        store_regions="ld+bckd", cls_topk=2))
+    drawn = {}
+    monkeypatch.setattr(picture, "render_view", lambda out, *args, **kw: drawn.update(edges=args[6]) or out)
+    for v in range(len(cache.records)):
+        render_png(cache, v, tmp_path / "v.png")
+        stored = cache.read_view(v).box.reshape(-1, 4, 17).numpy()  # the view's stored box rows
+        assert (abs(stored - drawn["edges"][None]) < 1e-6).all(axis=(1, 2)).any(), v
+
+
+def test_another_dataset_or_teacher_is_one_line(tiny_cache, tiny_coco, tmp_path):
+    from detector import ModelConfig, build_detector, save_checkpoint
+    from tests.conftest import TINY_MODEL
+
+    val = ["--images", tiny_coco["val_images"], "--ann", tiny_coco["val_ann"]]  # 4 other images
+    assert_user_error(run_cli("inspect-cache", tiny_cache, "--png", tmp_path / "x.png", "--view", "19", *val),
+                      "is not in", "--images and --ann the cache was dumped from")
+    assert not (tmp_path / "x.png").exists()
+    config = ModelConfig(num_classes=7, **TINY_MODEL)
+    save_checkpoint(tmp_path / "seven.pt", build_detector(config), config)  # a teacher of another dataset
+    assert_user_error(run_cli("inspect-cache", tiny_cache, "--verify", "--teacher", tmp_path / "seven.pt"),
+                      "classes 7 (the cache: 5)", "pass the teacher the cache was dumped with")
+
+
+def test_verify_rebuilds_an_mmdetection_teacher_as_it_was_dumped(tiny_coco, tmp_path):
+    """A checkpoint without a recorded architecture was dumped with the flags the weights cannot
+    show (--gn-groups): --verify --teacher rebuilds it with the cache's, not the default 32."""
+    import torch
+
+    from detector import ModelConfig, build_detector
+    from tests.conftest import TINY_MODEL, dump_tiny_cache
+
+    torch.manual_seed(0)
+    model = build_detector(ModelConfig(num_classes=5, **{**TINY_MODEL, "head_channels": 64, "gn_groups": 4}))
+    torch.save({"meta": {}, "state_dict": model.state_dict()}, tmp_path / "gfl.pth")  # mmdetection's layout
+    cache = CacheReader(dump_tiny_cache(tiny_coco, tmp_path / "gfl.pth", tmp_path / "c.zarr", arch={"gn_groups": 4}))
+    report = verify(cache, str(tmp_path / "gfl.pth"), num_views=4, ap_images=0)
+    assert report["ok"] and report["teacher_matches"]
+    assert report["fidelity"]["kl_t10_max"] < 1e-6 and report["fidelity"]["cls_max_abs_err"] < 0.01  # fp16 storage
+
+
+def test_an_incomplete_cache_shows_and_measures_only_written_views(tiny_cache, tiny_teacher, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_cache, copy)
+    group = zarr.open_group(str(copy), mode="r+")
+    group["progress"][0] = 0  # shard 0 never written: its rows are the fill value
+    group.attrs["ldcache"] = {**group.attrs["ldcache"], "complete": False}
+    for name in ("box", "cls"):
+        shutil.rmtree(copy / name / "c" / "0")
+    assert_user_error(run_cli("inspect-cache", copy, "--png", tmp_path / "x.png", "--view", "0"),
+                      "--view 0 is not written yet", "re-run the same dump-teacher command")
+    r = verify(CacheReader(copy), str(tiny_teacher["path"]), num_views=20)
+    assert not r["ok"] and any("incomplete" in p for p in r["problems"])
+    assert 0 < r["fidelity"]["views"] < 20 and r["fidelity"]["kl_t10_max"] < 1e-6  # the written views: fp16 storage

@@ -21,10 +21,11 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
     )
 
 
-@pytest.mark.parametrize("kind", ["fp16", "uint8", "sparse"])
+@pytest.mark.parametrize("kind", ["fp16", "uint8", "sparse", "ld+bckd"])
 def test_raw_reads_equal_zarr_reads(kind, tiny_coco, tiny_teacher, tmp_path):
     kw = {"fp16": {}, "uint8": {"box_dtype": "uint8"},
-          "sparse": {"store_regions": "main+vlr", "min_vlr_gamma": 0.25}}[kind]
+          "sparse": {"store_regions": "main+vlr", "min_vlr_gamma": 0.25},
+          "ld+bckd": {"store_regions": "ld+bckd", "box_dtype": "uint8", "cls_topk": 2}}[kind]  # two row spaces
     cache = _dump(tiny_coco, tiny_teacher["path"], tmp_path / "c.zarr", **kw)
     names = cache.array_names()
     raws = {n: cache.raw(n) for n in names}
@@ -33,9 +34,9 @@ def test_raw_reads_equal_zarr_reads(kind, tiny_coco, tiny_teacher, tmp_path):
     num_shards = {n: -(-cache.array(n).shape[0] // raws[n].shard_rows) for n in names}
     assert max(num_shards.values()) >= 3  # small shards: views and reads cross shard boundaries
     for v in range(len(cache.records)):  # every view, as the loader reads it
-        expected = cache.read_rows(v, direct=False)  # through zarr-python
-        got = cache.read_rows(v)
-        assert set(got) == set(expected)
+        expected = cache.read_rows(v, ("box", "cls", "edges"), direct=False)  # through zarr-python
+        got = cache.read_rows(v, ("box", "cls", "edges"))
+        assert set(got) == set(expected) == set(names)
         assert all(_same(got[n], expected[n]) for n in names), v
     for n in names:  # whole array in uneven pieces: shard padding (chunks never written) included
         total, step = cache.array(n).shape[0], raws[n].shard_rows // 3 + 7
