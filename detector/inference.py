@@ -26,7 +26,7 @@ from data.config import DataConfig
 from data.views import ViewRecord, ViewSpec
 from detector.checkpoint import load_state_dict_strict, read_checkpoint, resolve_model_config, trained_img_scale
 from detector.evaluation import coco_evaluate, detections_to_coco, save_results
-from detector.exported import ExportedDetector, exported_meta
+from detector.exported import ExportedDetector, exported_meta, recorded_category_ids, recorded_class_names
 from detector.model import build_detector
 from detector.postprocess import PostprocessConfig, postprocess
 
@@ -131,6 +131,20 @@ class EvalConfig:
         check(problems, "evaluation configuration")
 
 
+def check_categories(ids: list[int] | None, names: list[str] | None, dataset: CocoDetection, ann, source) -> None:
+    """A label is an index into the dataset's sorted categories, so categories other than those the
+    model learnt would score each class as another: refused when both the ids and the names differ
+    from what training recorded (a checkpoint without that record, mmdetection's, is not checked)."""
+    if ids is None or list(ids) == [int(c) for c in dataset.cat_ids]:
+        return
+    if names is not None and list(names) == list(dataset.class_names):
+        return  # the same classes in the same order, numbered otherwise: labels map through ann's ids
+    brief = lambda values: ", ".join(map(str, list(values)[:6])) + (", ..." if len(values) > 6 else "")  # noqa: E731
+    raise UserError(f"{source} was trained on the categories {brief(names or ids)} (ids {brief(ids)}) but {ann} has "
+                    f"{brief(dataset.class_names)} (ids {brief(dataset.cat_ids)}); evaluate on the dataset it was "
+                    "trained for")
+
+
 def run_evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     """COCO AP of a checkpoint (or an exported file) on a dataset: writes cfg.out (results) and
     OUT.metrics.json. Under torchrun every rank predicts its share of the images; rank 0 scores
@@ -153,6 +167,11 @@ def run_evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     if dataset.num_classes != num_classes:
         raise UserError(f"the checkpoint predicts {num_classes} classes but {ann} has {dataset.num_classes}; "
                         "evaluate on the dataset it was trained for")
+    if meta is not None:
+        check_categories(meta.get("category_ids"), meta.get("class_names"), dataset, ann, cfg.checkpoint)
+    else:
+        check_categories(recorded_category_ids(ckpt, num_classes), recorded_class_names(ckpt, num_classes), dataset,
+                         ann, cfg.checkpoint)
     dist_info = distributed.init_from_env(cfg.device)  # torchrun: every rank evaluates its share
     device = resolve_device(cfg.device, dist_info.local_rank if dist_info.enabled else None)
     if meta is not None:

@@ -4,6 +4,7 @@ skipped and named; bad input refused in one line with nothing written."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,3 +240,32 @@ def test_a_sidecar_of_another_export_is_one_line(lively, tiny_coco, tmp_path):
                                                       "category_ids": None}))
     proc = run_cli("predict", tmp_path / "m.onnx", tiny_coco["val_images"], "--out", tmp_path / "out", "--workers", "0")
     assert_user_error(proc, "m.onnx.json lists 2 classes", "describes another export")
+
+
+def test_evaluate_refuses_a_dataset_of_other_categories_than_the_checkpoint_learnt(tiny_coco, tmp_path):
+    """A label indexes the dataset's sorted categories: other categories would score each class as
+    another. The same classes numbered otherwise are fine (labels map through the file's ids)."""
+    from core.errors import UserError
+
+    doc = json.loads(Path(tiny_coco["val_ann"]).read_text())
+    cats = sorted(doc["categories"], key=lambda c: c["id"])
+    model, config = lively_detector()
+    assert config.num_classes == len(cats)
+    ckpt = tmp_path / "recorded.pt"
+    save_checkpoint(ckpt, model, config, run_config={"dataset": {"class_names": [c["name"] for c in cats],
+                                                                 "category_ids": [c["id"] for c in cats]}})
+    renumbered = {c["id"]: c["id"] + 100 for c in cats}
+    for renamed in (False, True):
+        other = {**doc, "categories": [{**c, "id": renumbered[c["id"]], "name": c["name"] + ("_x" if renamed else "")}
+                                       for c in cats],
+                 "annotations": [{**a, "category_id": renumbered[a["category_id"]]} for a in doc["annotations"]]}
+        ann = tmp_path / f"val-{renamed}.json"
+        ann.write_text(json.dumps(other))
+        data = DataConfig(images=str(tiny_coco["val_images"]), ann=str(ann), img_scale=(100, 100))
+        cfg = EvalConfig(checkpoint=str(ckpt), out=str(tmp_path / f"eval-{renamed}.json"), data=data, workers=0)
+        if renamed:
+            with pytest.raises(UserError, match=r"was trained on the categories .* but .*val-True\.json has .*_x"):
+                run_evaluate(cfg, progress=False)
+            assert not (tmp_path / "eval-True.json").exists()
+        else:
+            assert run_evaluate(cfg, progress=False)["images"] == len(doc["images"])
