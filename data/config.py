@@ -63,6 +63,10 @@ class DataConfig:
         if (self.val_images is None) != (self.val_ann is None):
             problems.append(pair_problem("--val-images", "--val-ann", self.val_images is not None,
                                          "the synthetic val split on the default data"))
+        scales = [tuple(s) for s in (*([self.img_scale] if self.img_scale else []), *(self.extra_scales or ()))]
+        if len(set(scales)) < len(scales):  # each view would be stored and trained on twice
+            problems.append(f"--extra-scales {';'.join(f'{a},{b}' for a, b in self.extra_scales)} repeats a scale "
+                            "(or --img-scale's): give each scale once")
         check(problems, "data configuration")
 
     @property

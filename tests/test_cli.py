@@ -143,3 +143,12 @@ def test_cross_field_and_toml_values_are_refused_before_anything_is_written(data
     proc = run_cli("train-student", "--cache", tmp_path, "--config", config, "--out", tmp_path / "a", env_home=home)
     assert_user_error(proc, "[loss] ld_weight must be a number in [0, 10000], got -1")
     assert not home.exists() and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("extra", ["96,96", "80,64;80,64"])
+def test_an_extra_scale_given_twice_is_refused_before_anything_is_written(data_copy, tmp_path, tiny_teacher, extra):
+    proc = run_cli("dump-teacher", "--teacher", tiny_teacher["path"], "--images", data_copy / "train", "--ann",
+                   data_copy / "annotations" / "instances_train.json", "--img-scale", "96,96", "--extra-scales", extra,
+                   "--out", tmp_path / "c.zarr")
+    assert_user_error(proc, "--extra-scales", "repeats a scale")
+    assert not (tmp_path / "c.zarr").exists()
