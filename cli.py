@@ -89,7 +89,9 @@ def _train(fields: dict, out: Path, resume: bool, teacher=None, what: str = "GFL
     try:
         result = run_training(fields, Path(out), resume, teacher, what, echo=say)
     except KeyboardInterrupt:
-        say(f"interrupted: progress saved in {out}/checkpoints/last.pt; continue with --resume", err=True)
+        last = Path(out) / "checkpoints" / "last.pt"
+        say(f"interrupted: progress saved in {last}; continue with --resume" if last.is_file()
+            else "interrupted before the first checkpoint: nothing to resume; run the command again", err=True)
         raise typer.Exit(130)
     say(f"done: {result['iter']} steps in {result['train_seconds']:.0f} s; checkpoint {out}/checkpoints/last.pt")
 

@@ -152,3 +152,24 @@ def test_an_extra_scale_given_twice_is_refused_before_anything_is_written(data_c
                    "--out", tmp_path / "c.zarr")
     assert_user_error(proc, "--extra-scales", "repeats a scale")
     assert not (tmp_path / "c.zarr").exists()
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_ctrl_c_says_whether_there_is_progress_to_resume(monkeypatch, tmp_path, checkpointed):
+    import typer.testing
+
+    import cli
+    import workflows.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflows.train, "run_training", interrupted)
+    out = tmp_path / "run"
+    if checkpointed:
+        (out / "checkpoints").mkdir(parents=True)
+        (out / "checkpoints" / "last.pt").write_bytes(b"")
+    result = typer.testing.CliRunner().invoke(cli.app, ["train-detector", "--out", str(out)])
+    assert result.exit_code == 130
+    said = "progress saved" if checkpointed else "nothing to resume"
+    assert said in result.output, result.output
