@@ -16,6 +16,7 @@ from core.errors import UserError
 from data.coco import CocoDetection
 from data.config import DataConfig
 from detector.checkpoint import file_sha256, load_model, read_checkpoint, stored_model_config
+from detector.config import ARCH_FIELDS
 from detector.distributions import integral
 from detector.evaluation import coco_evaluate
 from detector.inference import coco_detections
@@ -108,12 +109,12 @@ def fidelity(cache: CacheReader, teacher: str, dataset: CocoDetection, num_views
     """KL(T=10) of stored box distributions against the teacher's fresh fp32 forward on N random
     views, each alone on its own canvas (the cache's definition of a view's maps)."""
     dev = torch.device(device)
-    # A checkpoint without a recorded architecture (mmdetection's) was dumped with the architecture
-    # flags; the GroupNorm groups are the one the weights cannot show: the cache recorded them.
-    bare = stored_model_config(read_checkpoint(teacher)) is None
-    arch = {"gn_groups": cache.meta.teacher_config["gn_groups"]} if bare and "gn_groups" in cache.meta.teacher_config \
-        else {}
-    model, config = load_model(teacher, arch, dev, role="teacher checkpoint")
+    # A checkpoint without a recorded architecture (mmdetection's) is rebuilt as the dump built it,
+    # from the architecture the cache recorded (with what the weights cannot show: GroupNorm groups).
+    ckpt = read_checkpoint(teacher)
+    recorded = cache.meta.teacher_config
+    arch = {k: recorded[k] for k in ARCH_FIELDS if k in recorded} if stored_model_config(ckpt) is None else {}
+    model, config = load_model(teacher, arch, dev, role="teacher checkpoint", ckpt=ckpt)
     differ = [f"{name} {mine} (the cache: {theirs})" for name, mine, theirs in (
         ("classes", config.num_classes, cache.meta.num_classes), ("reg_max", config.reg_max, cache.meta.reg_max),
         ("strides", list(config.strides), list(cache.meta.strides))) if mine != theirs]

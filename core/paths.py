@@ -3,6 +3,7 @@ command writes. Checked where the value enters, so a wrong path is one line befo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from core.domains import Text, quote
@@ -60,3 +61,17 @@ class OutputPath(Text):
         if blocked is not None:
             return f"must be {self.allowed}; {blocked} is a file, not a writable folder"
         return None
+
+
+def write_atomically(path: str | Path, text: str) -> None:
+    """Write text to path through a temporary file beside it and a rename: a kill mid-write leaves
+    the previous file whole, and a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: ranks never share one
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

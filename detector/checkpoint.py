@@ -182,10 +182,11 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "ch
 
 
 def load_model(path, arch: dict | None = None, device: torch.device | str = "cpu",
-               role: str = "checkpoint") -> tuple[nn.Module, ModelConfig]:
+               role: str = "checkpoint", ckpt: dict | None = None) -> tuple[nn.Module, ModelConfig]:
     """A detector built from a checkpoint (ours, or mmdetection's with `arch` flags for what the
-    weights do not show), its weights loaded strictly, on `device`, in eval mode."""
-    ckpt = read_checkpoint(path)
+    weights do not show), its weights loaded strictly, on `device`, in eval mode. ckpt: the
+    checkpoint already read from path (not read again)."""
+    ckpt = ckpt if ckpt is not None else read_checkpoint(path)
     config = resolve_model_config(ckpt, **(arch or {}))
     model = build_detector(config)
     load_state_dict_strict(model, ckpt["state_dict"], source=f"{role} {path}")

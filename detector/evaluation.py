@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from core.errors import UserError
+from core.paths import write_atomically
 from data.coco_json import labels_to_cat_ids, load_coco
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # pycocotools stats[0:6], in this order
@@ -117,13 +116,4 @@ def format_metrics_table(metrics: dict[str, float]) -> str:
 
 def save_results(path: str | Path, results: list[dict]) -> None:
     """Write result dicts as a COCO results json, atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_atomically(path, json.dumps(results))

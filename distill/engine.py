@@ -18,6 +18,7 @@ import torch
 
 from core.distributed import DistInfo, barrier, init_from_env, mean_over_ranks, run_on_main
 from core.errors import UserError
+from core.paths import write_atomically
 from core.runtime import progress_bar, resolve_device
 from data.builders import build_train_dataset, build_val_dataset
 from data.coco import CocoDetection, collate
@@ -40,7 +41,6 @@ from distill.run_dir import (
     resolved_config,
     tensorboard_available,
     truncate_metrics,
-    write_atomically,
 )
 from distill.step import Learner, train_step
 from distill.teachers import TeacherSource

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from core.config import config_to_dict
 from core.errors import UserError
+from core.paths import write_atomically
 from data.config import DataConfig
 from detector.checkpoint import read_checkpoint
 from detector.config import ModelConfig
@@ -112,13 +113,6 @@ def prepare_run_dir(paths: RunPaths, config: dict, resume: bool, defaults: dict 
     paths.root.mkdir(parents=True, exist_ok=True)
     write_atomically(paths.config, json.dumps(config, indent=2) + "\n")
     return resuming
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """A kill mid-write leaves the previous file whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def truncate_metrics(path: Path, last_iter: int, redo_evaluation: bool = False) -> None:
