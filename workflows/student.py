@@ -41,7 +41,5 @@ def data_hints(source: TeacherSource | None) -> dict:
         hints["dataset"] = (source_hint["images"], source_hint["ann"])
         # a dataset that moved is an error naming --images/--ann, never the synthetic data in its place
         # (generated, then refused by the cache), unless the dump read the synthetic data (regenerated the same)
-        ann = Path(source_hint["ann"])
-        hints["fallback"] = (ann.name == "instances_train.json"
-                             and ann.parent.parent.name == synthetic_default_path().name)
+        hints["fallback"] = Path(source_hint["ann"]).resolve().parent.parent == synthetic_default_path().resolve()
     return hints
