@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 from benchmarks.harness import common
 from benchmarks.harness.command_queue import Job
+from benchmarks.harness.ledger import Ledger
 
 CONFIGS = common.REPO_ROOT / "configs"
 TEACHER, STUDENT = CONFIGS / "synthetic-teacher.toml", CONFIGS / "synthetic-student.toml"
@@ -89,18 +88,12 @@ def progress_log(work: Path):
 
 def ap(work: Path, run_name: str, key: str = "AP") -> float | None:
     """A finished run's COCO metric in percent (None: not finished)."""
-    path = work / run_name / "eval.json"
-    return 100 * json.loads(path.read_text())["metrics"][key] if path.is_file() else None
+    return Ledger(None, work).ap(run_name, key)
 
 
 def seed_stats(work: Path, run_pattern: str, seeds: int) -> dict:
     """The APs of the finished runs run_pattern.format(seed) for seeds 0..seeds-1, their mean and sd."""
-    aps = [a for s in range(seeds) if (a := ap(work, run_pattern.format(s))) is not None]
-    return {
-        "aps": aps,
-        "mean": statistics.mean(aps) if aps else None,
-        "sd": statistics.stdev(aps) if len(aps) > 1 else None,
-    }
+    return Ledger(None, work).seed_stats(run_pattern, seeds)
 
 
 def parse_study(doc: str, name: str, datasets: dict, seeds: int) -> tuple[argparse.Namespace, Path, list[str]]:

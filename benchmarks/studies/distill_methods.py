@@ -6,6 +6,9 @@ bckd) and the best combination of the two, each over seeds, with no weight flags
 
 Every run is an `ldcache` command as a user types it (all in the JSON), in its own folder under
 --workdir; finished runs are never redone and killed ones resume (benchmarks/harness/command_queue.py).
+Each finished run is recorded in benchmarks/results/runs/distill_methods/ (its metrics, command and
+weights digest; benchmarks/harness/ledger.py): commit the records and the study goes on from them on
+another machine, rebuilding a teacher only where a new student needs it (bit for bit, or it stops).
 Datasets, teachers and students are benchmarks/studies/ld_defaults.py's (500 train / 150 val images of at
 most 160 px; R-34 x 1/2 teachers, 30 epochs; R-18 x 1/4 students, 16 epochs, batch 8), plus
 `photos`: real pixels (make-synthetic --pixels photos: objects cut from scikit-image's sample
@@ -21,13 +24,13 @@ the combination candidates. `--only REGEX` runs a subset (and what it waits on).
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 from benchmarks.harness import study
 from benchmarks.harness.command_queue import Job, needed, run
-from benchmarks.harness.study import STUDENT_FLAGS, ap, seed_stats
+from benchmarks.harness.ledger import Ledger
+from benchmarks.harness.study import STUDENT_FLAGS
 
 DATASETS = {**study.DATASETS,
             "photos": ["--pixels", "photos", "--num-classes", "12", "--num-train", "1000", "--num-val", "200"]}
@@ -68,17 +71,18 @@ def plan(work: Path, datasets: list[str], seeds: int, best: str | None) -> list[
     return sorted(jobs, key=lambda j: next((i for i, o in enumerate(order) if o in j.name), len(order)))
 
 
-def choose_combo(work: Path, datasets: list[str]) -> tuple[str | None, dict]:
+def choose_combo(runs: Ledger, datasets: list[str]) -> tuple[str | None, dict]:
     """The combination with the largest mean gain over plain (seed 0) over the datasets that ran them all."""
     gains = {}
     for combo in COMBOS:
-        pairs = [(ap(work, f"{n}/{combo}-s0"), ap(work, f"{n}/plain-s0")) for n in datasets]
+        pairs = [(runs.ap(f"{n}/{combo}-s0"), runs.ap(f"{n}/plain-s0")) for n in datasets]
         if pairs and all(a is not None and p is not None for a, p in pairs):
             gains[combo] = statistics.mean(a - p for a, p in pairs)
     return (max(gains, key=gains.get) if len(gains) == len(COMBOS) else None), gains
 
 
-def report(work: Path, jobs: list[Job], datasets: list[str], seeds: int, best: str | None, gains: dict) -> dict:
+def report(work: Path, runs: Ledger, jobs: list[Job], datasets: list[str], seeds: int, best: str | None,
+           gains: dict) -> dict:
     f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     ms = lambda c: "-" if c["mean"] is None else f"{c['mean']:.1f} +- {f(c['sd'])} ({len(c['aps'])})"  # noqa: E731
     pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
@@ -90,10 +94,9 @@ def report(work: Path, jobs: list[Job], datasets: list[str], seeds: int, best: s
              + " | ".join(f"{m} gap" for m in methods[1:]) + " |",
              "|---" * (3 + 2 * len(methods) - 1) + "|"]
     for name in datasets:
-        ann = work / "data" / name / "annotations" / "instances_train.json"
-        classes = len(json.loads(ann.read_text())["categories"]) if ann.is_file() else None
-        teacher = ap(work, f"{name}/teacher")
-        cells = {m: seed_stats(work, f"{name}/{m}-s{{}}", seeds) for m in methods}
+        classes = runs.classes(f"{name}/data", work / "data" / name / "annotations" / "instances_train.json")
+        teacher = runs.ap(f"{name}/teacher")
+        cells = {m: runs.seed_stats(f"{name}/{m}-s{{}}", seeds) for m in methods}
         plain = cells["plain"]["mean"]
         gap = {m: (cells[m]["mean"] - plain) / (teacher - plain)
                if None not in (teacher, plain, cells[m]["mean"]) and teacher > plain else None for m in methods[1:]}
@@ -104,19 +107,19 @@ def report(work: Path, jobs: list[Job], datasets: list[str], seeds: int, best: s
              "| combination | flags | " + " | ".join(datasets) + " | mean gain |",
              "|---|---|" + "---|" * len(datasets) + "---|"]
     for combo, flags in COMBOS.items():
-        text.append(f"| {combo} | `{' '.join(flags)}` | " + " | ".join(f(ap(work, f"{n}/{combo}-s0")) for n in datasets)
+        text.append(f"| {combo} | `{' '.join(flags)}` | " + " | ".join(f(runs.ap(f"{n}/{combo}-s0")) for n in datasets)
                     + f" | {f(gains.get(combo))} |")
     if "synth" in datasets:
         text += ["", "### The compact ld+bckd caches against the dense one (synth, mean +- sd over seeds)", "",
                  "| method | dense cache | ld+bckd top-2 | ld+bckd top-4 |", "|---|---|---|---|"]
         out["compact"] = {}
         for m in [*METHODS, *([best] if best else [])]:
-            cells = {c: seed_stats(work, f"synth/{m}-s{{}}" + c.removeprefix("cache"), seeds)
+            cells = {c: runs.seed_stats(f"synth/{m}-s{{}}" + c.removeprefix("cache"), seeds)
                      for c in ("cache", *COMPACT)}
             out["compact"][m] = cells
             text.append(f"| {m} | " + " | ".join(ms(c) for c in cells.values()) + " |")
-        sizes = {c: sum(p.stat().st_size for p in (work / "synth" / f"{c}.zarr").rglob("*") if p.is_file())
-                 for c in ("cache", *COMPACT) if (work / "synth" / f"{c}.zarr").is_dir()}
+        sizes = {c: b for c in ("cache", *COMPACT)
+                 if (b := runs.cache_bytes(f"synth/{c}", work / "synth" / f"{c}.zarr")) is not None}
         out["cache_bytes"] = sizes
         if "cache" in sizes:
             text.append("\nsynth caches on disk: " + ", ".join(
@@ -124,20 +127,28 @@ def report(work: Path, jobs: list[Job], datasets: list[str], seeds: int, best: s
     return study.finish_report(out, jobs, text)
 
 
+def ledger(work: Path, datasets: list[str], seeds: int) -> Ledger:
+    """The study's records (benchmarks/results/runs/distill_methods/) for every run it may plan."""
+    jobs = {j.name: j for best in (None, *COMBOS) for j in plan(work, datasets, seeds, best)}
+    return Ledger("distill_methods", work, jobs.values())
+
+
 def main() -> None:
     args, work, datasets = study.parse_study(__doc__, "distill_methods", DATASETS, SEEDS)
+    runs = ledger(work, datasets, args.seeds)
     if not args.report_only:
         with study.progress_log(work) as log:
             # Phase 1: every method with every seed, and the candidates with seed 0; phase 2: the
             # chosen combination with the other seeds.
-            run(needed(plan(work, datasets, args.seeds, None), args.only), args.parallel, log, args.threads)
-            best, _ = choose_combo(work, datasets)
+            run(needed(plan(work, datasets, args.seeds, None), args.only), args.parallel, log, args.threads, runs)
+            best, _ = choose_combo(runs, datasets)
             if best is not None:
                 log(f"best combination: {best}")
-                run(needed(plan(work, datasets, args.seeds, best), args.only), args.parallel, log, args.threads)
-    best, gains = choose_combo(work, datasets)
+                run(needed(plan(work, datasets, args.seeds, best), args.only), args.parallel, log, args.threads,
+                    runs)
+    best, gains = choose_combo(runs, datasets)
     jobs = plan(work, datasets, args.seeds, best)
-    result = report(work, jobs, datasets, args.seeds, best, gains)
+    result = report(work, runs, jobs, datasets, args.seeds, best, gains)
     study.publish(args, result)
 
 

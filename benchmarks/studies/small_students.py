@@ -6,7 +6,8 @@ plain, LD (--recipe paper) and BCKD (--recipe bckd), each over seeds, from ONE d
 
 It plans its datasets, teachers and dense dumps exactly as benchmarks/studies/distill_methods.py
 does (benchmarks/harness/study.py teacher_jobs), so in the same work folder it reuses that study's
-teachers and caches: the teacher's forwards are paid once for every student of both studies.
+teachers and caches: the teacher's forwards are paid once for every student of both studies. Finished
+runs are recorded in benchmarks/results/runs/small_students/ as distill_methods' are in its own.
 Students: configs/synthetic-mobilenet-student.toml and configs/synthetic-shufflenet-student.toml
 (the backbone from scratch under a 64-channel two-conv head, the ResNet students' schedule: 16
 epochs, batch 8), with no weight flags. Table: per dataset and backbone, mean +- sd of AP over the
@@ -19,7 +20,8 @@ from pathlib import Path
 
 from benchmarks.harness import study
 from benchmarks.harness.command_queue import Job, needed, run
-from benchmarks.harness.study import CONFIGS, ap, seed_stats
+from benchmarks.harness.ledger import Ledger
+from benchmarks.harness.study import CONFIGS
 
 DATASETS = {name: study.DATASETS[name] for name in ("synth", "large8")}
 BACKBONES = {"mobilenet_v2": CONFIGS / "synthetic-mobilenet-student.toml",
@@ -50,7 +52,7 @@ def plan(work: Path, datasets: list[str], seeds: int) -> list[Job]:
     return sorted(jobs, key=lambda j: next((i for i, o in enumerate(order) if o in j.name), len(order)))
 
 
-def report(work: Path, jobs: list[Job], datasets: list[str], seeds: int) -> dict:
+def report(runs: Ledger, jobs: list[Job], datasets: list[str], seeds: int) -> dict:
     f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     ms = lambda c: "-" if c["mean"] is None else f"{c['mean']:.1f} +- {f(c['sd'])} ({len(c['aps'])})"  # noqa: E731
     pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
@@ -59,9 +61,9 @@ def report(work: Path, jobs: list[Job], datasets: list[str], seeds: int) -> dict
             "| dataset | teacher | backbone | plain | ld | bckd | ld gap | bckd gap |", "|---" * 8 + "|"]
     out = {"datasets": {}}
     for name in datasets:
-        teacher = ap(work, f"{name}/teacher")
+        teacher = runs.ap(f"{name}/teacher")
         for backbone in BACKBONES:
-            cells = {m: seed_stats(work, f"{name}/{backbone}-{m}-s{{}}", seeds) for m in METHODS}
+            cells = {m: runs.seed_stats(f"{name}/{backbone}-{m}-s{{}}", seeds) for m in METHODS}
             plain = cells["plain"]["mean"]
             gap = {m: (cells[m]["mean"] - plain) / (teacher - plain)
                    if None not in (teacher, plain, cells[m]["mean"]) and teacher > plain else None
@@ -75,10 +77,11 @@ def report(work: Path, jobs: list[Job], datasets: list[str], seeds: int) -> dict
 def main() -> None:
     args, work, datasets = study.parse_study(__doc__, "small_students", DATASETS, SEEDS)
     jobs = plan(work, datasets, args.seeds)
+    runs = Ledger("small_students", work, jobs)  # the records in benchmarks/results/runs/small_students/
     if not args.report_only:
         with study.progress_log(work) as log:
-            run(needed(jobs, args.only), args.parallel, log, args.threads)
-    result = report(work, jobs, datasets, args.seeds)
+            run(needed(jobs, args.only), args.parallel, log, args.threads, runs)
+    result = report(runs, jobs, datasets, args.seeds)
     study.publish(args, result)
 
 
