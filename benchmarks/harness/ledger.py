@@ -52,6 +52,15 @@ def _git_head() -> str | None:
         return None
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name (bit-exact reruns may need the same kernels)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 class Ledger:
     """The records of one study (None: none; reads the work folder only) for the jobs it plans now:
     a record whose command differs from the planned job's is ignored (and replaced when it reruns)."""
@@ -110,7 +119,7 @@ class Ledger:
             return True, f"{job.name} reproduced its record ({key})"
         rec |= {"wall_s": None if wall_s is None else round(wall_s, 1), "threads": threads,
                 "finished": datetime.now(UTC).isoformat(timespec="seconds"), "git": _git_head(),
-                "host": {"cpus": os.cpu_count(), "machine": platform.machine()}}
+                "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "cpu": _cpu_model()}}
         try:
             import torch
             rec["torch"] = torch.__version__
