@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from contextlib import nullcontext
 
@@ -34,9 +35,17 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     return device
 
 
+@functools.cache
+def _note_amp_off(amp: str) -> None:
+    print(f"note: --amp {amp} applies on CUDA only; on this CPU the run computes in fp32", file=sys.stderr)
+
+
 def autocast_for(device: torch.device, amp: str):
-    """The autocast context of an amp setting: auto = bf16 on CUDA, nothing on CPU."""
+    """The autocast context of an amp setting: auto = bf16 on CUDA, nothing on CPU (where an
+    explicit bf16/fp16 is noted once on stderr rather than silently dropped)."""
     if device.type != "cuda" or amp == "off":
+        if device.type != "cuda" and amp in ("bf16", "fp16"):
+            _note_amp_off(amp)
         return nullcontext()
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
     return torch.autocast("cuda", dtype=dtype)

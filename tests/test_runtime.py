@@ -1,0 +1,20 @@
+"""core.runtime: the autocast rule on a CPU."""
+
+import torch
+
+from core import runtime
+
+
+def test_an_explicit_amp_on_cpu_is_noted_once_and_computes_in_fp32(capsys):
+    runtime._note_amp_off.cache_clear()
+    cpu = torch.device("cpu")
+    for amp in ("auto", "off"):
+        with runtime.autocast_for(cpu, amp):
+            pass
+    assert capsys.readouterr().err == ""
+    for _ in range(3):
+        with runtime.autocast_for(cpu, "bf16"):
+            y = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert y.dtype == torch.float32
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--amp bf16 applies on CUDA only" in err
