@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from benchmarks.harness.ledger import Ledger
 from tests.conftest import ROOT
 
 
@@ -43,14 +44,17 @@ def test_distill_methods_plans_one_dump_per_dataset_and_picks_the_best_combinati
         finished(f"{name}/plain-s0", 0.20)
         for combo, ap in zip(dm.COMBOS, (0.22, 0.30, 0.25)):
             finished(f"{name}/{combo}-s0", ap)
-    best, gains = dm.choose_combo(tmp_path, datasets)
+    runs = Ledger(None, tmp_path)  # the work folder's runs alone
+    best, gains = dm.choose_combo(runs, datasets)
     assert best == list(dm.COMBOS)[1] and gains[best] == pytest.approx(10.0)
     assert f"synth/{best}-s2" in {j.name for j in dm.plan(tmp_path, datasets, 3, best)}
     for s, (p, b) in enumerate([(0.20, 0.30), (0.22, 0.34)]):
         finished(f"synth/plain-s{s}", p)
         finished(f"synth/bckd-s{s}", b)
-    result = dm.report(tmp_path, jobs, datasets, 3, best, gains)
+    result = dm.report(tmp_path, runs, jobs, datasets, 3, best, gains)
     synth = result["datasets"]["synth"]
+    # the records cover both phases: every combination with every seed, whichever is chosen later
+    assert {f"synth/{c}-s2" for c in dm.COMBOS} <= dm.ledger(tmp_path, datasets, 3).commands.keys()
     assert synth["gap_closed"]["bckd"] == pytest.approx((32 - 21) / (40 - 21))  # seed means: 32 and 21
     assert synth["runs"]["bckd"]["aps"] == pytest.approx([30.0, 34.0])
 
@@ -109,7 +113,7 @@ def test_small_students_share_the_teachers_and_dumps_of_distill_methods(tmp_path
     for s, (p, b) in enumerate([(0.10, 0.20), (0.12, 0.22)]):
         finished(f"synth/shufflenet_v2_x1_0-plain-s{s}", p)
         finished(f"synth/shufflenet_v2_x1_0-bckd-s{s}", b)
-    result = ss.report(tmp_path, jobs, ["synth", "large8"], 3)
+    result = ss.report(Ledger(None, tmp_path), jobs, ["synth", "large8"], 3)
     cell = result["datasets"]["synth"]["shufflenet_v2_x1_0"]
     assert cell["gap_closed"]["bckd"] == pytest.approx((21 - 11) / (30 - 11))
     assert cell["gap_closed"]["ld"] is None and result["datasets"]["large8"]["teacher"] is None
