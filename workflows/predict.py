@@ -10,6 +10,9 @@ Pixels are taken as stored (no EXIF rotation), as for training and evaluation.""
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,6 +212,25 @@ def picture_name(image_id: int, path: Path) -> str:
     return f"{image_id:06d}_{stem}.jpg"
 
 
+PICTURE = re.compile(r"\d{6}_.*\.jpg")
+NEW_PICTURES = ".new"  # draw/.new/: this run's pictures until its results are written
+
+
+def replace_pictures(draw: Path) -> None:
+    """Put this run's pictures (draw/.new/, none without --draw) in the place of an earlier run's:
+    the files predict names ID_NAME.jpg go, anything else a user put in draw/ stays. Done once the
+    run's results are written, so an interrupted run leaves the earlier results and pictures whole."""
+    new = draw / NEW_PICTURES
+    if draw.is_dir():
+        for old in draw.iterdir():
+            if old.is_file() and PICTURE.fullmatch(old.name):
+                old.unlink()
+    if new.is_dir():
+        for picture in new.iterdir():
+            os.replace(picture, draw / picture.name)
+        new.rmdir()
+
+
 def run_predict(checkpoint: str, inputs: list[str], cfg: PredictConfig, progress: bool = True) -> dict:
     """Write cfg.out/{detections,images,config}.json, skipped.txt and (draw) draw/.
     -> {"out", "images", "detections", "skipped": [(path, why)], "notes"}."""
@@ -236,7 +258,9 @@ def run_predict(checkpoint: str, inputs: list[str], cfg: PredictConfig, progress
     dataset = ImageFiles(paths, [records.get(i) for i in range(len(paths))])
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers,
                                          collate_fn=collate_images)
-    (out / "draw" if cfg.draw else out).mkdir(parents=True, exist_ok=True)
+    pictures = out / "draw" / NEW_PICTURES
+    shutil.rmtree(pictures, ignore_errors=True)  # an interrupted run's
+    (pictures if cfg.draw else out).mkdir(parents=True, exist_ok=True)
     names = detector.class_names
     detections: dict[int, list[dict]] = {}
     with progress_bar(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
@@ -247,7 +271,7 @@ def run_predict(checkpoint: str, inputs: list[str], cfg: PredictConfig, progress
             for i, det in zip(indices, found):
                 detections[i] = result_entries(i + 1, str(paths[i]), det, names, detector.category_ids)
                 if cfg.draw:
-                    draw_picture(paths[i], out / "draw" / picture_name(i + 1, paths[i]), det, names, cfg.draw_thr)
+                    draw_picture(paths[i], pictures / picture_name(i + 1, paths[i]), det, names, cfg.draw_thr)
             bar.update(len(indices) + len(unreadable))
     listed = [i for i in range(len(paths)) if i not in skipped]
     (out / "detections.json").write_text(json.dumps([d for i in listed for d in detections[i]]) + "\n")
@@ -259,5 +283,6 @@ def run_predict(checkpoint: str, inputs: list[str], cfg: PredictConfig, progress
                                                  **config_to_dict(cfg), "img_scale": list(scale),
                                                  "class_names": names, "category_ids": detector.category_ids},
                                                 indent=2) + "\n")
+    replace_pictures(out / "draw")
     return {"out": out, "images": len(listed), "detections": sum(len(detections[i]) for i in listed),
             "skipped": [(paths[i], skipped[i]) for i in sorted(skipped)], "notes": notes}

@@ -269,3 +269,34 @@ def test_evaluate_refuses_a_dataset_of_other_categories_than_the_checkpoint_lear
             assert not (tmp_path / "eval-True.json").exists()
         else:
             assert run_evaluate(cfg, progress=False)["images"] == len(doc["images"])
+
+
+def test_a_rerun_replaces_the_earlier_pictures_and_an_interrupted_one_keeps_them(lively, tiny_coco, tmp_path,
+                                                                                   monkeypatch):
+    import workflows.predict as predict
+
+    files = sorted(tiny_coco["val_images"].glob("*.png"))
+    out, mine = tmp_path / "pred", tmp_path / "pred" / "draw" / "notes.txt"
+    cfg = PredictConfig(out=str(out), img_scale=(100, 100), draw=True, workers=0)
+    run_predict(str(lively["ckpt"]), [str(f) for f in files[:3]], cfg, progress=False)
+    mine.write_text("a user's file")
+    earlier = sorted(p.name for p in (out / "draw").iterdir())
+    assert len(earlier) == 4
+
+    results, draw = read(out), predict.draw_picture
+
+    def crash(*args):  # Ctrl-C after the second run's first picture
+        draw(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "draw_picture", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(str(lively["ckpt"]), [str(f) for f in files[3:5]], cfg, progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (out / "draw").iterdir() if p.is_file()) == earlier and read(out) == results
+
+    run_predict(str(lively["ckpt"]), [str(files[3])], cfg, progress=False)  # one other image
+    assert sorted(p.name for p in (out / "draw").iterdir()) == ["000001_" + files[3].stem + ".jpg", "notes.txt"]
+    run_predict(str(lively["ckpt"]), [str(files[0])], PredictConfig(out=str(out), img_scale=(100, 100), workers=0),
+                progress=False)  # no --draw: no picture of older results is left
+    assert [p.name for p in (out / "draw").iterdir()] == ["notes.txt"] and mine.read_text() == "a user's file"
