@@ -72,13 +72,18 @@ def test_compact_fidelity_compares_every_term_with_the_dense_cache(tiny_coco, ti
     torch.manual_seed(5)  # a student unlike its teacher: BCKD's terms do not vanish
     save_checkpoint(work / "tiny" / "plain-s0" / "checkpoints" / "last.pt", build_detector(tiny_teacher["config"]),
                     tiny_teacher["config"])
-    out = tmp_path / "fidelity.json"
+    out = tmp_path / "fidelity.json"  # an earlier measurement: another dataset's row stays, tiny's go
+    out.write_text(json.dumps({"rows": [{"dataset": "other", "mode": "ld+bckd k=1 fp16"},
+                                        {"dataset": "tiny", "mode": "stale"}]}))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.studies.compact_fidelity", "--workdir", str(work),
                            "--views", "4", "--batch-size", "2", "--out", str(out)],
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    every = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in every if r["dataset"] == "other"] == ["ld+bckd k=1 fp16"]
+    rows = {r["mode"]: r for r in every if r["dataset"] == "tiny"}
+    assert "stale" not in rows and len(rows) == 8 and rows["ld+bckd k=2 fp16"]["teacher_sha256"]
     exact = rows["ld+bckd k=8 fp16"]  # 8 >= the 5 classes: only the edges are rounded
     assert exact["err ld"] == 0 and exact["err kd"] == 0 and exact["err bckd_cls"] == 0
     assert 0 < exact["err bckd_box"] < 0.01

@@ -44,7 +44,7 @@ def weights_sha256(checkpoint: Path) -> str:
     return h.hexdigest()
 
 
-def _git_head() -> str | None:
+def git_head() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -118,7 +118,7 @@ class Ledger:
                                "to start them over")
             return True, f"{job.name} reproduced its record ({key})"
         rec |= {"wall_s": None if wall_s is None else round(wall_s, 1), "threads": threads,
-                "finished": datetime.now(UTC).isoformat(timespec="seconds"), "git": _git_head(),
+                "finished": datetime.now(UTC).isoformat(timespec="seconds"), "git": git_head(),
                 "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "cpu": _cpu_model()}}
         try:
             import torch

@@ -11,18 +11,23 @@ plain student's outputs on the same views; every loss term (Main LD, VLR LD, Mai
 classification, BCKD box) from both, and the relative error of the compact one. No training: the
 error a student sees at its first step, on data a teacher was trained for (a random teacher's
 near-uniform class logits would exaggerate the top-k error; its near-flat boxes would hide the
-rest).
+rest). Each row names the day, commit and teacher (weights sha256) it was measured with; a
+dataset whose teacher is not in the work folder now keeps its rows from --out (--fresh drops them),
+so datasets can be measured on different machines.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 from benchmarks.harness import common
+from benchmarks.harness.ledger import git_head, weights_sha256
 from cache_teacher.codec import decode_rows, decode_topk, encode_edges, encode_rows, encode_topk
 from data.coco import CocoDetection, collate
 from data.views import parse_views
@@ -92,21 +97,34 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=str(common.RESULTS_DIR / f"{SCRIPT}.json"))
+    p.add_argument("--fresh", action="store_true",
+                   help="drop the rows --out holds (by default a dataset not measured now keeps its rows there)")
     args = p.parse_args()
     common.apply_threads(args)
     work, rows = Path(args.workdir), []
+    when = {"date": datetime.now(UTC).date().isoformat(), "git": git_head()}
     for root in sorted(d for d in work.iterdir() if (d / "teacher" / "checkpoints" / "last.pt").is_file()):
         student = root / "plain-s0" / "checkpoints" / "last.pt"
         data = work / "data" / root.name
         if not student.is_file():
             continue
-        r = measure(str(root / "teacher" / "checkpoints" / "last.pt"), str(student), str(data / "train"),
+        teacher = root / "teacher" / "checkpoints" / "last.pt"
+        r = measure(str(teacher), str(student), str(data / "train"),
                     str(data / "annotations" / "instances_train.json"), args.views, args.batch_size)
         for mode, errors in r["error"].items():
             rows.append({"dataset": root.name, "classes": r["classes"], "mode": mode, "views": r["views"],
-                         **{f"err {t.removeprefix('loss_')}": e for t, e in errors.items()}})
+                         **{f"err {t.removeprefix('loss_')}": e for t, e in errors.items()},
+                         "measured": when, "teacher_sha256": weights_sha256(teacher)})
         print(f"{root.name}: {r['views']} views", file=sys.stderr)
-    columns = [("dataset", "dataset", ""), ("classes", "classes", ""), ("mode", "stored as", "")]
+    out = Path(args.out)
+    if out.is_file() and not args.fresh:  # the datasets whose teachers are not in this work folder now
+        now = {r["dataset"] for r in rows}
+        rows = sorted([r for r in json.loads(out.read_text())["rows"] if r["dataset"] not in now] + rows,
+                      key=lambda r: r["dataset"])
+    for r in rows:
+        r["when"] = r.get("measured", {}).get("date", "before fe4cba4")
+    columns = [("dataset", "dataset", ""), ("classes", "classes", ""), ("mode", "stored as", ""),
+               ("when", "measured", "")]
     columns += [(f"err {t.removeprefix('loss_')}", f"{t.removeprefix('loss_')} rel. error", ".2%") for t in TERMS]
     print(common.markdown_table(rows, columns))
     common.write_results(args.out, args, rows, torch.device("cpu"))
