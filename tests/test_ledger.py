@@ -102,3 +102,14 @@ def test_the_queue_records_runs_and_a_fresh_work_folder_runs_nothing(tmp_path):
     jobs = make(tmp_path / "w2")
     command_queue.run(jobs, 1, lines.append, 1, Ledger("study", tmp_path / "w2", jobs, root=root))
     assert lines == [] and not jobs[0].done()
+
+
+def test_runs_finished_after_their_queue_stopped_are_recorded_once(tmp_path):
+    jobs, lines = _plan(tmp_path / "w"), []
+    _finish(jobs[0], 0.4, 0.4)
+    _finish(jobs[2], 0.3, 0.3)
+    runs = Ledger("study", tmp_path / "w", jobs, root=tmp_path / "ledger")
+    runs.record_finished(log=lines.append)
+    assert len(lines) == 2 and runs.entry("d/s1")["metrics"]["AP"] == 0.3 and runs.entry("d/s0") is None
+    runs.record_finished(log=lines.append)
+    assert len(lines) == 2

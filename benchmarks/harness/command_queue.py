@@ -69,12 +69,8 @@ def run(jobs: list[Job], parallel: int, log, threads: int | None = None, ledger=
     threads = threads or max(1, (os.cpu_count() or 1) // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     by_name, running, failed = {j.name: j for j in jobs}, [], set()
-    if ledger is not None:  # runs finished here before they could be recorded
-        for job in jobs:
-            if job.done() and ledger.entry(job.name) is None:
-                ok, note = ledger.record(job, None, None)
-                if note:
-                    log(note)
+    if ledger is not None:
+        ledger.record_finished(jobs, log)
     todo = to_run(jobs, ledger)
     while todo or running:
         for job in [j for j in running if j.proc.poll() is not None]:

@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -67,7 +68,8 @@ class Ledger:
 
     def __init__(self, study: str | None, work: Path, jobs=(), root: Path = ROOT):
         self.work, self.root = Path(work), (Path(root) / study if study else None)
-        self.commands = {j.name: self.portable(j.argv) for j in jobs}
+        self.jobs = list(jobs)
+        self.commands = {j.name: self.portable(j.argv) for j in self.jobs}
 
     def portable(self, argv: list[str]) -> list[str]:
         work, repo = str(self.work.resolve()), str(REPO)
@@ -131,6 +133,15 @@ class Ledger:
         tmp.write_text(json.dumps(rec, indent=1) + "\n")
         os.replace(tmp, path)
         return True, f"recorded {path.relative_to(REPO) if path.is_relative_to(REPO) else path}"
+
+    def record_finished(self, jobs=None, log=lambda line: print(line, file=sys.stderr)) -> None:
+        """Record the jobs (default: all planned) finished in the work folder but not yet recorded
+        (a queue stopped while its last runs went on, or runs made before the study kept records)."""
+        for job in self.jobs if jobs is None else jobs:
+            if job.done() and self.entry(job.name) is None:
+                note = self.record(job, None, None)[1]
+                if note:
+                    log(note)
 
     # What reports read: the work folder's run where there is one, else the record.
 

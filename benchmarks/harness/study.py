@@ -60,7 +60,8 @@ def study_args(description: str, name: str, datasets: dict) -> argparse.Argument
     p.add_argument("--threads", type=int, help="threads per run (default: cores / parallel)")
     p.add_argument("--datasets", default=",".join(datasets), help="which of " + ", ".join(datasets))
     p.add_argument("--only", help="a regular expression: run only the matching runs (and what they wait on)")
-    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="no run: record what finished since the queue stopped, and write the report")
     p.add_argument("--out", default=str(common.RESULTS_DIR / f"{name}.json"))
     return p
 

@@ -136,7 +136,9 @@ def ledger(work: Path, datasets: list[str], seeds: int) -> Ledger:
 def main() -> None:
     args, work, datasets = study.parse_study(__doc__, "distill_methods", DATASETS, SEEDS)
     runs = ledger(work, datasets, args.seeds)
-    if not args.report_only:
+    if args.report_only:
+        runs.record_finished()  # what finished after its queue was stopped
+    else:
         with study.progress_log(work) as log:
             # Phase 1: every method with every seed, and the candidates with seed 0; phase 2: the
             # chosen combination with the other seeds.

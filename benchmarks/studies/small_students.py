@@ -78,7 +78,9 @@ def main() -> None:
     args, work, datasets = study.parse_study(__doc__, "small_students", DATASETS, SEEDS)
     jobs = plan(work, datasets, args.seeds)
     runs = Ledger("small_students", work, jobs)  # the records in benchmarks/results/runs/small_students/
-    if not args.report_only:
+    if args.report_only:
+        runs.record_finished()  # what finished after its queue was stopped
+    else:
         with study.progress_log(work) as log:
             run(needed(jobs, args.only), args.parallel, log, args.threads, runs)
     result = report(runs, jobs, datasets, args.seeds)
