@@ -47,6 +47,7 @@ def test_distill_methods_plans_one_dump_per_dataset_and_picks_the_best_combinati
     runs = Ledger(None, tmp_path)  # the work folder's runs alone
     best, gains = dm.choose_combo(runs, datasets)
     assert best == list(dm.COMBOS)[1] and gains[best] == pytest.approx(10.0)
+    assert dm.choose_combo(runs, list(dm.DATASETS))[0] is None  # the study's choice waits for every dataset
     assert f"synth/{best}-s2" in {j.name for j in dm.plan(tmp_path, datasets, 3, best)}
     for s, (p, b) in enumerate([(0.20, 0.30), (0.22, 0.34)]):
         finished(f"synth/plain-s{s}", p)

@@ -14,8 +14,9 @@ most 160 px; R-34 x 1/2 teachers, 30 epochs; R-18 x 1/4 students, 16 epochs, bat
 `photos`: real pixels (make-synthetic --pixels photos: objects cut from scikit-image's sample
 photographs, 12 classes, 1,000 train / 200 val images). Per dataset ONE dense dump serves every
 distilled student, so the teacher's forwards are paid once. The combination is chosen from two
-candidates run with seed 0 on every dataset (the largest mean gain over plain), then run with the
-other seeds. On the synthetic default the same students also learn from two compact ld+bckd caches
+candidates run with seed 0 on every dataset (the largest mean gain over plain, over all five
+datasets whatever --datasets a run covers: until all have run, no combination is run further),
+then run with the other seeds. On the synthetic default the same students also learn from two compact ld+bckd caches
 (dump-teacher --store-regions ld+bckd with --cls-topk 2, seed 0, and --cls-topk 4, every seed), to
 check they train students as the dense cache does. Tables: per dataset mean +- sd of AP and the
 share of the teacher-to-plain gap each method closes; the compact caches against the dense one;
@@ -135,7 +136,9 @@ def ledger(work: Path, datasets: list[str], seeds: int) -> Ledger:
 
 def main() -> None:
     args, work, datasets = study.parse_study(__doc__, "distill_methods", DATASETS, SEEDS)
-    runs = ledger(work, datasets, args.seeds)
+    # Records of every dataset: the combination is chosen over all five, whichever --datasets runs now
+    everything = list(DATASETS)
+    runs = ledger(work, everything, args.seeds)
     if args.report_only:
         runs.record_finished()  # what finished after its queue was stopped
     else:
@@ -143,12 +146,12 @@ def main() -> None:
             # Phase 1: every method with every seed, and the candidates with seed 0; phase 2: the
             # chosen combination with the other seeds.
             run(needed(plan(work, datasets, args.seeds, None), args.only), args.parallel, log, args.threads, runs)
-            best, _ = choose_combo(runs, datasets)
+            best, _ = choose_combo(runs, everything)
             if best is not None:
                 log(f"best combination: {best}")
                 run(needed(plan(work, datasets, args.seeds, best), args.only), args.parallel, log, args.threads,
                     runs)
-    best, gains = choose_combo(runs, datasets)
+    best, gains = choose_combo(runs, everything)
     jobs = plan(work, datasets, args.seeds, best)
     result = report(work, runs, jobs, datasets, args.seeds, best, gains)
     study.publish(args, result)
