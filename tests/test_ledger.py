@@ -113,3 +113,21 @@ def test_runs_finished_after_their_queue_stopped_are_recorded_once(tmp_path):
     assert len(lines) == 2 and runs.entry("d/s1")["metrics"]["AP"] == 0.3 and runs.entry("d/s0") is None
     runs.record_finished(log=lines.append)
     assert len(lines) == 2
+
+
+@pytest.mark.parametrize("study", ["distill_methods", "small_students"])
+def test_the_committed_records_are_runs_the_study_still_plans(study, tmp_path):
+    """A record whose command the study no longer plans is ignored by its reports: editing a plan
+    (a flag, a schedule) must come with new runs, and this says which records it would orphan."""
+    from benchmarks.harness.ledger import ROOT
+    from benchmarks.studies import distill_methods, small_students
+
+    records = sorted((ROOT / study).rglob("*.json"))
+    if study == "distill_methods":
+        runs = distill_methods.ledger(tmp_path, list(distill_methods.DATASETS), distill_methods.SEEDS)
+    else:
+        runs = Ledger(study, tmp_path, small_students.plan(tmp_path, list(small_students.DATASETS),
+                                                           small_students.SEEDS))
+    stale = [str(p.relative_to(ROOT)) for p in records
+             if runs.entry(str(p.relative_to(ROOT / study).with_suffix(""))) is None]
+    assert records and not stale
