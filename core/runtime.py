@@ -36,7 +36,8 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
 
 
 @functools.cache
-def _note_amp_off(amp: str) -> None:
+def note_amp_ignored(amp: str) -> None:
+    """One line on stderr, once per setting: an explicit --amp that a CPU run does not apply."""
     print(f"note: --amp {amp} applies on CUDA only; on this CPU the run computes in fp32", file=sys.stderr)
 
 
@@ -45,7 +46,7 @@ def autocast_for(device: torch.device, amp: str):
     explicit bf16/fp16 is noted once on stderr rather than silently dropped)."""
     if device.type != "cuda" or amp == "off":
         if device.type != "cuda" and amp in ("bf16", "fp16"):
-            _note_amp_off(amp)
+            note_amp_ignored(amp)
         return nullcontext()
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
     return torch.autocast("cuda", dtype=dtype)

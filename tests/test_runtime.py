@@ -6,7 +6,7 @@ from core import runtime
 
 
 def test_an_explicit_amp_on_cpu_is_noted_once_and_computes_in_fp32(capsys):
-    runtime._note_amp_off.cache_clear()
+    runtime.note_amp_ignored.cache_clear()
     cpu = torch.device("cpu")
     for amp in ("auto", "off"):
         with runtime.autocast_for(cpu, amp):

@@ -274,14 +274,12 @@ def test_evaluate_refuses_a_dataset_of_other_categories_than_the_checkpoint_lear
 def test_a_rerun_replaces_the_earlier_pictures_and_an_interrupted_one_keeps_them(lively, tiny_coco, tmp_path,
                                                                                    monkeypatch):
     import workflows.predict as predict
-
     files = sorted(tiny_coco["val_images"].glob("*.png"))
     out, mine = tmp_path / "pred", tmp_path / "pred" / "draw" / "notes.txt"
     cfg = PredictConfig(out=str(out), img_scale=(100, 100), draw=True, workers=0)
     run_predict(str(lively["ckpt"]), [str(f) for f in files[:3]], cfg, progress=False)
     mine.write_text("a user's file")
-    earlier = sorted(p.name for p in (out / "draw").iterdir())
-    assert len(earlier) == 4
+    assert len(earlier := sorted(p.name for p in (out / "draw").iterdir())) == 4
 
     results, draw = read(out), predict.draw_picture
 
