@@ -45,6 +45,11 @@ def weights_sha256(checkpoint: Path) -> str:
     return h.hexdigest()
 
 
+def folder_bytes(folder: Path, skip: tuple[str, ...] = ()) -> int:
+    """The bytes of the files under folder (those named in skip left out)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and p.name not in skip)
+
+
 def git_head() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -105,10 +110,9 @@ class Ledger:
             rec |= {"classes": len(ann["categories"]), "train_images": len(ann["images"]),
                     "train_boxes": len(ann["annotations"])}
         elif job.argv[0] == "dump-teacher":
-            files = [p for p in job.out.rglob("*") if p.is_file()]
-            rec["bytes"] = sum(p.stat().st_size for p in files)
+            rec["bytes"] = folder_bytes(job.out)
             # the arrays' bytes alone: the metadata names paths that differ between work folders
-            rec["data_bytes"] = sum(p.stat().st_size for p in files if p.name != "zarr.json")
+            rec["data_bytes"] = folder_bytes(job.out, skip=("zarr.json",))
         else:
             rec["metrics"] = json.loads((job.out / "eval.json").read_text())["metrics"]
             rec["weights_sha256"] = weights_sha256(job.out / "checkpoints" / "last.pt")
@@ -169,6 +173,6 @@ class Ledger:
     def cache_bytes(self, name: str, folder: Path) -> int | None:
         """The bytes on disk of the dump `name` (its folder here, else its record)."""
         if folder.is_dir():
-            return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+            return folder_bytes(folder)
         rec = self.entry(name)
         return rec.get("bytes") if rec else None

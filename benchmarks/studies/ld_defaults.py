@@ -27,6 +27,7 @@ from pathlib import Path
 
 from benchmarks.harness import study
 from benchmarks.harness.command_queue import Job, needed, run
+from benchmarks.harness.ledger import folder_bytes
 from benchmarks.harness.study import (
     DATASETS,
     SIZE,
@@ -214,7 +215,7 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
         m = [ap(work, run_name, k) for k in ("AP", "AP50", "AP75")]
         out["variants"][run_name] = dict(zip(("AP", "AP50", "AP75"), m))
         text.append(f"| {label} | `{flags}` | {' | '.join(f(v) for v in m)} |")
-    sizes = {c: sum(f.stat().st_size for f in (work / "synth" / c).rglob("*") if f.is_file())
+    sizes = {c: folder_bytes(work / "synth" / c)
              for c in ("cache.zarr", "cache-sparse-u8.zarr") if (work / "synth" / c).is_dir()}
     if len(sizes) == 2:
         text += ["", f"synth caches on disk: dense fp16 {sizes['cache.zarr'] / 2**20:.1f} MiB, region-sparse uint8 "
