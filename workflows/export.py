@@ -27,6 +27,7 @@ from core.domains import Flag, OneOf, Range, Table
 from core.errors import UserError
 from core.paths import OutputPath
 from data.views import DEFAULT_IMG_SCALE, PIXEL_MEAN, PIXEL_STD, SIZE_DIVISOR, Scale
+from detector import agreement
 from detector.checkpoint import (
     file_sha256,
     load_state_dict_strict,
@@ -149,14 +150,15 @@ def require_onnx() -> None:
 
 
 def check_file(path: Path, fmt: str, module: DeployedDetector, example: tuple) -> float:
-    """The largest difference of the file's boxes and scores from the module's on the example; a
-    different label or a difference above CHECK_TOLERANCE is a bug of the export, not the user's."""
+    """The largest difference of the file's boxes and scores from the module's on the example. A
+    detection without a counterpart that no threshold decision explains (detector/agreement.py), or
+    a difference above CHECK_TOLERANCE, is a bug of the export, not the user's."""
     with torch.no_grad():
         expected = module(*example)
     got = open_runner(path, fmt, torch.device("cpu"))(*example)
-    diff = max(float((got[i] - expected[i]).abs().max()) for i in (0, 1))
-    if not torch.equal(got[2], expected[2]) or diff > CHECK_TOLERANCE:
-        raise RuntimeError(f"the exported {fmt} file differs from the model on the example batch (max {diff:.3g})")
+    diff, problems = agreement.compare(got, expected, module.iou_thr, module.score_thr, CHECK_TOLERANCE)
+    if problems:
+        raise RuntimeError(f"the exported {fmt} file differs from the model on the example batch: {problems[0]}")
     return diff
 
 
