@@ -28,7 +28,7 @@ from cache_teacher.reader import is_url, open_group
 from cache_teacher.writer import CacheWriter, what_is_at
 from core.distributed import barrier, init_from_env, run_on_main
 from core.errors import UserError
-from core.runtime import autocast_for, progress_bar, resolve_device
+from core.runtime import autocast_for, compute_precision, progress_bar, resolve_device
 from data.coco import CocoDetection, collate
 from data.views import parse_views
 from detector.checkpoint import file_sha256, load_model
@@ -65,6 +65,11 @@ def _open_store(cfg: DumpConfig, meta: schema.CacheMetadata, layout: Layout, dat
                 return writer
             group = None  # killed while being created: nothing was written, create it again
         elif not cfg.overwrite:
+            if diffs == ["precision"]:
+                began = schema.CacheMetadata.from_json(existing, cfg.out).precision
+                raise UserError(f"{cfg.out} was begun computing the teacher in {began} and this run computes in "
+                                f"{meta.precision}; resume it with the --device and --amp that began it, or pass "
+                                "--overwrite to start again")
             if diffs is not None:
                 raise UserError(f"{cfg.out} holds a cache of another identity (differs in {', '.join(diffs)}); "
                                 "pass --overwrite to replace it or choose another --out")
@@ -183,6 +188,7 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> dict:
         cls_dtype=cfg.cls_dtype, layout=layout, compressor=cfg.compressor, package_version=package_version(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         source={"teacher": cfg.teacher, "images": data.images, "ann": data.ann}, regions=regions,
+        precision=compute_precision(device, cfg.amp),
     )
     opened = {}
 

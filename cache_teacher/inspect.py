@@ -49,6 +49,7 @@ def summarize(cache: CacheReader) -> dict:
         "views": num_views,
         "view_specs": [s.name for s in cache.specs],
         "teacher": {**meta.teacher_config, "checkpoint_sha256": meta.teacher_sha256},
+        "precision": meta.precision,
         "strides": list(meta.strides),
         "reg_max": meta.reg_max,
         "num_classes": meta.num_classes,
@@ -90,7 +91,8 @@ def format_summary(s: dict) -> str:
         (
             "teacher",
             f"GFL {teacher.backbone_name} ({teacher.num_classes} classes, fpn {teacher.fpn_channels}, "
-            f"head {teacher.head_channels}x{teacher.stacked_convs}), sha256 {t['checkpoint_sha256'][:12]}",
+            f"head {teacher.head_channels}x{teacher.stacked_convs}), sha256 {t['checkpoint_sha256'][:12]}, "
+            f"computed in {s['precision'] or 'a precision not recorded'}",
         ),
         ("images / views", f"{s['images']:,} / {s['views']:,} ({', '.join(s['view_specs'])})"),
         ("levels", f"strides {s['strides']}, reg_max {s['reg_max']}, {s['rows']:,} rows"),

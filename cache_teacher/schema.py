@@ -152,6 +152,7 @@ class CacheMetadata:
     created: str = ""
     complete: bool = False
     source: dict = field(default_factory=dict)  # where the dump found its inputs: hints, not identity
+    precision: str | None = None  # the teacher's arithmetic (core.runtime.compute_precision); None: not recorded
     format_version: int = FORMAT_VERSION  # as stored: v1 caches are read as before
 
     def __post_init__(self):
@@ -200,6 +201,7 @@ class CacheMetadata:
                                                         **({"encoding": TOPK_ENCODING, "k": self.regions.cls_topk}
                                                            if self.regions.two_spaces else {})},
             "layout": self.layout.to_json(),
+            **({"precision": self.precision} if self.precision else {}),
         }
 
     @classmethod
@@ -224,7 +226,7 @@ class CacheMetadata:
                 regions=Regions(**doc.get("regions", {"kind": "dense"})), transform=dict(doc["transform"]),
                 package_version=doc.get("package_version", "0+unknown"), created=doc.get("created", ""),
                 complete=bool(doc.get("complete")), source=dict(doc.get("source") or {}),
-                format_version=int(doc["format_version"]),
+                precision=doc.get("precision"), format_version=int(doc["format_version"]),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{where} has damaged ldcache metadata ({type(err).__name__}: {err}); dump the "
@@ -237,7 +239,9 @@ class CacheMetadata:
     def identity_differences(self, other: CacheMetadata) -> list[str]:
         """Top-level identity entries in which two caches differ (the dump's overwrite refusal)."""
         mine, theirs = self.identity(), other.identity()
-        return [k for k in mine if mine[k] != theirs.get(k)]
+        if "precision" not in mine or "precision" not in theirs:  # a cache from before it was recorded
+            mine, theirs = ({k: v for k, v in d.items() if k != "precision"} for d in (mine, theirs))
+        return [k for k in dict.fromkeys([*mine, *theirs]) if mine.get(k) != theirs.get(k)]
 
     def mismatches(self, **expected) -> list[str]:
         """What a run needs against what the cache holds, one readable line per mismatch. `expected`
@@ -252,10 +256,8 @@ class CacheMetadata:
         if "teacher_sha256" in expected:
             differ("teacher checkpoint sha256", self.teacher_sha256[:12], expected["teacher_sha256"][:12])
         if "teacher_config" in expected:
-            want = expected["teacher_config"]
-            mine = self.teacher_config
-            diffs = [k for k in sorted(set(mine) | set(want)) if mine.get(k) != want.get(k)]
-            if diffs:
+            have, want = self.teacher_config, expected["teacher_config"]
+            if diffs := [k for k in sorted({*have, *want}) if have.get(k) != want.get(k)]:
                 out.append(f"teacher architecture differs in {', '.join(diffs)}")
         if "ann_sha256" in expected:
             differ("annotation file sha256", self.ann_sha256[:12], expected["ann_sha256"][:12])
@@ -269,12 +271,10 @@ class CacheMetadata:
             differ("strides", list(self.strides), [int(s) for s in expected["strides"]])
         if "transform" in expected:
             have, want = self.transform, expected["transform"]
-            for k in sorted(set(have) | set(want)):
-                if have.get(k) != want.get(k):
-                    out.append(f"transform {k}: cache has {have.get(k)!r}, run needs {want.get(k)!r}")
+            for k in sorted({*have, *want}):
+                differ(f"transform {k}", have.get(k), want.get(k))
         if "specs" in expected:
-            missing = [s.name for s in expected["specs"] if s not in self.specs]
-            if missing:
+            if missing := [s.name for s in expected["specs"] if s not in self.specs]:
                 out.append(f"views {missing} are not cached (cache has {[s.name for s in self.specs]})")
         return out
 
@@ -286,7 +286,7 @@ def is_cache_document(doc: dict) -> bool:
 def build_metadata(*, teacher_config: dict, teacher_sha256: str, ann_sha256: str, image_ids, specs: list[ViewSpec],
                    strides, reg_max: int, num_classes: int, box_dtype: str, cls_dtype: str | None, layout: Layout,
                    compressor: str, package_version: str, created: str, source: dict | None = None,
-                   regions: Regions = Regions()) -> CacheMetadata:
+                   regions: Regions = Regions(), precision: str | None = None) -> CacheMetadata:
     """The metadata of a cache about to be dumped (not complete yet)."""
     return CacheMetadata(
         teacher_config=teacher_config, teacher_sha256=teacher_sha256, ann_sha256=ann_sha256,
@@ -297,4 +297,4 @@ def build_metadata(*, teacher_config: dict, teacher_sha256: str, ann_sha256: str
                            region_rows_per_shard=layout.region_rows_per_shard,
                            region_chunk_rows=layout.region_chunk_rows),
         regions=regions, package_version=package_version, created=created, source=dict(source or {}),
-    )
+        precision=precision)

@@ -41,6 +41,17 @@ def note_amp_ignored(amp: str) -> None:
     print(f"note: --amp {amp} applies on CUDA only; on this CPU the run computes in fp32", file=sys.stderr)
 
 
+def compute_precision(device: torch.device, amp: str) -> str:
+    """The arithmetic a forward under autocast_for(device, amp) does: bf16 or fp16 (autocast on
+    CUDA), tf32 (CUDA fp32 with cuDNN's TF32 convolutions, torch's default) or fp32. Outputs of
+    different precisions differ far more than rounding, so a cache records its own."""
+    if device.type != "cuda":
+        return "fp32"
+    if amp != "off":
+        return "fp16" if amp == "fp16" else "bf16"
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
+
+
 def autocast_for(device: torch.device, amp: str):
     """The autocast context of an amp setting: auto = bf16 on CUDA, nothing on CPU (where an
     explicit bf16/fp16 is noted once on stderr rather than silently dropped)."""

@@ -157,3 +157,27 @@ def test_an_incomplete_cache_shows_and_measures_only_written_views(tiny_cache, t
     r = verify(CacheReader(copy), str(tiny_teacher["path"]), num_views=20)
     assert not r["ok"] and any("incomplete" in p for p in r["problems"])
     assert 0 < r["fidelity"]["views"] < 20 and r["fidelity"]["kl_t10_max"] < 1e-6  # the written views: fp16 storage
+
+
+def test_a_dump_resumes_only_in_the_precision_that_began_it(tiny_coco, tiny_teacher, tiny_cache, tmp_path):
+    """A bf16 dump (CUDA's default) resumed in fp32 would mix two arithmetics in one cache: refused
+    in one line; a cache from before the precision was recorded resumes as before."""
+    import shutil
+
+    from core.errors import UserError
+    from tests.conftest import dump_tiny_cache, store_array_files
+
+    assert summarize(CacheReader(tiny_cache))["precision"] == "fp32"  # this CPU's
+    assert "computed in fp32" in format_summary(summarize(CacheReader(tiny_cache)))
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_cache, copy)
+    group = zarr.open_group(str(copy), mode="r+")
+    group["progress"][0] = 0
+    group.attrs["ldcache"] = {**group.attrs["ldcache"], "complete": False, "precision": "bf16"}
+    before = store_array_files(copy)
+    with pytest.raises(UserError, match="begun computing the teacher in bf16 and this run computes in fp32"):
+        dump_tiny_cache(tiny_coco, tiny_teacher["path"], copy)
+    assert store_array_files(copy) == before
+    group.attrs["ldcache"] = {k: v for k, v in group.attrs["ldcache"].items() if k != "precision"}
+    dump_tiny_cache(tiny_coco, tiny_teacher["path"], copy)
+    assert CacheReader(copy).complete and store_array_files(copy) == store_array_files(tiny_cache)

@@ -60,6 +60,14 @@ def test_identity_ignores_history_but_not_content():
     assert meta.identity_differences(_meta(specs=SPECS[:1])) == ["views"]
 
 
+def test_precision_is_identity_once_both_caches_record_it():
+    bf16, fp32, unrecorded = _meta(precision="bf16"), _meta(precision="fp32"), _meta()
+    assert bf16.identity_differences(fp32) == ["precision"] and fp32.identity_differences(bf16) == ["precision"]
+    assert unrecorded.identity_differences(bf16) == [] and bf16.identity_differences(unrecorded) == []
+    assert "precision" not in unrecorded.to_json()  # a cache from before: its document key for key
+    assert schema.CacheMetadata.from_json(bf16.to_json(), "here").precision == "bf16"
+
+
 @pytest.mark.parametrize("doc, fragment", [
     ({}, "not an ldcache teacher cache"),
     ({"format": schema.FORMAT_NAME, "format_version": 99}, "format v99"),
