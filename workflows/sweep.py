@@ -53,7 +53,8 @@ class GridAxis(Text):
 class SweepConfig:
     cache: str = param(None, "the teacher cache every point reads (folder or fsspec URL)",
                        Text("a teacher cache folder or fsspec URL"), shown="required")
-    grid: tuple[str, ...] = param((), "name=v1,v2,... of a train-student option; repeat for a cartesian product",
+    grid: tuple[str, ...] = param((), "name=v1,v2,... of a train-student option (name=v1;v2 when a value holds "
+                                          "commas: lr_steps=8,11;10,14); repeat for a cartesian product",
                                   Texts(GridAxis()), shown="required")
     out: str = param("runs/sweep", "sweep folder: one run per point, sweep.md, sweep.json, sweep.png",
                      OutputPath("dir"))
@@ -109,9 +110,10 @@ def parse_axis(item: str) -> list[tuple[str, str]]:
         raise UserError(f"--grid {item!r} must look like name=v1,v2,... (e.g. ld_temperature=5,10,15)")
     if key not in allowed:
         raise UserError(f"--grid {key} is not a train-student option; choose from {', '.join(sorted(allowed))}")
-    # img_scale values contain commas themselves: give them as 1333x800
+    # Values are separated by commas, or by semicolons when a value holds commas itself
+    # (lr_steps=8,11;10,14, views=orig;orig,hflip); an img_scale may also be given as 1333x800.
     axis = [(key, v.strip().replace("x", ",") if key == "img_scale" else v.strip())
-            for v in values.split(",") if v.strip()]
+            for v in values.split(";" if ";" in values else ",") if v.strip()]
     unique: dict = {}  # a value given twice (0.25,0.25 or 0.25,.25) is one point, not two runs of one folder
     for _, text in axis:
         problem = grid_value_problem(allowed[key], text)

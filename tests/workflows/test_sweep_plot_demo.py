@@ -27,6 +27,14 @@ def test_parse_grid_is_a_cartesian_product_of_known_options():
         parse_grid(["ld_weight"])
 
 
+def test_grid_values_that_hold_commas_are_separated_by_semicolons():
+    assert parse_grid(["lr_steps=8,11;10,14"]) == [{"lr_steps": "8,11"}, {"lr_steps": "10,14"}]
+    assert parse_grid(["views=orig;orig,hflip", "img_scale=320x320"]) == [
+        {"views": "orig", "img_scale": "320,320"}, {"views": "orig,hflip", "img_scale": "320,320"}]
+    assert parse_grid(["lr_steps=8,11"]) == [{"lr_steps": "8"}, {"lr_steps": "11"}]  # commas alone: two values
+    assert point_name({"lr_steps": "8,11"}) == "lr_steps=8x11"
+
+
 def test_a_sweep_compares_ld_and_bckd_from_one_cache():
     """--grid recipe=paper,bckd: one student per method, each point a train-student of that recipe."""
     from workflows.sweep import point_command
