@@ -7,7 +7,9 @@ stand-in; the classification models never call it), from the repository root:
     /tmp/r25/venv/bin/python tools/backbone_key_fixtures.py [--check-dir /tmp/backbone_check]
 
 Writes tests/fixtures/backbone_keys/<model>.json: the library's full state-dict key -> shape of
-each model (one key a line), as the library builds it (tests/detector/test_backbones.py compares ours against it).
+each model (one key a line), as the library builds it (tests/detector/test_backbones.py compares ours against it),
+and tests/fixtures/library_weights/<model>.<pth|safetensors>.xz: a weights file the library's own code
+wrote (write_weights_fixture), which tests/detector/test_checkpoint_backbone.py loads.
 Then, per backbone: the library model with random weights and perturbed BatchNorm statistics is
 saved with torch.save (the library's file format) under --check-dir, loaded into OUR detector with
 detector.checkpoint.load_backbone_weights, and our C3-C5 are compared with the library's
@@ -25,6 +27,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "backbone_keys"
+WEIGHTS_DIR = ROOT / "tests" / "fixtures" / "library_weights"
+WEIGHTS_FIXTURES = ("mobilenet_v2", "shufflenet_v2_x1_0", "efficientnet_lite0")  # one per library file kind
 # our backbone name -> (library, model name, the library modules whose outputs are C3, C4, C5)
 MODELS = {
     "resnet18": ("torchvision", "resnet18", ("layer2", "layer3", "layer4")),
@@ -89,9 +93,37 @@ def our_detector(name: str):
     return build_detector(ModelConfig(num_classes=3, fpn_channels=32, head_channels=32, gn_groups=8, **arch)).eval()
 
 
+def write_weights_fixture(name: str, library: str, model: torch.nn.Module, out_dir: Path) -> Path:
+    """The library's own weights file of `model`, written by the library's own code (torchvision's
+    files are torch.save of the state dict; timm's hub files are save_for_hf's model.safetensors),
+    with every tensor filled with one constant: the i-th entry (state-dict order, as in the key
+    fixture) holds 1 + i/1024 (an integer entry holds i). A test then sees where each lands, and the
+    file compresses to a few KB: it is stored xz-compressed."""
+    import lzma
+    import tempfile
+
+    with torch.no_grad():
+        for i, tensor in enumerate(model.state_dict().values()):
+            tensor.fill_(1 + i / 1024 if tensor.is_floating_point() else i)
+    with tempfile.TemporaryDirectory() as tmp:
+        if library == "timm":
+            from timm.models._hub import save_for_hf
+
+            save_for_hf(model, tmp, safe_serialization=True)
+            written, suffix = Path(tmp) / "model.safetensors", ".safetensors"
+        else:
+            written, suffix = Path(tmp) / "weights.pth", ".pth"
+            torch.save(model.state_dict(), written)
+        out = out_dir / f"{name}{suffix}.xz"
+        out.write_bytes(lzma.compress(written.read_bytes(), preset=9))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check-dir", type=Path, default=Path("/tmp/backbone_check"))
+    parser.add_argument("--weights-fixtures", nargs="*", default=list(WEIGHTS_FIXTURES),
+                        help="backbones whose library-written weights file goes to tests/fixtures/library_weights")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from detector.checkpoint import load_backbone_weights
@@ -122,6 +154,10 @@ def main() -> None:
         diff = max((a - b).abs().max().item() for a, b in zip(got, expected))
         scale = max(b.abs().max().item() for b in expected)
         params = sum(p.numel() for p in ours.backbone.parameters()) / 1e6
+        if name in args.weights_fixtures:
+            WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
+            written = write_weights_fixture(name, library, model, WEIGHTS_DIR)
+            print(f"{name:20s} weights fixture {written.relative_to(ROOT)} ({written.stat().st_size:,} bytes)")
         print(f"{name:20s} {library} {versions[library]:8s} keys {len(state):4d}  C3-C5 {shapes}  "
               f"max |ours - library| {diff:.3g} (max |feature| {scale:.3g})  backbone {params:.3f} M params")
 

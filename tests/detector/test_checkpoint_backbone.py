@@ -117,3 +117,27 @@ def test_a_safetensors_file_without_the_package_names_the_extra(tmp_path, monkey
     message = str(err.value)
     assert "\n" not in message and str(tmp_path / "model.safetensors") in message
     assert "pip install 'ldcache[backbones]'" in message
+
+
+# Written by torchvision (torch.save of the state dict, its weights files' format) and by timm
+# (save_for_hf's model.safetensors, its hub files' format) in an environment that has them:
+# tools/backbone_key_fixtures.py. The i-th entry of the library's state dict holds 1 + i/1024.
+LIBRARY_WEIGHTS = {"mobilenet_v2": "mobilenet_v2.pth.xz", "shufflenet_v2_x1_0": "shufflenet_v2_x1_0.pth.xz",
+                   "efficientnet_lite0": "efficientnet_lite0.safetensors.xz"}
+
+
+@pytest.mark.parametrize("name, file", LIBRARY_WEIGHTS.items())
+def test_a_weights_file_the_library_wrote_puts_every_tensor_in_its_place(tmp_path, name, file):
+    import lzma
+
+    path = tmp_path / file.removesuffix(".xz")
+    path.write_bytes(lzma.decompress((FIXTURES / "library_weights" / file).read_bytes()))
+    model = build_detector(ModelConfig(backbone=name, num_classes=3, fpn_channels=16, head_channels=16,
+                                       stacked_convs=1, gn_groups=4))
+    load_backbone_weights(model, path)  # no missing or unexpected key: strict
+    library_keys = list(json.loads((FIXTURES / "backbone_keys" / f"{name}.json").read_text())["state_dict"])
+    own = model.backbone.state_dict()
+    assert len(library_keys) > len(own)  # the file's classifier was left out
+    for key, value in own.items():
+        i = library_keys.index(key)
+        assert torch.all(value == (1 + i / 1024 if value.is_floating_point() else i)), key
