@@ -86,10 +86,12 @@ def test_a_rebuilt_input_must_reproduce_its_record(tmp_path):
     assert json.loads((root / "study" / "d" / "teacher.json").read_text())["metrics"]["AP"] == 0.4
 
 
-def test_the_queue_records_runs_and_a_fresh_work_folder_runs_nothing(tmp_path):
-    """Through the real command: a make-synthetic job is recorded once; on a fresh work folder the
-    queue finds it recorded and starts nothing."""
-    root, lines = tmp_path / "ledger", []
+def test_the_queue_records_runs_and_a_fresh_work_folder_runs_nothing(tmp_path, monkeypatch):
+    """Through the real command: a make-synthetic job is recorded once, run where no GPU is visible
+    (records are CPU runs); on a fresh work folder the queue finds it recorded and starts nothing."""
+    root, lines, envs, popen = tmp_path / "ledger", [], [], command_queue.subprocess.Popen
+    monkeypatch.setattr(command_queue.subprocess, "Popen",
+                        lambda *a, **kw: envs.append(kw.get("env")) or popen(*a, **kw))
     make = lambda work: [Job("d/data", ["make-synthetic", str(work / "data"), "--num-train", "2", "--num-val",  # noqa: E731
                                         "1", "--image-size", "64"], work / "data")]
     jobs = make(tmp_path / "w1")
@@ -97,6 +99,7 @@ def test_the_queue_records_runs_and_a_fresh_work_folder_runs_nothing(tmp_path):
     assert lines[-1].startswith("done: d/data") and jobs[0].done()
     rec = json.loads((root / "study" / "d" / "data.json").read_text())
     assert rec["train_images"] == 2 and rec["classes"] == 6
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs if e is not None] == [""]  # (git's calls pass no env)
 
     lines.clear()
     jobs = make(tmp_path / "w2")

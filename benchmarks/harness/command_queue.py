@@ -68,6 +68,10 @@ def to_run(jobs: list[Job], ledger=None) -> list[Job]:
 def run(jobs: list[Job], parallel: int, log, threads: int | None = None, ledger=None) -> None:
     threads = threads or max(1, (os.cpu_count() or 1) // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if ledger is not None:
+        # A recorded run must reproduce bit for bit where the study goes on, and every record was
+        # trained on the CPU (--device auto): a GPU the machine has would give other weights.
+        env["CUDA_VISIBLE_DEVICES"] = ""
     by_name, running, failed = {j.name: j for j in jobs}, [], set()
     if ledger is not None:
         ledger.record_finished(jobs, log)
