@@ -112,7 +112,9 @@ def format_summary(s: dict) -> str:
             + ")",
         ),
         ("per view", f"{s['bytes_per_view'] / 1024:,.1f} KiB"),
-        ("compression", f"{s['compression_ratio']:.2f}x (stored rows / bytes on disk)"),
+        ("compression", f"{s['compression_ratio']:.2f}x (stored rows / bytes on disk)" if s["compressor"] != "none"
+         else f"none ({min(s['compression_ratio'], 1):.0%} of the bytes on disk are rows; the rest is chunk padding "
+              "and the shard index, a large share only in tiny caches)"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
