@@ -193,7 +193,7 @@ def inspect_cache_cmd(store: Annotated[str, Opt(STORE, "cache folder or fsspec U
 
 @command(app, "demo", *DEMO)
 def demo_cmd(*, fields, config):
-    """The whole product on the synthetic data: teacher, dump, inspect, plain and LD students, one table."""
+    """The whole product on the synthetic data: teacher, dump, inspect, plain, LD and BCKD students, one table."""
     from workflows.demo import run_demo
 
     cfg = build_config(DemoConfig, fields["demo"], "demo")

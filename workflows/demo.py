@@ -64,7 +64,7 @@ TEACHER = dict(depth=18, base_width=32, fpn_channels=64, head_channels=64, stack
 STUDENT = dict(depth=18, base_width=16, fpn_channels=64, head_channels=64, stacked_convs=2, frozen_stages=0,
                norm_eval=False)
 PLANS = {
-    # Sized for under 10 minutes on a 2-core CPU with a margin (README: the measured time).
+    # Sized for a few minutes per model on a 2-core CPU (README: 19 minutes in all, measured on busy cores).
     "full": DemoPlan(num_train=400, num_val=150, image_size=160, teacher=TEACHER, student=STUDENT,
                      teacher_epochs=20, student_epochs=10),
     "quick": DemoPlan(num_train=48, num_val=16, image_size=96,
