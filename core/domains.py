@@ -87,8 +87,8 @@ class Range(Domain):
             raise ValueError(f"must be {self.allowed}, got {quote(text)}") from None
 
     def coerce(self, value):
-        if not self.integer and is_int(value):
-            return float(value)
+        if not self.integer and is_int(value) and self.valid(float(value)):
+            return float(value)  # an int outside the range stays as written, for check to quote
         return super().coerce(value)
 
     def valid(self, value) -> bool:

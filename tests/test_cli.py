@@ -142,6 +142,7 @@ def test_cross_field_and_toml_values_are_refused_before_anything_is_written(data
     config.write_text("[loss]\nld_weight = -1\n")  # an integer: once slipped past the float-only range check
     proc = run_cli("train-student", "--cache", tmp_path, "--config", config, "--out", tmp_path / "a", env_home=home)
     assert_user_error(proc, "[loss] ld_weight must be a number in [0, 10000], got -1")
+    assert proc.stderr.rstrip().endswith("got -1"), proc.stderr  # quoted as written, not as -1.0
     assert not home.exists() and not (tmp_path / "a").exists()
 
 
