@@ -72,6 +72,19 @@ def read_safetensors(path: Path, map_location="cpu") -> dict:
         raise UserError(f"checkpoint {path} is not a readable safetensors file ({detail}); check the file") from None
 
 
+def load_failure(path: Path, err: Exception) -> str:
+    """Why torch.load failed, in words: pickle's own errors for a file that is neither of torch's
+    formats are a bare opcode number ("105") or "Ran out of input"."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        return "the file is empty"
+    if not head.startswith(b"PK") and not head.startswith(b"\x80"):
+        return f"it begins {head!r}: neither a torch zip archive nor a pickle"
+    first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return first.split(". ")[0][:200]  # a truncated zip: "... failed finding central directory"
+
+
 def read_checkpoint(path, map_location="cpu") -> dict:
     """Load a checkpoint file safely -> dict with at least "state_dict" (a .safetensors file gives
     only that)."""
@@ -90,8 +103,8 @@ def read_checkpoint(path, map_location="cpu") -> dict:
                 f"checkpoint {path} holds a Python object that weights_only loading refuses ({culprit}); re-save just "
                 "its weights where you trust it: torch.save({'state_dict': ckpt['state_dict']}, path)"
             ) from None
-        detail = next((line for line in text.splitlines() if line.strip()), type(err).__name__)[:200]
-        raise UserError(f"checkpoint {path} is not a readable torch checkpoint ({detail}); check the file") from None
+        raise UserError(f"checkpoint {path} is not a readable torch checkpoint ({load_failure(path, err)}); "
+                        "check the file") from None
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         return raw
     if isinstance(raw, dict) and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):

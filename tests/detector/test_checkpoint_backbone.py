@@ -7,7 +7,7 @@ import torch
 
 from core.errors import UserError
 from detector import ModelConfig, build_detector, load_checkpoint, save_checkpoint
-from detector.checkpoint import load_backbone_weights, load_model
+from detector.checkpoint import load_backbone_weights, load_model, read_checkpoint
 from tests.conftest import FIXTURES, TINY_MODEL
 
 
@@ -141,3 +141,18 @@ def test_a_weights_file_the_library_wrote_puts_every_tensor_in_its_place(tmp_pat
     for key, value in own.items():
         i = library_keys.index(key)
         assert torch.all(value == (1 + i / 1024 if value.is_floating_point() else i)), key
+
+
+def test_a_file_torch_cannot_load_is_named_for_what_it_is(tmp_path):
+    whole = tmp_path / "whole.pt"
+    torch.save({"state_dict": {"w": torch.zeros(64, 64)}}, whole)
+    cases = {
+        b"": "(the file is empty)",
+        b"hi\n": "(it begins b'hi\\n': neither a torch zip archive nor a pickle)",  # pickle says only "105"
+        whole.read_bytes()[:3000]: "(PytorchStreamReader failed reading zip archive: failed finding central directory)",
+    }
+    for i, (data, reason) in enumerate(cases.items()):
+        (tmp_path / f"{i}.pt").write_bytes(data)
+        with pytest.raises(UserError) as caught:
+            read_checkpoint(tmp_path / f"{i}.pt")
+        assert reason in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
