@@ -123,3 +123,9 @@ def test_small_students_share_the_teachers_and_dumps_of_distill_methods(tmp_path
     cell = result["datasets"]["synth"]["shufflenet_v2_x1_0"]
     assert cell["gap_closed"]["bckd"] == pytest.approx((21 - 11) / (30 - 11))
     assert cell["gap_closed"]["ld"] is None and result["datasets"]["large8"]["teacher"] is None
+    finished("synth/shufflenet_v2_x1_0-bckd-s2", 0.05)  # a seed whose plain run has not finished: no difference
+    cell = ss.report(Ledger(None, tmp_path), jobs, ["synth"], 3)["datasets"]["synth"]["shufflenet_v2_x1_0"]
+    assert cell["over_plain_by_seed"]["bckd"] == pytest.approx([10.0, 10.0, None])
+    row = next(line for line in ss.report(Ledger(None, tmp_path), jobs, ["synth"], 3)["table"].splitlines()
+               if "shufflenet" in line)
+    assert "| 11.0 +- 1.4 (2) |" in row and row.endswith("| -/-/- | +10.0/+10.0/- |"), row

@@ -97,6 +97,37 @@ def seed_stats(work: Path, run_pattern: str, seeds: int) -> dict:
     return Ledger(None, work).seed_stats(run_pattern, seeds)
 
 
+def seed_diffs(runs: Ledger, pattern: str, baseline: str, seeds: int) -> list[float | None]:
+    """pattern's AP minus baseline's, seed by seed (None where either has not finished)."""
+    pairs = [(runs.ap(pattern.format(s)), runs.ap(baseline.format(s))) for s in range(seeds)]
+    return [None if None in pair else pair[0] - pair[1] for pair in pairs]
+
+
+# How the studies' tables print a number, a seed cell (mean +- sd (seeds)), a share and per-seed differences.
+def one(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def mean_sd(cell: dict, star: str = "") -> str:
+    if cell["mean"] is None:
+        return "-"
+    spread = "" if cell["sd"] is None else f" +- {cell['sd']:.1f}"
+    return f"{cell['mean']:.1f}{star}{spread} ({len(cell['aps'])})"
+
+
+def gap_share(teacher: float | None, plain: float | None, value: float | None) -> float | None:
+    """The share of the teacher-plain AP gap that value closes (None: a number is missing, or no gap)."""
+    return (value - plain) / (teacher - plain) if None not in (teacher, plain, value) and teacher > plain else None
+
+
+def percent(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def by_seed(diffs: list[float | None]) -> str:
+    return "/".join("-" if d is None else f"{d:+.1f}" for d in diffs)
+
+
 def parse_study(doc: str, name: str, datasets: dict, seeds: int) -> tuple[argparse.Namespace, Path, list[str]]:
     """The options of a study over datasets and seeds, parsed: (args, work folder, chosen datasets)."""
     p = study_args(doc.split("\n\n")[0], name, datasets)

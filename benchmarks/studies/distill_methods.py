@@ -31,7 +31,7 @@ from pathlib import Path
 from benchmarks.harness import study
 from benchmarks.harness.command_queue import Job, needed, run
 from benchmarks.harness.ledger import Ledger
-from benchmarks.harness.study import STUDENT_FLAGS
+from benchmarks.harness.study import STUDENT_FLAGS, mean_sd, one, percent
 
 DATASETS = {**study.DATASETS,
             "photos": ["--pixels", "photos", "--num-classes", "12", "--num-train", "1000", "--num-val", "200"]}
@@ -84,9 +84,6 @@ def choose_combo(runs: Ledger, datasets: list[str]) -> tuple[str | None, dict]:
 
 def report(work: Path, runs: Ledger, jobs: list[Job], datasets: list[str], seeds: int, best: str | None,
            gains: dict) -> dict:
-    f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-    ms = lambda c: "-" if c["mean"] is None else f"{c['mean']:.1f} +- {f(c['sd'])} ({len(c['aps'])})"  # noqa: E731
-    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
     methods = ["plain", *METHODS, *([best] if best else [])]
     out, text = {"datasets": {}, "best_combination": best, "combination_gains_seed0": gains}, []
     text += [f"### Plain, LD, BCKD and the best combination ({best or 'not chosen yet'}), batch 8, no weight flags, "
@@ -99,17 +96,16 @@ def report(work: Path, runs: Ledger, jobs: list[Job], datasets: list[str], seeds
         teacher = runs.ap(f"{name}/teacher")
         cells = {m: runs.seed_stats(f"{name}/{m}-s{{}}", seeds) for m in methods}
         plain = cells["plain"]["mean"]
-        gap = {m: (cells[m]["mean"] - plain) / (teacher - plain)
-               if None not in (teacher, plain, cells[m]["mean"]) and teacher > plain else None for m in methods[1:]}
+        gap = {m: study.gap_share(teacher, plain, cells[m]["mean"]) for m in methods[1:]}
         out["datasets"][name] = {"classes": classes, "teacher": teacher, "runs": cells, "gap_closed": gap}
-        text.append(f"| {name} | {classes or '-'} | {f(teacher)} | " + " | ".join(ms(cells[m]) for m in methods) + " | "
-                    + " | ".join(pct(gap[m]) for m in methods[1:]) + " |")
+        text.append(f"| {name} | {classes or '-'} | {one(teacher)} | " + " | ".join(mean_sd(cells[m]) for m in methods)
+                    + " | " + " | ".join(percent(gap[m]) for m in methods[1:]) + " |")
     text += ["", "### Combination candidates (seed 0; AP, and the mean gain over plain)", "",
              "| combination | flags | " + " | ".join(datasets) + " | mean gain |",
              "|---|---|" + "---|" * len(datasets) + "---|"]
     for combo, flags in COMBOS.items():
-        text.append(f"| {combo} | `{' '.join(flags)}` | " + " | ".join(f(runs.ap(f"{n}/{combo}-s0")) for n in datasets)
-                    + f" | {f(gains.get(combo))} |")
+        aps = [one(runs.ap(f"{n}/{combo}-s0")) for n in datasets]
+        text.append(f"| {combo} | `{' '.join(flags)}` | " + " | ".join(aps) + f" | {one(gains.get(combo))} |")
     if "synth" in datasets:
         text += ["", "### The compact ld+bckd caches against the dense one (synth, mean +- sd over seeds)", "",
                  "| method | dense cache | ld+bckd top-2 | ld+bckd top-4 |", "|---|---|---|---|"]
@@ -118,7 +114,7 @@ def report(work: Path, runs: Ledger, jobs: list[Job], datasets: list[str], seeds
             cells = {c: runs.seed_stats(f"synth/{m}-s{{}}" + c.removeprefix("cache"), seeds)
                      for c in ("cache", *COMPACT)}
             out["compact"][m] = cells
-            text.append(f"| {m} | " + " | ".join(ms(c) for c in cells.values()) + " |")
+            text.append(f"| {m} | " + " | ".join(mean_sd(c) for c in cells.values()) + " |")
         sizes = {c: b for c in ("cache", *COMPACT)
                  if (b := runs.cache_bytes(f"synth/{c}", work / "synth" / f"{c}.zarr")) is not None}
         out["cache_bytes"] = sizes

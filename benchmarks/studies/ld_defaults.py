@@ -36,6 +36,7 @@ from benchmarks.harness.study import (
     TEACHER_FLAGS,
     ap,
     chosen_datasets,
+    mean_sd,
     progress_log,
     seed_stats,
     study_args,
@@ -139,7 +140,7 @@ def _gap_shares(work: Path, name: str) -> dict | None:
 
 
 def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
-    f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    f = study.one
     out, text = {"batches": [], "datasets": [], "seeds": {}, "variants": {}}, []
     text += ["### Batch size (synthetic default, seed 0, lr = 0.001 x batch / 8)", "",
              "| images per step | plain AP | LD AP (defaults) | LD - plain |", "|---|---|---|---|"]
@@ -174,9 +175,9 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
         by_t = {1: cells["default"], 10: cells["other"]} if default == 1 else {1: cells["other"], 10: cells["default"]}
         out["temperature"][name] = {"median_edge_bins": edge, "default_temperature": default, "plain": cells["plain"],
                                     "T1": by_t[1], "T10": by_t[10]}
-        ms = lambda c, star="": "-" if c["mean"] is None else f"{c['mean']:.1f}{star} +- {f(c['sd'])} ({len(c['aps'])})"  # noqa: E731
-        text.append(f"| {name} | {'-' if edge is None else f'{edge:.2f}'} | {ms(cells['plain'])} | "
-                    f"{ms(by_t[1], '*' if default == 1 else '')} | {ms(by_t[10], '*' if default == 10 else '')} |")
+        star = {t: "*" if default == t else "" for t in (1, 10)}
+        text.append(f"| {name} | {'-' if edge is None else f'{edge:.2f}'} | {mean_sd(cells['plain'])} | "
+                    f"{mean_sd(by_t[1], star[1])} | {mean_sd(by_t[10], star[10])} |")
     text += ["", "### Datasets (batch 8, mean over seeds, no weight flags)", "",
              "| dataset | classes | objects / image | teacher AP | plain AP | LD AP | gap closed | teacher's boxes / "
              "scores alone recover |", "|---|---|---|---|---|---|---|---|"]
@@ -185,14 +186,14 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
         t = ap(work, f"{name}/teacher")
         # batch 8
         p, d = (out["seeds"][kind if name == "synth" else f"{name}/{kind}"]["mean"] for kind in ("plain", "ld"))
-        share = (d - p) / (t - p) if None not in (t, p, d) and t > p else None
+        share = study.gap_share(t, p, d)
         coco = json.loads(ann.read_text()) if ann.is_file() else None
         classes = len(coco["categories"]) if coco else None
         gap = _gap_shares(work, name)
         row = {"dataset": name, "classes": classes, "objects_per_image": _objects_per_image(coco) if coco else None,
                "teacher": t, "plain": p, "ld": d, "gap_closed": share, "gap_decomposition": gap}
         out["datasets"].append(row)
-        pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+        pct = study.percent
         text.append(f"| {name} | {classes} | {f(row['objects_per_image'])} | {f(t)} | {f(p)} | {f(d)} | {pct(share)} | "
                     f"{pct(gap and gap['boxes'])} / {pct(gap and gap['scores'])} |")
     text += ["", "### Ablation, VLR gamma and normalisations (synthetic default, batch 8, seed 0)", "",
