@@ -87,8 +87,9 @@ class DataConfig:
             images, ann = (str(p) for p in dataset)
             synthetic = _is_synthetic_train(ann)
         elif images is None and not fallback:
-            raise UserError("this needs the dataset the cache was dumped from, which is not where the dump found it: "
-                            "pass --images and --ann")
+            where = f" ({dataset[0]}, {dataset[1]})" if dataset else ""
+            raise UserError(f"this needs the dataset the cache was dumped from, which is no longer where the dump "
+                            f"found it{where}: pass --images and --ann where it is now")
         elif images is None:
             images, ann = (str(p) for p in synthetic_split(split))
             synthetic = True

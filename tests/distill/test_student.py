@@ -213,5 +213,5 @@ def test_a_cache_whose_dataset_moved_asks_for_it_never_trains_on_the_synthetic_d
     home = tmp_path / "home"  # where the synthetic data would be generated
     proc = run_cli("train-student", "--cache", cache, "--out", tmp_path / "run", *TINY_MODEL_FLAGS, "--workers", "0",
                    "--max-iters", "1", env_home=home)
-    assert_user_error(proc, "pass --images and --ann")
+    assert_user_error(proc, f"no longer where the dump found it ({data / 'train'}", "pass --images and --ann")
     assert not (tmp_path / "run").exists() and not home.exists()
