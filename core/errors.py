@@ -21,6 +21,13 @@ def one_line(err: UserError) -> str:
 
 
 def first_line(error: BaseException) -> str:
-    """The first line of an exception message (at most 200 characters), for one-line errors."""
+    """The first line of an exception message, for one-line errors: at most 200 characters; a longer
+    one is cut to its first sentence (torch's zip errors run on with advice)."""
     text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    line = text[0]
+    if len(line) <= 200:
+        return line
+    end = line.find(". ", 0, 200)
+    return line[:end] if end > 0 else line[:200]

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.errors import UserError
+from core.errors import UserError, first_line
 from detector.backbones import HEAD_PREFIXES, backbone_in, weights_file
 from detector.config import BACKBONE_STAGES, ModelConfig
 from detector.model import build_detector
@@ -81,8 +81,7 @@ def load_failure(path: Path, err: Exception) -> str:
         return "the file is empty"
     if not head.startswith(b"PK") and not head.startswith(b"\x80"):
         return f"it begins {head!r}: neither a torch zip archive nor a pickle"
-    first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-    return first.split(". ")[0][:200]  # a truncated zip: "... failed finding central directory"
+    return first_line(err)  # a truncated zip: "... failed finding central directory"
 
 
 def read_checkpoint(path, map_location="cpu") -> dict:

@@ -46,6 +46,14 @@ def read_sidecar(path) -> dict | None:
     return meta
 
 
+def no_sidecar(path) -> str:
+    """Why read_sidecar found none: no FILE.json, or one that `ldcache export` did not write."""
+    side = sidecar_path(path)
+    if side.is_file():
+        return f"{path}'s {side.name} is not the JSON `ldcache export` writes"
+    return f"{path} has no {side.name} beside it"
+
+
 def is_torchscript(path) -> bool:
     """A TorchScript archive: a zip holding code/ (a torch.save checkpoint is a zip without it)."""
     try:
@@ -59,8 +67,8 @@ def exported_meta(path) -> dict | None:
     """read_sidecar, and a UserError for an .onnx file without its sidecar (it is no checkpoint either)."""
     meta = read_sidecar(path)
     if meta is None and (Path(path).suffix.lower() == ".onnx" or is_torchscript(path)):
-        raise UserError(f"{path} has no {sidecar_path(path).name} beside it; keep the JSON `ldcache export` wrote "
-                        "beside the file (or export the checkpoint again)")
+        raise UserError(f"{no_sidecar(path)}; keep the JSON `ldcache export` wrote beside the file (or export the "
+                        "checkpoint again)")
     return meta
 
 
@@ -129,8 +137,8 @@ class ExportedDetector:
     def __init__(self, path, device: torch.device):
         meta = read_sidecar(path)
         if meta is None:
-            raise UserError(f"{path} has no {sidecar_path(path).name} beside it, so it is no exported detector; keep "
-                            "the JSON `ldcache export` wrote beside the file, or pass a checkpoint")
+            raise UserError(f"{no_sidecar(path)}, so it is no exported detector; keep the JSON `ldcache export` "
+                            "wrote beside the file, or pass a checkpoint")
         self.path, self.meta = Path(path), meta
         self.strides = tuple(meta["strides"])
         self.num_classes = int(meta["num_classes"])

@@ -1,6 +1,7 @@
 """Running the command line the way a user does: the installed `ldcache` console script (or
 `python cli.py` from the checkout) in a real subprocess, and the shape of a user error."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ def cli_command(entry: str = "ldcache") -> list[str]:
 
 def run_cli(*args, env_home=None, timeout=300, entry: str = "ldcache", env_extra: dict | None = None):
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", "COLUMNS": "200",
+           **{k: v for k, v in os.environ.items() if k.startswith("COVERAGE_")},  # `coverage run` measures it too
            **(env_extra or {})}
     if env_home:
         env["LDCACHE_HOME"] = str(env_home)

@@ -109,6 +109,11 @@ def test_the_picture_of_a_compact_cache_shows_stored_box_logits(tiny_coco, tiny_
         render_png(cache, v, tmp_path / "v.png")
         stored = cache.read_view(v).box.reshape(-1, 4, 17).numpy()  # the view's stored box rows
         assert (abs(stored - drawn["edges"][None]) < 1e-6).all(axis=(1, 2)).any(), v
+    s = summarize(cache)  # and the summary says what the regions hold
+    stored_rows = sum(len(cache.read_view(v).box) for v in range(len(cache.records)))
+    assert s["regions"]["kind"] == "ld+bckd" and s["regions"]["rows_stored"] == stored_rows
+    line = next(line for line in format_summary(s).splitlines() if line.startswith("regions"))
+    assert f"box logits at {stored_rows:,} of" in line and "the top 2 class logits + a floor" in line, line
 
 
 def test_another_dataset_or_teacher_is_one_line(tiny_cache, tiny_coco, tmp_path):

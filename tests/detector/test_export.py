@@ -7,6 +7,7 @@ checkpoint's detections on real images. Tolerances: boxes 2e-3 px (COCO results 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,3 +211,30 @@ def test_class_aware_nms_inside_matches_the_project_nms_on_crowded_boxes():
     selected = torch.ops.ldcache.nms(boxes[None], class_scores, 0.6, 0.0, 1000)  # [M, 3] image, class, box
     assert sorted(selected[:, 2].tolist()) == sorted(expected.tolist())
     assert (selected[:, 1] == labels[selected[:, 2]]).all()
+
+
+def test_a_damaged_export_or_sidecar_is_named_for_what_is_wrong(exported, tmp_path):
+    """Every way an exported file and its JSON can go wrong reads as one line naming which."""
+    from core.errors import UserError
+    from detector.exported import ExportedDetector, exported_meta
+
+    onnx, script = Path(exported["onnx"]), Path(exported["torchscript"])
+    sidecar = json.loads(Path(str(onnx) + ".json").read_text())
+    cases = {  # file name -> (file bytes, sidecar text or None, what the message must say)
+        "missing.onnx": (onnx.read_bytes(), None, "missing.onnx has no missing.onnx.json beside it"),
+        "foreign.onnx": (onnx.read_bytes(), '{"a": 1}', "foreign.onnx.json is not the JSON `ldcache export` writes"),
+        "broken.onnx": (onnx.read_bytes(), "{bad", "broken.onnx.json is not readable JSON"),
+        "future.onnx": (onnx.read_bytes(), json.dumps({**sidecar, "version": 99}), "cannot run (version 99"),
+        "cut.onnx": (onnx.read_bytes()[:5000], json.dumps(sidecar), "is not a loadable ONNX file"),
+        "cut.pt": (script.read_bytes()[:5000], Path(str(script) + ".json").read_text(),
+                   "not a loadable TorchScript file (PytorchStreamReader failed reading zip archive: failed finding "
+                   "central directory); export it again"),
+    }
+    for name, (data, side, reason) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        if side is not None:
+            (tmp_path / f"{name}.json").write_text(side)
+        with pytest.raises(UserError) as caught:
+            exported_meta(tmp_path / name) if side is None or "JSON" in reason else ExportedDetector(
+                tmp_path / name, torch.device("cpu"))
+        assert reason in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
