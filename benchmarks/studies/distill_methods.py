@@ -31,7 +31,7 @@ from pathlib import Path
 from benchmarks.harness import study
 from benchmarks.harness.command_queue import Job, needed, run
 from benchmarks.harness.ledger import Ledger
-from benchmarks.harness.study import STUDENT_FLAGS, mean_sd, one, percent
+from benchmarks.harness.study import STUDENT_FLAGS, gap_share, mean_sd, one, percent
 
 DATASETS = {**study.DATASETS,
             "photos": ["--pixels", "photos", "--num-classes", "12", "--num-train", "1000", "--num-val", "200"]}
@@ -96,7 +96,7 @@ def report(work: Path, runs: Ledger, jobs: list[Job], datasets: list[str], seeds
         teacher = runs.ap(f"{name}/teacher")
         cells = {m: runs.seed_stats(f"{name}/{m}-s{{}}", seeds) for m in methods}
         plain = cells["plain"]["mean"]
-        gap = {m: study.gap_share(teacher, plain, cells[m]["mean"]) for m in methods[1:]}
+        gap = {m: gap_share(teacher, plain, cells[m]["mean"]) for m in methods[1:]}
         out["datasets"][name] = {"classes": classes, "teacher": teacher, "runs": cells, "gap_closed": gap}
         text.append(f"| {name} | {classes or '-'} | {one(teacher)} | " + " | ".join(mean_sd(cells[m]) for m in methods)
                     + " | " + " | ".join(percent(gap[m]) for m in methods[1:]) + " |")

@@ -36,7 +36,10 @@ from benchmarks.harness.study import (
     TEACHER_FLAGS,
     ap,
     chosen_datasets,
+    gap_share,
     mean_sd,
+    one,
+    percent,
     progress_log,
     seed_stats,
     study_args,
@@ -140,23 +143,22 @@ def _gap_shares(work: Path, name: str) -> dict | None:
 
 
 def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
-    f = study.one
     out, text = {"batches": [], "datasets": [], "seeds": {}, "variants": {}}, []
     text += ["### Batch size (synthetic default, seed 0, lr = 0.001 x batch / 8)", "",
              "| images per step | plain AP | LD AP (defaults) | LD - plain |", "|---|---|---|---|"]
     for b in batches:
         p, d = ap(work, f"synth/plain-b{b}-s0"), ap(work, f"synth/ld-b{b}-s0")
         out["batches"].append({"batch": b, "plain": p, "ld": d})
-        text.append(f"| {b} | {f(p)} | {f(d)} | {f(d - p) if p is not None and d is not None else '-'} |")
+        text.append(f"| {b} | {one(p)} | {one(d)} | {one(d - p) if p is not None and d is not None else '-'} |")
     text += ["", "### Seeds", "", "| | batch | seeds | AP mean | spread (sd) | APs |", "|---|---|---|---|---|---|"]
     for name, b, n in [*(("synth", b, seeds) for b in SEED_BATCHES), *((d, 8, n) for d, n in SEEDS_OF.items())]:
         for kind in ("plain", "ld"):
             key = (kind if name == "synth" else f"{name}/{kind}") + ("" if b == 8 else f"/b{b}")
             c = out["seeds"][key] = seed_stats(work, f"{name}/{kind}-b{b}-s{{}}", n)
-            text.append(f"| {name} {kind} | {b} | {len(c['aps'])} | {f(c['mean'])} | {f(c['sd'])} | "
+            text.append(f"| {name} {kind} | {b} | {len(c['aps'])} | {one(c['mean'])} | {one(c['sd'])} | "
                         f"{', '.join(f'{a:.1f}' for a in c['aps'])} |")
     c = out["seeds"]["ld/sparse-u8"] = seed_stats(work, "synth/ld-b8-s{}-sparse-u8", seeds)
-    text.append(f"| synth ld, region-sparse uint8 cache | 8 | {len(c['aps'])} | {f(c['mean'])} | {f(c['sd'])} | "
+    text.append(f"| synth ld, region-sparse uint8 cache | 8 | {len(c['aps'])} | {one(c['mean'])} | {one(c['sd'])} | "
                 f"{', '.join(f'{a:.1f}' for a in c['aps'])} |")
     text += ["", "### The LD temperature (batch 8; mean +- sd (seeds); * = the default's choice)", "",
              "| dataset | median positive edge (bins) | plain | LD, T = 1 | LD, T = 10 (the paper's) |",
@@ -186,16 +188,15 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
         t = ap(work, f"{name}/teacher")
         # batch 8
         p, d = (out["seeds"][kind if name == "synth" else f"{name}/{kind}"]["mean"] for kind in ("plain", "ld"))
-        share = study.gap_share(t, p, d)
+        share = gap_share(t, p, d)
         coco = json.loads(ann.read_text()) if ann.is_file() else None
         classes = len(coco["categories"]) if coco else None
         gap = _gap_shares(work, name)
         row = {"dataset": name, "classes": classes, "objects_per_image": _objects_per_image(coco) if coco else None,
                "teacher": t, "plain": p, "ld": d, "gap_closed": share, "gap_decomposition": gap}
         out["datasets"].append(row)
-        pct = study.percent
-        text.append(f"| {name} | {classes} | {f(row['objects_per_image'])} | {f(t)} | {f(p)} | {f(d)} | {pct(share)} | "
-                    f"{pct(gap and gap['boxes'])} / {pct(gap and gap['scores'])} |")
+        text.append(f"| {name} | {classes} | {one(row['objects_per_image'])} | {one(t)} | {one(p)} | {one(d)} | "
+                    f"{percent(share)} | {percent(gap and gap['boxes'])} / {percent(gap and gap['scores'])} |")
     text += ["", "### Ablation, VLR gamma and normalisations (synthetic default, batch 8, seed 0)", "",
              "| run | flags | AP | AP50 | AP75 |", "|---|---|---|---|---|"]
     rows = [("plain", "train-detector", "synth/plain-b8-s0"),
@@ -215,7 +216,7 @@ def report(work: Path, jobs: list[Job], seeds: int, batches: list[int]) -> dict:
     for label, flags, run_name in rows:
         m = [ap(work, run_name, k) for k in ("AP", "AP50", "AP75")]
         out["variants"][run_name] = dict(zip(("AP", "AP50", "AP75"), m))
-        text.append(f"| {label} | `{flags}` | {' | '.join(f(v) for v in m)} |")
+        text.append(f"| {label} | `{flags}` | {' | '.join(one(v) for v in m)} |")
     sizes = {c: folder_bytes(work / "synth" / c)
              for c in ("cache.zarr", "cache-sparse-u8.zarr") if (work / "synth" / c).is_dir()}
     if len(sizes) == 2:

@@ -21,7 +21,7 @@ from pathlib import Path
 from benchmarks.harness import study
 from benchmarks.harness.command_queue import Job, needed, run
 from benchmarks.harness.ledger import Ledger
-from benchmarks.harness.study import CONFIGS
+from benchmarks.harness.study import CONFIGS, by_seed, gap_share, mean_sd, one, percent, seed_diffs
 
 DATASETS = {name: study.DATASETS[name] for name in ("synth", "large8")}
 BACKBONES = {"mobilenet_v2": CONFIGS / "synthetic-mobilenet-student.toml",
@@ -64,15 +64,15 @@ def report(runs: Ledger, jobs: list[Job], datasets: list[str], seeds: int) -> di
             pattern = f"{name}/{backbone}-{{}}-s{{{{}}}}"  # .format(method) -> a seed pattern
             cells = {m: runs.seed_stats(pattern.format(m), seeds) for m in METHODS}
             plain = cells["plain"]["mean"]
-            gap = {m: study.gap_share(teacher, plain, cells[m]["mean"]) for m in ("ld", "bckd")}
-            diffs = {m: study.seed_diffs(runs, pattern.format(m), pattern.format("plain"), seeds)
+            gap = {m: gap_share(teacher, plain, cells[m]["mean"]) for m in ("ld", "bckd")}
+            diffs = {m: seed_diffs(runs, pattern.format(m), pattern.format("plain"), seeds)
                      for m in ("ld", "bckd")}
             out["datasets"].setdefault(name, {"teacher": teacher})[backbone] = {
                 "runs": cells, "gap_closed": gap, "over_plain_by_seed": diffs}
-            text.append(f"| {name} | {study.one(teacher)} | {backbone} | "
-                        + " | ".join(study.mean_sd(cells[m]) for m in METHODS)
-                        + f" | {study.percent(gap['ld'])} | {study.percent(gap['bckd'])} | "
-                        f"{study.by_seed(diffs['ld'])} | {study.by_seed(diffs['bckd'])} |")
+            text.append(f"| {name} | {one(teacher)} | {backbone} | "
+                        + " | ".join(mean_sd(cells[m]) for m in METHODS)
+                        + f" | {percent(gap['ld'])} | {percent(gap['bckd'])} | "
+                        f"{by_seed(diffs['ld'])} | {by_seed(diffs['bckd'])} |")
     return study.finish_report(out, jobs, text)
 
 
